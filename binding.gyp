@@ -1,0 +1,25 @@
+{
+  "targets": [
+    {
+      "target_name": "nbd_native",
+      "sources": [
+        "native/core/protocol_names.cc",
+        "native/core/file_device.cc",
+        "native/core/socket_io.cc",
+        "native/core/handshake.cc",
+        "native/core/transmission.cc",
+        "native/core/connection.cc",
+        "native/core/server.cc",
+        "native/binding/event_bridge.cc",
+        "native/binding/server_wrap.cc",
+        "native/binding/binding.cc"
+      ],
+      "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
+      "defines": ["NAPI_VERSION=9", "NAPI_CPP_EXCEPTIONS", "NODE_ADDON_API_DISABLE_DEPRECATED"],
+      "cflags!": ["-fno-exceptions"],
+      "cflags_cc!": ["-fno-exceptions", "-std=gnu++17"],
+      "cflags_cc": ["-std=c++17", "-fexceptions", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-missing-field-initializers"],
+      "libraries": ["-lpthread"]
+    }
+  ]
+}

@@ -1,0 +1,36 @@
+// server_wrap.hh — the JavaScript class NativeServer around nbd::Server.
+#pragma once
+
+#include <napi.h>
+
+#include <memory>
+
+#include "../core/server.hh"
+#include "event_bridge.hh"
+
+namespace nbd::binding {
+
+class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
+ public:
+  static Napi::Function Init(Napi::Env env);
+  explicit ServerWrap(const Napi::CallbackInfo& info);
+  ~ServerWrap() override;
+
+ private:
+  Napi::Value AddExport(const Napi::CallbackInfo& info);
+  Napi::Value RemoveExport(const Napi::CallbackInfo& info);
+  Napi::Value SetDefaultExport(const Napi::CallbackInfo& info);
+  Napi::Value ListenTcp(const Napi::CallbackInfo& info);
+  Napi::Value ListenUnix(const Napi::CallbackInfo& info);
+  Napi::Value Start(const Napi::CallbackInfo& info);
+  Napi::Value Stop(const Napi::CallbackInfo& info);
+  Napi::Value Stats(const Napi::CallbackInfo& info);
+
+  static void Cleanup(void* arg);  // env teardown: stop synchronously
+
+  std::shared_ptr<nbd::Server> server_;
+  std::shared_ptr<EventBridge> events_;
+  bool stopping_ = false;
+};
+
+}  // namespace nbd::binding

@@ -1,0 +1,54 @@
+// connection.hh — one client connection: handshake, then a pool of threads
+// that take turns reading requests and execute them concurrently.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "handshake.hh"
+#include "socket_io.hh"
+#include "transmission.hh"
+
+namespace nbd {
+
+class Server;
+
+class Connection : public std::enable_shared_from_this<Connection> {
+ public:
+  Connection(Server& server, int fd, uint64_t id, std::string peer);
+  ~Connection();
+
+  // Starts the first thread, which negotiates and then serves.
+  void start();
+  // Graceful stop: no new requests are read; in-flight ones finish and reply.
+  void stop_reading();
+  // Hard stop: the socket is shut in both directions.
+  void abort();
+
+  uint64_t id() const { return id_; }
+
+ private:
+  void first_thread();
+  void serve();
+  void spawn_worker();
+  void thread_done();
+
+  Server& server_;
+  const int fd_;
+  const uint64_t id_;
+  const std::string peer_;
+  Session session_;
+  ReplySender sender_;
+
+  std::mutex recv_mu_;  // guards reader_; lock order: recv_mu_ before sender_.mu, never the reverse
+  SocketReader reader_;
+  std::atomic<bool> closing_{false};
+  std::atomic<int> waiting_{0};  // threads blocked on recv_mu_
+  std::atomic<int> threads_{0};  // live threads of this connection
+  std::string close_reason_;     // written once under recv_mu_
+};
+
+}  // namespace nbd

@@ -1,0 +1,219 @@
+// file_device.cc — raw file I/O with pread/pwrite, fdatasync, fallocate and SEEK_DATA.
+//
+// Design: one shared fd per image, used concurrently by every connection
+// thread with positioned I/O only (never lseek+read), so no locking is needed.
+// The page cache does write-back; FLUSH is fdatasync on that fd, which covers
+// writes from every connection (multi-conn). FUA uses pwritev2(RWF_DSYNC).
+//
+// Zeroing: without NO_HOLE we punch a hole (reads back as zero, frees space);
+// with NO_HOLE we use FALLOC_FL_ZERO_RANGE; when the filesystem supports
+// neither we write zeroes from a shared zero buffer, unless the client asked
+// for a fast zero, which then fails with ENOTSUP as the spec requires.
+#include "file_device.hh"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include "nbd_protocol.hh"
+
+namespace nbd {
+
+namespace {
+constexpr uint32_t kZeroBufSize = 1 << 20;
+const char* zero_buffer() {
+  static const char* buf = static_cast<const char*>(calloc(1, kZeroBufSize));
+  return buf;
+}
+}  // namespace
+
+int ReadOnlyDevice::pwrite(const void*, uint32_t, uint64_t, IoFlags) { return EPERM; }
+int ReadOnlyDevice::trim(uint32_t, uint64_t, IoFlags) { return EPERM; }
+int ReadOnlyDevice::zero(uint32_t, uint64_t, IoFlags) { return EPERM; }
+
+std::shared_ptr<FileDevice> FileDevice::open(const std::string& path, bool read_only, int& err, std::string& what) {
+  int fd = ::open(path.c_str(), (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+  if (fd < 0) {
+    err = errno;
+    what = "open " + path + ": " + strerror(err);
+    return nullptr;
+  }
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    err = errno;
+    what = "stat " + path + ": " + strerror(err);
+    ::close(fd);
+    return nullptr;
+  }
+  uint64_t size = 0;
+  bool is_block = S_ISBLK(st.st_mode);
+  if (is_block) {
+    if (ioctl(fd, BLKGETSIZE64, &size) != 0) {
+      err = errno;
+      what = "BLKGETSIZE64 " + path + ": " + strerror(err);
+      ::close(fd);
+      return nullptr;
+    }
+  } else if (S_ISREG(st.st_mode)) {
+    size = static_cast<uint64_t>(st.st_size);
+  } else {
+    err = EINVAL;
+    what = path + " is neither a regular file nor a block device";
+    ::close(fd);
+    return nullptr;
+  }
+  return std::shared_ptr<FileDevice>(new FileDevice(fd, size, read_only, is_block));
+}
+
+FileDevice::~FileDevice() { ::close(fd_); }
+
+int FileDevice::pread(void* buf, uint32_t count, uint64_t offset) {
+  auto* p = static_cast<char*>(buf);
+  while (count > 0) {
+    ssize_t r = ::pread(fd_, p, count, static_cast<off_t>(offset));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (r == 0) {  // file shrank under us: read as zeroes
+      std::memset(p, 0, count);
+      return 0;
+    }
+    p += r;
+    count -= static_cast<uint32_t>(r);
+    offset += static_cast<uint64_t>(r);
+  }
+  return 0;
+}
+
+int FileDevice::pwrite(const void* buf, uint32_t count, uint64_t offset, IoFlags flags) {
+  if (read_only_) return EPERM;
+  const auto* p = static_cast<const char*>(buf);
+  bool dsync = flags.fua;
+  while (count > 0) {
+    struct iovec iov = {const_cast<char*>(p), count};
+    ssize_t r = dsync ? ::pwritev2(fd_, &iov, 1, static_cast<off_t>(offset), RWF_DSYNC)
+                      : ::pwrite(fd_, p, count, static_cast<off_t>(offset));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      if (dsync && (errno == EOPNOTSUPP || errno == ENOSYS)) {  // old kernel: write then sync
+        dsync = false;
+        int e = pwrite(p, count, offset, IoFlags{});
+        return e ? e : flush();
+      }
+      return errno;
+    }
+    p += r;
+    count -= static_cast<uint32_t>(r);
+    offset += static_cast<uint64_t>(r);
+  }
+  return 0;
+}
+
+int FileDevice::flush() {
+  if (read_only_) return 0;
+  return ::fdatasync(fd_) == 0 ? 0 : errno;
+}
+
+int FileDevice::trim(uint32_t count, uint64_t offset, IoFlags flags) {
+  if (read_only_) return EPERM;
+  int r;
+  if (is_block_) {
+    uint64_t range[2] = {offset, count};
+    r = ioctl(fd_, BLKDISCARD, range);
+  } else {
+    r = fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset), count);
+  }
+  // Trim is advisory: a filesystem that cannot punch holes simply keeps the data.
+  if (r != 0 && errno != EOPNOTSUPP && errno != ENOTTY && errno != EINVAL) return errno;
+  return flags.fua ? flush() : 0;
+}
+
+int FileDevice::write_zero_buffer(uint32_t count, uint64_t offset) {
+  while (count > 0) {
+    uint32_t n = std::min(count, kZeroBufSize);
+    int e = pwrite(zero_buffer(), n, offset, IoFlags{});
+    if (e) return e;
+    count -= n;
+    offset += n;
+  }
+  return 0;
+}
+
+int FileDevice::zero(uint32_t count, uint64_t offset, IoFlags flags) {
+  if (read_only_) return EPERM;
+  int e = -1;  // -1: not done yet
+  if (is_block_) {
+    uint64_t range[2] = {offset, count};
+    if (ioctl(fd_, BLKZEROOUT, range) == 0) e = 0;
+  } else {
+    if (flags.may_trim &&
+        fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset), count) == 0) {
+      e = 0;
+    } else if (fallocate(fd_, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset), count) == 0) {
+      e = 0;
+    }
+  }
+  if (e < 0) {
+    if (errno != EOPNOTSUPP && errno != ENOTTY && errno != EINVAL && errno != ENOSYS) return errno;
+    if (flags.fast_only) return ENOTSUP;
+    e = write_zero_buffer(count, offset);
+  }
+  if (e == 0 && flags.fua) e = flush();
+  return e;
+}
+
+int FileDevice::cache(uint32_t count, uint64_t offset) {
+  int r = posix_fadvise(fd_, static_cast<off_t>(offset), count, POSIX_FADV_WILLNEED);
+  return r == 0 || r == ESPIPE ? 0 : r;
+}
+
+int FileDevice::extents(uint32_t count, uint64_t offset, uint32_t max_extents, std::vector<Extent>& out) {
+  const uint64_t end = offset + count;
+  if (is_block_) {
+    out.push_back({count, 0});
+    return 0;
+  }
+  uint64_t pos = offset;
+  uint32_t n = 0;
+  while (pos < end && n < max_extents) {
+    off_t data = lseek(fd_, static_cast<off_t>(pos), SEEK_DATA);
+    if (data < 0) {
+      if (errno == ENXIO) {  // only a hole from pos to EOF
+        out.push_back({end - pos, proto::kStateHole | proto::kStateZero});
+        return 0;
+      }
+      if (n == 0) {  // filesystem without SEEK_DATA: everything is data
+        out.push_back({count, 0});
+        return 0;
+      }
+      return 0;
+    }
+    uint64_t d = static_cast<uint64_t>(data);
+    if (d > pos) {
+      uint64_t len = std::min(d, end) - pos;
+      out.push_back({len, proto::kStateHole | proto::kStateZero});
+      ++n;
+      pos += len;
+      continue;
+    }
+    off_t hole = lseek(fd_, static_cast<off_t>(pos), SEEK_HOLE);
+    uint64_t h = hole < 0 ? end : static_cast<uint64_t>(hole);
+    if (h <= pos) h = end;  // defensive: never emit an empty extent
+    uint64_t len = std::min(h, end) - pos;
+    out.push_back({len, 0});
+    ++n;
+    pos += len;
+  }
+  return 0;
+}
+
+}  // namespace nbd

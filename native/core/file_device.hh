@@ -1,0 +1,42 @@
+// file_device.hh — the bottom of every device chain: a raw image file or block device.
+#pragma once
+
+#include <string>
+
+#include "device.hh"
+
+namespace nbd {
+
+class FileDevice final : public Device {
+ public:
+  // Opens `path` (O_RDWR, or O_RDONLY when read_only). On failure returns
+  // nullptr and sets `err` to the errno and `what` to a description.
+  static std::shared_ptr<FileDevice> open(const std::string& path, bool read_only, int& err, std::string& what);
+  ~FileDevice() override;
+
+  uint64_t size() const override { return size_; }
+  bool can_write() const override { return !read_only_; }
+  bool can_extents() const override { return !is_block_; }
+
+  int pread(void* buf, uint32_t count, uint64_t offset) override;
+  int pwrite(const void* buf, uint32_t count, uint64_t offset, IoFlags flags) override;
+  int flush() override;
+  int trim(uint32_t count, uint64_t offset, IoFlags flags) override;
+  int zero(uint32_t count, uint64_t offset, IoFlags flags) override;
+  int cache(uint32_t count, uint64_t offset) override;
+  int extents(uint32_t count, uint64_t offset, uint32_t max_extents, std::vector<Extent>& out) override;
+
+  int fd() const { return fd_; }
+
+ private:
+  FileDevice(int fd, uint64_t size, bool read_only, bool is_block)
+      : fd_(fd), size_(size), read_only_(read_only), is_block_(is_block) {}
+  int write_zero_buffer(uint32_t count, uint64_t offset);
+
+  int fd_;
+  uint64_t size_;
+  bool read_only_;
+  bool is_block_;
+};
+
+}  // namespace nbd

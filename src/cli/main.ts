@@ -1,0 +1,39 @@
+// The node-nbd-server command line. Each command lives in its own module;
+// this file wires them into commander and maps errors to exit codes.
+import { Command, CommanderError } from 'commander';
+import { EXIT_CODES, NbdError } from '../errors';
+import { registerServe } from './serve';
+
+export function buildProgram(): Command {
+  const program = new Command();
+  program
+    .name('node-nbd-server')
+    .description('A Linux NBD server for raw block files, with snapshots, clones, backup and replication.')
+    .version(require('../../../package.json').version as string)
+    .showHelpAfterError('(run with --help for usage)')
+    .configureOutput({ outputError: (str, write) => write(str) })
+    .exitOverride();
+  registerServe(program);
+  return program;
+}
+
+export function reportError(err: unknown): number {
+  if (err instanceof CommanderError) return err.exitCode === 0 ? 0 : 2;
+  if (err instanceof NbdError) {
+    process.stderr.write(`node-nbd-server: error: ${err.message} [${err.code}]\n`);
+    return EXIT_CODES[err.code];
+  }
+  const code = (err as { code?: unknown })?.code;
+  process.stderr.write(`node-nbd-server: error: ${(err as Error)?.message ?? String(err)}${code ? ` [${String(code)}]` : ''}\n`);
+  return 1;
+}
+
+export async function main(argv: string[]): Promise<void> {
+  try {
+    await buildProgram().parseAsync(argv);
+  } catch (err) {
+    process.exitCode = reportError(err);
+  }
+}
+
+if (require.main === module) void main(process.argv);

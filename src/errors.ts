@@ -1,0 +1,48 @@
+// Errors that reach users and embedders carry a stable `code` that scripts can
+// match on; messages may change, codes do not.
+
+export type ErrorCode =
+  | 'ADDON_NOT_BUILT'
+  | 'BAD_ARGUMENT'
+  | 'BAD_SIZE'
+  | 'IMAGE_NOT_FOUND'
+  | 'IMAGE_OPEN_FAILED'
+  | 'IMAGE_CREATE_FAILED'
+  | 'EXPORT_EXISTS'
+  | 'EXPORT_NOT_FOUND'
+  | 'LISTEN_FAILED'
+  | 'START_FAILED'
+  | 'SERVER_CLOSED';
+
+export class NbdError extends Error {
+  readonly code: ErrorCode;
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = 'NbdError';
+    this.code = code;
+  }
+}
+
+/** Exit codes of the CLI, by error code. Scripts rely on these. */
+export const EXIT_CODES: Record<ErrorCode, number> = {
+  ADDON_NOT_BUILT: 70,
+  BAD_ARGUMENT: 2,
+  BAD_SIZE: 2,
+  IMAGE_NOT_FOUND: 3,
+  IMAGE_OPEN_FAILED: 3,
+  IMAGE_CREATE_FAILED: 3,
+  EXPORT_EXISTS: 2,
+  EXPORT_NOT_FOUND: 3,
+  LISTEN_FAILED: 4,
+  START_FAILED: 4,
+  SERVER_CLOSED: 1,
+};
+
+/** Converts a native error (with a string `code`) into an NbdError. */
+export function fromNative(err: unknown): unknown {
+  if (err instanceof Error && typeof (err as { code?: unknown }).code === 'string') {
+    const code = (err as unknown as { code: string }).code;
+    if (code in EXIT_CODES) return new NbdError(code as ErrorCode, err.message, { cause: err });
+  }
+  return err;
+}

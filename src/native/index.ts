@@ -1,0 +1,93 @@
+// The one module that loads the compiled addon (build/Release/nbd_native.node)
+// and gives it types. Nothing else in src/ imports the .node file.
+import * as path from 'node:path';
+
+export interface NativeServerOptions {
+  threadsPerConnection?: number;
+  maxPayload?: number;
+  handshakeTimeoutMs?: number;
+  maxConnections?: number;
+  drainTimeoutMs?: number;
+  /** Called on the main thread for events raised on native threads. */
+  onEvent: (ev: NativeEvent) => void;
+}
+
+export interface NativeEvent {
+  type: 'connect' | 'disconnect' | 'handshake-failed' | 'error';
+  connection: number;
+  export: string;
+  peer: string;
+  message: string;
+}
+
+export interface NativeExportOptions {
+  name: string;
+  path: string;
+  readOnly?: boolean;
+  description?: string;
+}
+
+export interface NativeExportInfo {
+  name: string;
+  size: number;
+  readOnly: boolean;
+}
+
+export interface NativeExportStats {
+  size: number;
+  readOnly: boolean;
+  reads: number;
+  writes: number;
+  flushes: number;
+  trims: number;
+  zeroes: number;
+  caches: number;
+  blockStatus: number;
+  bytesRead: number;
+  bytesWritten: number;
+  errors: number;
+  connectionsTotal: number;
+  connectionsActive: number;
+}
+
+export interface NativeServerStats {
+  connectionsTotal: number;
+  connectionsActive: number;
+  connectionsRefused: number;
+  handshakesFailed: number;
+  exports: Record<string, NativeExportStats>;
+}
+
+export interface NativeServer {
+  addExport(opts: NativeExportOptions): NativeExportInfo;
+  removeExport(name: string): boolean;
+  setDefaultExport(name: string): void;
+  listenTcp(host: string, port: number): number;
+  listenUnix(path: string): void;
+  start(): void;
+  stop(): Promise<void>;
+  stats(): NativeServerStats;
+}
+
+interface NativeModule {
+  NativeServer: new (opts: NativeServerOptions) => NativeServer;
+  abiVersion: number;
+}
+
+function load(): NativeModule {
+  // dist/src/native/index.js -> <root>/build/Release
+  const root = path.resolve(__dirname, '..', '..', '..');
+  const file = path.join(root, 'build', 'Release', 'nbd_native.node');
+  try {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    return require(file) as NativeModule;
+  } catch (err) {
+    const e = new Error(
+      `cannot load the native addon at ${file}: ${(err as Error).message}. Run "npm install" (or "npm run build") first.`,
+    );
+    (e as Error & { code: string }).code = 'ADDON_NOT_BUILT';
+    throw e;
+  }
+}
+
+export const native: NativeModule = load();

@@ -1,0 +1,70 @@
+// serve(): the whole "serve these images" job, shared by the CLI and embedders.
+import { NbdError } from './errors';
+import type { Logger } from './logger';
+import { NbdServer, type ServerOptions } from './server';
+
+export const DEFAULT_HOST = '127.0.0.1';
+export const DEFAULT_PORT = 10809;
+
+export interface ServeOptions extends ServerOptions {
+  images: string[];
+  /** Size for images that do not exist yet (bytes). */
+  size?: number;
+  /** TCP addresses as "HOST:PORT" ("[::1]:10809", ":10809", "10809" also accepted). */
+  listen?: string[];
+  /** Unix socket path. */
+  socket?: string;
+  readOnly?: boolean;
+  logger?: Logger;
+}
+
+export interface Serving {
+  server: NbdServer;
+  /** TCP ports actually bound, in --listen order. */
+  ports: number[];
+}
+
+export function parseListen(text: string): { host: string; port: number } {
+  let host: string;
+  let portText: string;
+  const v6 = /^\[([^\]]+)\]:(\d+)$/.exec(text);
+  if (v6) {
+    host = v6[1]!;
+    portText = v6[2]!;
+  } else if (/^\d+$/.test(text)) {
+    host = DEFAULT_HOST;
+    portText = text;
+  } else {
+    const i = text.lastIndexOf(':');
+    if (i < 0) throw new NbdError('BAD_ARGUMENT', `invalid --listen "${text}": expected HOST:PORT`);
+    host = text.slice(0, i) || '0.0.0.0';
+    portText = text.slice(i + 1);
+  }
+  const port = Number(portText);
+  if (!/^\d+$/.test(portText) || port > 65535) {
+    throw new NbdError('BAD_ARGUMENT', `invalid port in --listen "${text}": expected 0..65535`);
+  }
+  return { host, port };
+}
+
+export function serve(opts: ServeOptions): Serving {
+  if (opts.images.length === 0) throw new NbdError('BAD_ARGUMENT', 'no image given');
+  const addrs = (opts.listen ?? []).map(parseListen);
+  if (addrs.length === 0 && !opts.socket) addrs.push({ host: DEFAULT_HOST, port: DEFAULT_PORT });
+  const server = new NbdServer(opts);
+  try {
+    const seen = new Set<string>();
+    for (const image of opts.images) {
+      const exp = server.addImage({ path: image, readOnly: opts.readOnly }, opts.size);
+      if (seen.has(exp.name)) throw new NbdError('EXPORT_EXISTS', `two images map to the export name "${exp.name}"`);
+      seen.add(exp.name);
+    }
+    const ports = addrs.map((a) => server.listenTcp(a.host, a.port));
+    if (opts.socket) server.listenUnix(opts.socket);
+    server.start();
+    return { server, ports };
+  } catch (err) {
+    void server.close();
+    throw err;
+  }
+}

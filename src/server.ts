@@ -1,0 +1,193 @@
+// NbdServer: the embeddable server. It owns one native server (whose threads
+// do all socket and data-path work) and turns its events into log lines and
+// EventEmitter events. Control operations are synchronous and cheap; close()
+// drains in-flight requests and flushes on a worker thread.
+import { EventEmitter } from 'node:events';
+import { fromNative, NbdError } from './errors';
+import { silentLogger, type Logger } from './logger';
+import { native, type NativeEvent, type NativeServer, type NativeServerStats } from './native';
+import { prepareImage, type ImageSpec, type PreparedImage } from './volume';
+
+export interface ServerOptions {
+  logger?: Logger;
+  /** Worker threads per connection (spawned on demand). Default 16. */
+  threadsPerConnection?: number;
+  /** Largest request payload accepted and advertised, in bytes. Default 32 MiB. */
+  maxPayload?: number;
+  /** A client must finish negotiating within this time. Default 30 s. */
+  handshakeTimeoutMs?: number;
+  /** Most simultaneous connections; more are refused. Default 4096. */
+  maxConnections?: number;
+}
+
+export interface ExportInfo {
+  name: string;
+  path: string;
+  size: number;
+  readOnly: boolean;
+  created: boolean;
+}
+
+export interface ListenAddress {
+  kind: 'tcp' | 'unix';
+  host?: string;
+  port?: number;
+  path?: string;
+}
+
+export type ServerEvent = NativeEvent;
+
+export class NbdServer extends EventEmitter {
+  private readonly native: NativeServer;
+  private readonly log: Logger;
+  private readonly exportList: ExportInfo[] = [];
+  private readonly addresses: ListenAddress[] = [];
+  private state: 'new' | 'serving' | 'closing' | 'closed' = 'new';
+  private closing?: Promise<void>;
+
+  constructor(options: ServerOptions = {}) {
+    super();
+    this.log = (options.logger ?? silentLogger()).child({ component: 'server' });
+    try {
+      this.native = new native.NativeServer({
+        threadsPerConnection: options.threadsPerConnection,
+        maxPayload: options.maxPayload,
+        handshakeTimeoutMs: options.handshakeTimeoutMs,
+        maxConnections: options.maxConnections,
+        onEvent: (ev) => this.onNativeEvent(ev),
+      });
+    } catch (err) {
+      throw fromNative(err);
+    }
+  }
+
+  /** Adds an image as an export; a missing file is created sparse if `size` is given. */
+  addImage(spec: ImageSpec, size?: number): ExportInfo {
+    this.assertOpen();
+    const prepared: PreparedImage = prepareImage(spec, size);
+    if (prepared.created) this.log.info({ path: prepared.path, size: prepared.size }, 'created sparse image');
+    else if (size !== undefined && size !== prepared.size && prepared.size !== 0) {
+      this.log.warn(
+        { path: prepared.path, size: prepared.size, requested: size },
+        'image exists: serving it at its current size (--size only applies to new images)',
+      );
+    }
+    let info;
+    try {
+      info = this.native.addExport({
+        name: prepared.name,
+        path: prepared.path,
+        readOnly: prepared.readOnly,
+        description: prepared.description,
+      });
+    } catch (err) {
+      throw fromNative(err);
+    }
+    const exp: ExportInfo = { name: info.name, path: prepared.path, size: info.size, readOnly: info.readOnly, created: prepared.created };
+    this.exportList.push(exp);
+    this.log.info({ export: exp.name, path: exp.path, size: exp.size, readOnly: exp.readOnly }, 'export added');
+    return exp;
+  }
+
+  removeExport(name: string): boolean {
+    const removed = this.native.removeExport(name);
+    if (removed) {
+      const i = this.exportList.findIndex((e) => e.name === name);
+      if (i >= 0) this.exportList.splice(i, 1);
+    }
+    return removed;
+  }
+
+  setDefaultExport(name: string): void {
+    try {
+      this.native.setDefaultExport(name);
+    } catch (err) {
+      throw fromNative(err);
+    }
+  }
+
+  exports(): readonly ExportInfo[] {
+    return this.exportList;
+  }
+
+  /** Listens on TCP; returns the bound port (useful with port 0). */
+  listenTcp(host: string, port: number): number {
+    this.assertOpen();
+    if (!Number.isInteger(port) || port < 0 || port > 65535) throw new RangeError(`port must be 0..65535, got ${port}`);
+    let bound: number;
+    try {
+      bound = this.native.listenTcp(host, port);
+    } catch (err) {
+      throw fromNative(err);
+    }
+    this.addresses.push({ kind: 'tcp', host, port: bound });
+    return bound;
+  }
+
+  listenUnix(socketPath: string): void {
+    this.assertOpen();
+    try {
+      this.native.listenUnix(socketPath);
+    } catch (err) {
+      throw fromNative(err);
+    }
+    this.addresses.push({ kind: 'unix', path: socketPath });
+  }
+
+  listening(): readonly ListenAddress[] {
+    return this.addresses;
+  }
+
+  start(): void {
+    this.assertOpen();
+    if (this.exportList.length === 0) throw new NbdError('START_FAILED', 'no exports: add at least one image');
+    try {
+      this.native.start();
+    } catch (err) {
+      throw fromNative(err);
+    }
+    this.state = 'serving';
+    this.log.info({ addresses: this.addresses, exports: this.exportList.map((e) => e.name) }, 'serving');
+  }
+
+  stats(): NativeServerStats {
+    return this.native.stats();
+  }
+
+  /** Stops accepting, lets in-flight requests finish, flushes. Idempotent. */
+  close(): Promise<void> {
+    if (!this.closing) {
+      this.state = 'closing';
+      this.log.info('stopping: draining in-flight requests and flushing');
+      this.closing = this.native.stop().then(() => {
+        this.state = 'closed';
+        this.log.info('stopped');
+        this.emit('close');
+      });
+    }
+    return this.closing;
+  }
+
+  private assertOpen(): void {
+    if (this.state === 'closing' || this.state === 'closed') throw new NbdError('SERVER_CLOSED', 'server is closed');
+  }
+
+  private onNativeEvent(ev: NativeEvent): void {
+    const fields = { connection: ev.connection, export: ev.export || undefined, peer: ev.peer || undefined };
+    switch (ev.type) {
+      case 'connect':
+        this.log.info({ ...fields, mode: ev.message }, 'client connected');
+        break;
+      case 'disconnect':
+        this.log.info({ ...fields, reason: ev.message }, 'client disconnected');
+        break;
+      case 'handshake-failed':
+        this.log.warn({ ...fields, reason: ev.message }, 'handshake failed');
+        break;
+      default:
+        this.log.error({ ...fields, error: ev.message }, 'server error');
+    }
+    this.emit(ev.type, ev);
+    this.emit('event', ev);
+  }
+}
