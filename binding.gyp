@@ -10,6 +10,7 @@
         "native/core/transmission.cc",
         "native/core/connection.cc",
         "native/core/server.cc",
+        "native/core/kernel_device.cc",
         "native/binding/event_bridge.cc",
         "native/binding/server_wrap.cc",
         "native/binding/binding.cc"

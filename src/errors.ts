@@ -12,7 +12,9 @@ export type ErrorCode =
   | 'EXPORT_NOT_FOUND'
   | 'LISTEN_FAILED'
   | 'START_FAILED'
-  | 'SERVER_CLOSED';
+  | 'SERVER_CLOSED'
+  | 'ATTACH_FAILED'
+  | 'DETACH_FAILED';
 
 export class NbdError extends Error {
   readonly code: ErrorCode;
@@ -36,6 +38,8 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   LISTEN_FAILED: 4,
   START_FAILED: 4,
   SERVER_CLOSED: 1,
+  ATTACH_FAILED: 5,
+  DETACH_FAILED: 5,
 };
 
 /** Converts a native error (with a string `code`) into an NbdError. */

@@ -16,6 +16,8 @@ export interface ServeOptions extends ServerOptions {
   socket?: string;
   readOnly?: boolean;
   logger?: Logger;
+  /** Listen on 127.0.0.1:10809 when neither `listen` nor `socket` is given. Default true. */
+  defaultListen?: boolean;
 }
 
 export interface Serving {
@@ -50,7 +52,7 @@ export function parseListen(text: string): { host: string; port: number } {
 export function serve(opts: ServeOptions): Serving {
   if (opts.images.length === 0) throw new NbdError('BAD_ARGUMENT', 'no image given');
   const addrs = (opts.listen ?? []).map(parseListen);
-  if (addrs.length === 0 && !opts.socket) addrs.push({ host: DEFAULT_HOST, port: DEFAULT_PORT });
+  if (addrs.length === 0 && !opts.socket && opts.defaultListen !== false) addrs.push({ host: DEFAULT_HOST, port: DEFAULT_PORT });
   const server = new NbdServer(opts);
   try {
     const seen = new Set<string>();
@@ -61,7 +63,7 @@ export function serve(opts: ServeOptions): Serving {
     }
     const ports = addrs.map((a) => server.listenTcp(a.host, a.port));
     if (opts.socket) server.listenUnix(opts.socket);
-    server.start();
+    if (addrs.length > 0 || opts.socket) server.start();
     return { server, ports };
   } catch (err) {
     void server.close();

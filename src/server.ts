@@ -37,6 +37,24 @@ export interface ListenAddress {
 
 export type ServerEvent = NativeEvent;
 
+export interface AttachOptions {
+  /** Export to bind ("" = default). */
+  export?: string;
+  /** Sockets handed to the kernel (multi-conn). Default 1. */
+  connections?: number;
+  /** Kernel request timeout in seconds (0 = none). Default 30. */
+  timeoutSec?: number;
+}
+
+/** A kernel /dev/nbdN served by this server. */
+export interface KernelAttachment {
+  device: string;
+  /** Resolves when the kernel disconnects the device (detach, or disconnect()). */
+  detached: Promise<{ error?: string }>;
+  /** Asks the kernel to disconnect, as `node-nbd-server detach` does. */
+  disconnect(): void;
+}
+
 export class NbdServer extends EventEmitter {
   private readonly native: NativeServer;
   private readonly log: Logger;
@@ -44,6 +62,7 @@ export class NbdServer extends EventEmitter {
   private readonly addresses: ListenAddress[] = [];
   private state: 'new' | 'serving' | 'closing' | 'closed' = 'new';
   private closing?: Promise<void>;
+  private readonly devices = new Map<number, (result: { error?: string }) => void>();
 
   constructor(options: ServerOptions = {}) {
     super();
@@ -154,12 +173,28 @@ export class NbdServer extends EventEmitter {
     return this.native.stats();
   }
 
+  /** Serves an export through a kernel NBD device (no nbd-client needed). */
+  attachDevice(device: string, opts: AttachOptions = {}): KernelAttachment {
+    this.assertOpen();
+    let id: number;
+    try {
+      id = this.native.attachDevice({ device, export: opts.export ?? '', connections: opts.connections, timeoutSec: opts.timeoutSec });
+    } catch (err) {
+      throw fromNative(err);
+    }
+    const detached = new Promise<{ error?: string }>((resolve) => this.devices.set(id, resolve));
+    this.log.info({ device, export: opts.export ?? '', connections: opts.connections ?? 1 }, 'kernel device attached');
+    return { device, detached, disconnect: () => void this.native.disconnectDevice(id) };
+  }
+
   /** Stops accepting, lets in-flight requests finish, flushes. Idempotent. */
   close(): Promise<void> {
     if (!this.closing) {
       this.state = 'closing';
       this.log.info('stopping: draining in-flight requests and flushing');
       this.closing = this.native.stop().then(() => {
+        for (const done of this.devices.values()) done({});
+        this.devices.clear();
         this.state = 'closed';
         this.log.info('stopped');
         this.emit('close');
@@ -181,6 +216,16 @@ export class NbdServer extends EventEmitter {
       case 'disconnect':
         this.log.info({ ...fields, reason: ev.message }, 'client disconnected');
         break;
+      case 'device-detached':
+      case 'device-error': {
+        const done = this.devices.get(ev.connection);
+        this.devices.delete(ev.connection);
+        this.native.releaseDevice(ev.connection);
+        if (ev.type === 'device-error') this.log.error({ device: ev.peer, error: ev.message }, 'kernel device failed');
+        else this.log.info({ device: ev.peer }, 'kernel device detached');
+        done?.(ev.type === 'device-error' ? { error: ev.message } : {});
+        break;
+      }
       case 'handshake-failed':
         this.log.warn({ ...fields, reason: ev.message }, 'handshake failed');
         break;

@@ -61,6 +61,9 @@ Napi::Function ServerWrap::Init(Napi::Env env) {
                          InstanceMethod<&ServerWrap::Start>("start"),
                          InstanceMethod<&ServerWrap::Stop>("stop"),
                          InstanceMethod<&ServerWrap::Stats>("stats"),
+                         InstanceMethod<&ServerWrap::AttachDevice>("attachDevice"),
+                         InstanceMethod<&ServerWrap::DisconnectDevice>("disconnectDevice"),
+                         InstanceMethod<&ServerWrap::ReleaseDevice>("releaseDevice"),
                      });
 }
 
@@ -88,6 +91,7 @@ ServerWrap::~ServerWrap() {
 
 void ServerWrap::Cleanup(void* arg) {
   auto* self = static_cast<ServerWrap*>(arg);
+  self->devices_.clear();  // disconnects and joins each NBD_DO_IT thread
   if (self->server_) self->server_->stop();
   if (self->events_) self->events_->release();
 }
@@ -161,7 +165,50 @@ Napi::Value ServerWrap::Start(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+Napi::Value ServerWrap::AttachDevice(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsObject()) throw Napi::TypeError::New(env, "attach options object required");
+  Napi::Object o = info[0].As<Napi::Object>();
+  nbd::AttachOptions opts;
+  opts.device = req_string(o, "device");
+  if (o.Has("export") && o.Get("export").IsString()) opts.export_name = req_string(o, "export");
+  opts.connections = opt_u32(o, "connections", 1, 1, 64);
+  opts.timeout_sec = opt_u32(o, "timeoutSec", 30, 0, 86400);
+  opts.block_size = opt_u32(o, "blockSize", 4096, 512, 4096);
+  uint32_t id = next_device_id_++;
+  std::weak_ptr<EventBridge> events = events_;
+  std::string device = opts.device;
+  int err = 0;
+  std::string what;
+  auto kd = nbd::KernelDevice::attach(
+      *server_, opts,
+      [events, id, device](int e, const std::string& msg) {  // NBD_DO_IT thread
+        if (auto ev = events.lock())
+          ev->on_event({e ? "device-error" : "device-detached", id, {}, device, msg});
+      },
+      err, what);
+  if (!kd) throw coded_error(env, "ATTACH_FAILED", what, err);
+  devices_.emplace(id, std::move(kd));
+  events_->ref(env);  // an attached device keeps the process alive until detached
+  return Napi::Number::New(env, id);
+}
+
+Napi::Value ServerWrap::DisconnectDevice(const Napi::CallbackInfo& info) {
+  if (info.Length() < 1 || !info[0].IsNumber()) throw Napi::TypeError::New(info.Env(), "device id required");
+  auto it = devices_.find(info[0].As<Napi::Number>().Uint32Value());
+  if (it != devices_.end()) it->second->disconnect();
+  return Napi::Boolean::New(info.Env(), it != devices_.end());
+}
+
+Napi::Value ServerWrap::ReleaseDevice(const Napi::CallbackInfo& info) {
+  if (info.Length() < 1 || !info[0].IsNumber()) throw Napi::TypeError::New(info.Env(), "device id required");
+  bool erased = devices_.erase(info[0].As<Napi::Number>().Uint32Value()) > 0;
+  if (erased && devices_.empty() && !server_->started()) events_->unref(info.Env());
+  return Napi::Boolean::New(info.Env(), erased);
+}
+
 Napi::Value ServerWrap::Stop(const Napi::CallbackInfo& info) {
+  devices_.clear();  // kernel devices first: their sockets are connections of ours
   auto* w = new StopWorker(info.Env(), server_, events_);
   Napi::Promise p = w->Promise();
   w->Queue();

@@ -3,8 +3,10 @@
 
 #include <napi.h>
 
+#include <map>
 #include <memory>
 
+#include "../core/kernel_device.hh"
 #include "../core/server.hh"
 #include "event_bridge.hh"
 
@@ -25,12 +27,18 @@ class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
   Napi::Value Start(const Napi::CallbackInfo& info);
   Napi::Value Stop(const Napi::CallbackInfo& info);
   Napi::Value Stats(const Napi::CallbackInfo& info);
+  Napi::Value AttachDevice(const Napi::CallbackInfo& info);
+  Napi::Value DisconnectDevice(const Napi::CallbackInfo& info);
+  Napi::Value ReleaseDevice(const Napi::CallbackInfo& info);
 
   static void Cleanup(void* arg);  // env teardown: stop synchronously
 
   std::shared_ptr<nbd::Server> server_;
   std::shared_ptr<EventBridge> events_;
-  bool stopping_ = false;
+  // Kernel devices attached by this server, by id. Main thread only; the
+  // NBD_DO_IT thread reports its end as a "device-detached" event.
+  std::map<uint32_t, std::unique_ptr<nbd::KernelDevice>> devices_;
+  uint32_t next_device_id_ = 1;
 };
 
 }  // namespace nbd::binding

@@ -43,6 +43,16 @@ void Connection::start() {
   std::thread([self] { self->first_thread(); }).detach();
 }
 
+void Connection::start_negotiated(const Session& session) {
+  session_ = session;
+  session_.exp->stats.connections_total.fetch_add(1, std::memory_order_relaxed);
+  session_.exp->stats.connections_active.fetch_add(1, std::memory_order_relaxed);
+  server_.emit({"connect", id_, session_.exp->name, peer_, "pre-negotiated (kernel device)"});
+  threads_.fetch_add(1);
+  auto self = shared_from_this();
+  std::thread([self] { self->serve(); }).detach();
+}
+
 void Connection::stop_reading() { ::shutdown(fd_, SHUT_RD); }
 
 void Connection::abort() {

@@ -23,6 +23,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   // Starts the first thread, which negotiates and then serves.
   void start();
+  // Starts serving a socket whose negotiation happened elsewhere (the kernel
+  // NBD driver after NBD_SET_SOCK speaks transmission phase at once).
+  void start_negotiated(const Session& session);
   // Graceful stop: no new requests are read; in-flight ones finish and reply.
   void stop_reading();
   // Hard stop: the socket is shut in both directions.

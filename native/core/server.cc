@@ -238,6 +238,25 @@ void Server::stop() {
   stopped_.store(true);
 }
 
+int Server::adopt(int fd, const Session& session, const std::string& peer, std::string& err) {
+  std::shared_ptr<Connection> conn;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (stopping_.load()) {
+      err = "server is stopping";
+      ::close(fd);
+      return ESHUTDOWN;
+    }
+    uint64_t id = next_id_++;
+    conn = std::make_shared<Connection>(*this, fd, id, peer);
+    conns_.emplace(id, conn);
+    ++stats_.connections_total;
+    ++stats_.connections_active;
+  }
+  conn->start_negotiated(session);
+  return 0;
+}
+
 ServerStats Server::stats() const {
   std::lock_guard<std::mutex> lk(mu_);
   return stats_;

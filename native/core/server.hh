@@ -13,6 +13,7 @@
 
 #include "events.hh"
 #include "export_table.hh"
+#include "handshake.hh"
 #include "nbd_protocol.hh"
 
 namespace nbd {
@@ -52,6 +53,10 @@ class Server {
   // Blocking; safe to call more than once.
   void stop();
   ServerStats stats() const;
+  bool started() const { return started_.load(); }
+  // Serves an already-connected socket whose session was negotiated out of
+  // band (kernel device attachment). Takes ownership of `fd`.
+  int adopt(int fd, const Session& session, const std::string& peer, std::string& err);
 
   // Called by connections (any thread).
   void emit(ServerEvent ev);

@@ -2,6 +2,7 @@
 // this file wires them into commander and maps errors to exit codes.
 import { Command, CommanderError } from 'commander';
 import { EXIT_CODES, NbdError } from '../errors';
+import { registerAttach } from './attach';
 import { registerServe } from './serve';
 
 export function buildProgram(): Command {
@@ -14,6 +15,7 @@ export function buildProgram(): Command {
     .configureOutput({ outputError: (str, write) => write(str) })
     .exitOverride();
   registerServe(program);
+  registerAttach(program);
   return program;
 }
 

@@ -13,7 +13,7 @@ export interface NativeServerOptions {
 }
 
 export interface NativeEvent {
-  type: 'connect' | 'disconnect' | 'handshake-failed' | 'error';
+  type: 'connect' | 'disconnect' | 'handshake-failed' | 'error' | 'device-detached' | 'device-error';
   connection: number;
   export: string;
   peer: string;
@@ -67,11 +67,25 @@ export interface NativeServer {
   start(): void;
   stop(): Promise<void>;
   stats(): NativeServerStats;
+  /** Binds an export to a kernel /dev/nbdN; returns a device id. */
+  attachDevice(opts: NativeAttachOptions): number;
+  disconnectDevice(id: number): boolean;
+  releaseDevice(id: number): boolean;
+}
+
+export interface NativeAttachOptions {
+  device: string;
+  export?: string;
+  connections?: number;
+  timeoutSec?: number;
+  blockSize?: number;
 }
 
 interface NativeModule {
   NativeServer: new (opts: NativeServerOptions) => NativeServer;
   abiVersion: number;
+  /** NBD_DISCONNECT on a device attached by any process. */
+  detachDevice(device: string): void;
 }
 
 function load(): NativeModule {

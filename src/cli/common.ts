@@ -1,0 +1,97 @@
+// Options and run-until-signal logic shared by the commands that serve
+// (`serve`, `attach`).
+import { Command, Option } from 'commander';
+import { NbdError } from '../errors';
+import { createLogger, LOG_LEVELS, type Logger } from '../logger';
+import type { NbdServer } from '../server';
+import { parseSize } from '../size';
+
+export function collect(value: string, previous: string[]): string[] {
+  return [...previous, value];
+}
+
+export function positiveInt(name: string, max = Number.MAX_SAFE_INTEGER) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!/^\d+$/.test(value) || n < 1 || n > max) {
+      throw new NbdError('BAD_ARGUMENT', `${name} must be an integer from 1 to ${max}, got "${value}"`);
+    }
+    return n;
+  };
+}
+
+export function nonNegativeInt(name: string, max: number) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!/^\d+$/.test(value) || n > max) throw new NbdError('BAD_ARGUMENT', `${name} must be an integer from 0 to ${max}, got "${value}"`);
+    return n;
+  };
+}
+
+/** The options every serving command takes. */
+export function addServeOptions(cmd: Command, listenHelp: string): Command {
+  return cmd
+    .option('-s, --size <size>', 'size for images that do not exist yet: 512M, 1G, 1T')
+    .option('-l, --listen <host:port>', listenHelp, collect, [])
+    .option('-u, --socket <path>', 'listen on a unix socket')
+    .option('-r, --read-only', 'serve read-only')
+    .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS as string[]).default('info'))
+    .option('--threads <n>', 'worker threads per connection', positiveInt('--threads', 256), 16)
+    .option('--max-connections <n>', 'refuse connections beyond this many', positiveInt('--max-connections'), 4096);
+}
+
+export interface CommonServeOptions {
+  size?: number;
+  listen: string[];
+  socket?: string;
+  readOnly: boolean;
+  logger: Logger;
+  threadsPerConnection: number;
+  maxConnections: number;
+}
+
+export function commonServeOptions(o: Record<string, unknown>): CommonServeOptions {
+  return {
+    size: o.size !== undefined ? parseSize(o.size as string) : undefined,
+    listen: o.listen as string[],
+    socket: o.socket as string | undefined,
+    readOnly: Boolean(o.readOnly),
+    logger: createLogger(o.logLevel as never),
+    threadsPerConnection: o.threads as number,
+    maxConnections: o.maxConnections as number,
+  };
+}
+
+/**
+ * Resolves after SIGINT/SIGTERM has been handled by `onSignal` (which should
+ * wind the server down), or when `until` settles. A second signal exits at once.
+ */
+export function runUntilSignal(logger: Logger, onSignal: () => Promise<void>, until?: Promise<unknown>): Promise<void> {
+  return new Promise<void>((resolve) => {
+    let signals = 0;
+    const handler = (sig: NodeJS.Signals) => {
+      signals++;
+      if (signals > 1) {
+        logger.warn({ signal: sig }, 'second signal: exiting without waiting');
+        process.exit(130);
+      }
+      logger.info({ signal: sig }, 'shutting down');
+      onSignal().then(resolve, (err: unknown) => {
+        logger.error({ err }, 'shutdown failed');
+        process.exitCode = 1;
+        resolve();
+      });
+    };
+    process.on('SIGINT', handler);
+    process.on('SIGTERM', handler);
+    until?.then(
+      () => resolve(),
+      () => resolve(),
+    );
+  });
+}
+
+/** The readiness line scripts and tests wait for (stdout, one JSON object). */
+export function printReady(server: NbdServer, extra: Record<string, unknown>): void {
+  process.stdout.write(JSON.stringify({ ready: true, ...extra, exports: server.exports().map((e) => e.name) }) + '\n');
+}
