@@ -61,7 +61,9 @@ bool validate(const Session& s, PendingRequest& req) {
   const uint64_t end = req.offset + req.length;
   const bool overflow = end < req.offset;
   const bool past_end = overflow || end > size;
-  uint16_t allowed = 0;
+  // FUA is valid on every command once SEND_FUA is advertised; commands that
+  // do not write ignore it (doc/proto.md, "Command flags", bit 0).
+  uint16_t allowed = (tx & kTxSendFua) ? kCmdFlagFua : 0;
   switch (req.type) {
     case kCmdRead:
       if (s.structured) allowed |= kCmdFlagDf;
@@ -71,39 +73,37 @@ bool validate(const Session& s, PendingRequest& req) {
       break;
     case kCmdWrite:
       if (ro) return refuse(req, kEPERM, "export is read-only");
-      if (tx & kTxSendFua) allowed |= kCmdFlagFua;
       if (req.flags & ~allowed) return refuse(req, kEINVAL, "WRITE with a flag that was not negotiated");
       if (req.length > s.max_payload) return refuse(req, kEINVAL, "WRITE larger than the maximum payload");
       if (req.length && past_end) return refuse(req, kENOSPC, "WRITE past the end of the export");
       break;
     case kCmdFlush:
-      if (req.flags) return refuse(req, kEINVAL, "FLUSH takes no flags");
+      if (req.flags & ~allowed) return refuse(req, kEINVAL, "FLUSH with a flag that was not negotiated");
       if (req.offset || req.length) return refuse(req, kEINVAL, "FLUSH offset and length must be zero");
       return true;
     case kCmdTrim:
       if (ro) return refuse(req, kEPERM, "export is read-only");
       if (!(tx & kTxSendTrim)) return refuse(req, kEINVAL, "TRIM was not negotiated");
-      if (tx & kTxSendFua) allowed |= kCmdFlagFua;
       if (req.flags & ~allowed) return refuse(req, kEINVAL, "TRIM with a flag that was not negotiated");
       if (req.length && past_end) return refuse(req, kEINVAL, "TRIM past the end of the export");
       break;
     case kCmdCache:
       if (!(tx & kTxSendCache)) return refuse(req, kEINVAL, "CACHE was not negotiated");
-      if (req.flags) return refuse(req, kEINVAL, "CACHE takes no flags");
+      if (req.flags & ~allowed) return refuse(req, kEINVAL, "CACHE with a flag that was not negotiated");
       if (req.length && past_end) return refuse(req, kEINVAL, "CACHE past the end of the export");
       break;
     case kCmdWriteZeroes:
       if (ro) return refuse(req, kEPERM, "export is read-only");
       if (!(tx & kTxSendWriteZeroes)) return refuse(req, kEINVAL, "WRITE_ZEROES was not negotiated");
       allowed |= kCmdFlagNoHole;
-      if (tx & kTxSendFua) allowed |= kCmdFlagFua;
       if (tx & kTxSendFastZero) allowed |= kCmdFlagFastZero;
       if (req.flags & ~allowed) return refuse(req, kEINVAL, "WRITE_ZEROES with a flag that was not negotiated");
       if (req.length && past_end) return refuse(req, kENOSPC, "WRITE_ZEROES past the end of the export");
       break;
     case kCmdBlockStatus:
       if (!s.base_allocation_id) return refuse(req, kEINVAL, "BLOCK_STATUS without a negotiated meta context");
-      if (req.flags & ~kCmdFlagReqOne) return refuse(req, kEINVAL, "BLOCK_STATUS with an unknown flag");
+      allowed |= kCmdFlagReqOne;
+      if (req.flags & ~allowed) return refuse(req, kEINVAL, "BLOCK_STATUS with a flag that was not negotiated");
       if (req.length && past_end) return refuse(req, kEINVAL, "BLOCK_STATUS past the end of the export");
       break;
     default:

@@ -1,5 +1,6 @@
 // The one module that loads the compiled addon (build/Release/nbd_native.node)
 // and gives it types. Nothing else in src/ imports the .node file.
+import * as fs from 'node:fs';
 import * as path from 'node:path';
 
 export interface NativeServerOptions {
@@ -88,10 +89,19 @@ interface NativeModule {
   detachDevice(device: string): void;
 }
 
+/** The package root: the nearest ancestor holding binding.gyp (works from src/ and dist/src/). */
+function packageRoot(): string {
+  let dir = __dirname;
+  for (;;) {
+    if (fs.existsSync(path.join(dir, 'binding.gyp'))) return dir;
+    const up = path.dirname(dir);
+    if (up === dir) return path.resolve(__dirname, '..', '..', '..');
+    dir = up;
+  }
+}
+
 function load(): NativeModule {
-  // dist/src/native/index.js -> <root>/build/Release
-  const root = path.resolve(__dirname, '..', '..', '..');
-  const file = path.join(root, 'build', 'Release', 'nbd_native.node');
+  const file = path.join(packageRoot(), 'build', 'Release', 'nbd_native.node');
   try {
     // eslint-disable-next-line @typescript-eslint/no-require-imports
     return require(file) as NativeModule;
