@@ -1,0 +1,972 @@
+// Throughput/latency benchmark: node-nbd-server against nbdkit (file plugin),
+// qemu-nbd and nbd-server, all serving the same raw file over a unix socket
+// and driven by fio's nbd engine. It measures and prints; it asserts nothing.
+//
+//   npm run bench -- [--size 2G] [--runtime 10] [--ramp 2] [--repeat 1]
+//                    [--servers node,nbdkit,qemu,nbd-server]
+//                    [--workloads randread-4k,randwrite-4k,read-1m,write-1m]
+//                    [--dir DIR] [--json FILE] [--node-threads N] [--remove-image]
+//
+// The image (default 2 GiB of non-zero pseudo-random data) is created once in
+// --dir (default $TMPDIR/node-nbd-server-bench) and reused by later runs.
+// For each workload every selected server is started, measured and stopped in
+// turn, so background noise is spread over all of them.
+import { spawn, spawnSync, ChildProcess } from 'child_process';
+import * as crypto from 'crypto';
+import * as fs from 'fs';
+import * as net from 'net';
+import * as os from 'os';
+import * as path from 'path';
+
+const ROOT = path.resolve(__dirname, '..', '..');
+const NODE_CLI = path.join(ROOT, 'bin', 'node-nbd-server.js');
+const MiB = 1024 * 1024;
+const GiB = 1024 * MiB;
+
+// ---------------------------------------------------------------- options
+
+interface Options {
+  size: number;
+  runtime: number;
+  ramp: number;
+  repeat: number;
+  servers: ServerId[];
+  workloads: Workload[];
+  dir: string;
+  json?: string;
+  nodeThreads?: number;
+  removeImage: boolean;
+}
+
+type ServerId = 'node' | 'nbdkit' | 'qemu' | 'nbd-server';
+const SERVER_IDS: ServerId[] = ['node', 'nbdkit', 'qemu', 'nbd-server'];
+
+interface Workload {
+  name: string;
+  rw: 'randread' | 'randwrite' | 'read' | 'write';
+  bs: string;
+  iodepth: number;
+}
+
+const WORKLOADS: Workload[] = [
+  { name: 'randread-4k', rw: 'randread', bs: '4k', iodepth: 32 },
+  { name: 'randwrite-4k', rw: 'randwrite', bs: '4k', iodepth: 32 },
+  { name: 'read-1m', rw: 'read', bs: '1m', iodepth: 8 },
+  { name: 'write-1m', rw: 'write', bs: '1m', iodepth: 8 },
+];
+
+const USAGE = `usage: node dist/tools/bench.js [options]
+
+  --size SIZE          image size (default 2G; at least 2G is recommended): 512M, 2G, 4G
+  --runtime SECONDS    measured time per workload and server (default 10)
+  --ramp SECONDS       fio ramp_time before measuring (default 2)
+  --repeat N           run everything N times and report medians (default 1)
+  --servers LIST       comma list of ${SERVER_IDS.join(',')} (default all)
+  --workloads LIST     comma list of ${WORKLOADS.map((w) => w.name).join(',')} (default all)
+                       (aliases: randread, randwrite, seqread, seqwrite)
+  --dir DIR            where the image lives (default ${path.join(os.tmpdir(), 'node-nbd-server-bench')})
+  --json FILE          also write machine-readable results to FILE
+  --node-threads N     pass --threads N to node-nbd-server (default: its own default)
+  --remove-image       delete the image at the end instead of keeping it for reuse
+  -h, --help           this text
+`;
+
+function parseSize(s: string): number {
+  const m = /^(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?$/i.exec(s.trim());
+  if (!m) throw new Error(`bad size "${s}"`);
+  const mult: Record<string, number> = { '': 1, k: 1024, m: MiB, g: GiB, t: 1024 * GiB };
+  const n = Math.floor(Number(m[1]) * mult[m[2].toLowerCase()]);
+  if (n < MiB || n % MiB !== 0) throw new Error(`--size must be a positive multiple of 1 MiB, got "${s}"`);
+  return n;
+}
+
+function positive(name: string, s: string | undefined, allowZero = false): number {
+  const n = Number(s);
+  if (s === undefined || !Number.isFinite(n) || n < 0 || (!allowZero && n === 0) || !Number.isInteger(n)) {
+    throw new Error(`${name} needs a ${allowZero ? 'non-negative' : 'positive'} integer, got "${s}"`);
+  }
+  return n;
+}
+
+function parseArgs(argv: string[]): Options {
+  const o: Options = {
+    size: 2 * GiB,
+    runtime: 10,
+    ramp: 2,
+    repeat: 1,
+    servers: [...SERVER_IDS],
+    workloads: [...WORKLOADS],
+    dir: path.join(os.tmpdir(), 'node-nbd-server-bench'),
+    removeImage: false,
+  };
+  const aliases: Record<string, string> = {
+    randread: 'randread-4k',
+    randwrite: 'randwrite-4k',
+    seqread: 'read-1m',
+    seqwrite: 'write-1m',
+    read: 'read-1m',
+    write: 'write-1m',
+  };
+  for (let i = 0; i < argv.length; i++) {
+    let arg = argv[i];
+    let value: string | undefined;
+    const eq = arg.indexOf('=');
+    if (arg.startsWith('--') && eq > 0) {
+      value = arg.slice(eq + 1);
+      arg = arg.slice(0, eq);
+    }
+    const next = (): string => {
+      if (value !== undefined) return value;
+      if (i + 1 >= argv.length) throw new Error(`${arg} needs a value`);
+      return argv[++i];
+    };
+    switch (arg) {
+      case '-h':
+      case '--help':
+        process.stdout.write(USAGE);
+        process.exit(0);
+      case '--size':
+        o.size = parseSize(next());
+        break;
+      case '--runtime':
+        o.runtime = positive('--runtime', next());
+        break;
+      case '--ramp':
+      case '--ramp-time':
+        o.ramp = positive('--ramp', next(), true);
+        break;
+      case '--repeat':
+        o.repeat = positive('--repeat', next());
+        break;
+      case '--servers': {
+        const list = next().split(',').map((s) => s.trim()).filter(Boolean);
+        for (const s of list) {
+          if (!SERVER_IDS.includes(s as ServerId)) throw new Error(`unknown server "${s}" (known: ${SERVER_IDS.join(', ')})`);
+        }
+        o.servers = SERVER_IDS.filter((s) => list.includes(s));
+        break;
+      }
+      case '--workloads': {
+        const list = next().split(',').map((s) => aliases[s.trim()] ?? s.trim()).filter(Boolean);
+        for (const w of list) {
+          if (!WORKLOADS.some((x) => x.name === w)) throw new Error(`unknown workload "${w}" (known: ${WORKLOADS.map((x) => x.name).join(', ')})`);
+        }
+        o.workloads = WORKLOADS.filter((w) => list.includes(w.name));
+        break;
+      }
+      case '--dir':
+        o.dir = path.resolve(next());
+        break;
+      case '--json':
+        o.json = path.resolve(next());
+        break;
+      case '--node-threads':
+        o.nodeThreads = positive('--node-threads', next());
+        break;
+      case '--remove-image':
+        o.removeImage = true;
+        break;
+      default:
+        throw new Error(`unknown option "${arg}"\n\n${USAGE}`);
+    }
+  }
+  if (o.servers.length === 0) throw new Error('--servers selects nothing');
+  if (o.workloads.length === 0) throw new Error('--workloads selects nothing');
+  return o;
+}
+
+// ---------------------------------------------------------- process hygiene
+
+// Every process we start is registered here so that it is killed on any exit
+// path: normal end, thrown error, SIGINT/SIGTERM/SIGHUP.
+const live = new Set<ChildProcess>();
+const pidFiles = new Set<string>(); // daemons that fork away (nbd-server)
+const tempPaths = new Set<string>();
+
+function killTree(child: ChildProcess, signal: NodeJS.Signals): void {
+  if (child.pid === undefined || child.exitCode !== null || child.signalCode !== null) return;
+  try {
+    process.kill(-child.pid, signal); // detached => own process group
+  } catch {
+    try {
+      child.kill(signal);
+    } catch {
+      /* already gone */
+    }
+  }
+}
+
+/** Pids of all descendants of pid (from /proc), deepest last. */
+function descendants(pid: number): number[] {
+  const parentOf = new Map<number, number>();
+  for (const name of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(name)) continue;
+    try {
+      const stat = fs.readFileSync(`/proc/${name}/stat`, 'utf8');
+      const ppid = Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
+      parentOf.set(Number(name), ppid);
+    } catch {
+      /* raced with exit */
+    }
+  }
+  const out: number[] = [];
+  const queue = [pid];
+  while (queue.length) {
+    const p = queue.shift()!;
+    for (const [c, pp] of parentOf) {
+      if (pp === p && !out.includes(c)) {
+        out.push(c);
+        queue.push(c);
+      }
+    }
+  }
+  return out;
+}
+
+/**
+ * Signal the daemon named in a pid file and, since nbd-server forks one child
+ * per connection that outlives a killed parent, every descendant of it too.
+ */
+function killPidFile(file: string, signal: NodeJS.Signals): void {
+  let pid = 0;
+  try {
+    pid = Number(fs.readFileSync(file, 'utf8').trim());
+  } catch {
+    return; // no file
+  }
+  if (!(pid > 1)) return;
+  let kids: number[] = [];
+  try {
+    kids = descendants(pid);
+  } catch {
+    /* no /proc */
+  }
+  for (const p of [pid, ...kids]) {
+    try {
+      process.kill(p, signal);
+    } catch {
+      /* already gone */
+    }
+  }
+}
+
+function cleanupSync(): void {
+  for (const c of live) killTree(c, 'SIGKILL');
+  live.clear();
+  for (const f of pidFiles) killPidFile(f, 'SIGKILL');
+  pidFiles.clear();
+  for (const p of tempPaths) fs.rmSync(p, { recursive: true, force: true });
+  tempPaths.clear();
+}
+
+process.on('exit', cleanupSync);
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+  process.on(sig, () => {
+    process.stderr.write(`\nbench: ${sig}, stopping servers and cleaning up\n`);
+    cleanupSync();
+    process.exit(128 + (os.constants.signals[sig] ?? 1));
+  });
+}
+
+function which(bin: string): string | undefined {
+  for (const dir of (process.env.PATH ?? '').split(path.delimiter)) {
+    if (!dir) continue;
+    const p = path.join(dir, bin);
+    try {
+      fs.accessSync(p, fs.constants.X_OK);
+      if (fs.statSync(p).isFile()) return p;
+    } catch {
+      /* not here */
+    }
+  }
+  return undefined;
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+function tail(file: string, lines = 15): string {
+  try {
+    return fs.readFileSync(file, 'utf8').trimEnd().split('\n').slice(-lines).join('\n');
+  } catch {
+    return '';
+  }
+}
+
+// ------------------------------------------------------------------- image
+
+function ensureImage(file: string, size: number): void {
+  try {
+    const st = fs.statSync(file);
+    if (st.isFile() && st.size === size && st.blocks * 512 >= size) {
+      log(`image: reusing ${file} (${fmtBytes(size)})`);
+      return;
+    }
+    log(`image: ${file} has the wrong size or is sparse; recreating`);
+  } catch {
+    /* absent */
+  }
+  fs.mkdirSync(path.dirname(file), { recursive: true });
+  const tmp = `${file}.partial-${process.pid}`;
+  tempPaths.add(tmp);
+  const t0 = Date.now();
+  // One random MiB written over and over; each 4 KiB sector gets its MiB
+  // index and its own index stamped in so that no two sectors are equal.
+  const block = crypto.randomBytes(MiB);
+  for (let i = 0; i < block.length; i++) if (block[i] === 0) block[i] = 0x5a;
+  const fd = fs.openSync(tmp, 'w');
+  try {
+    for (let off = 0, n = 0; off < size; off += MiB, n++) {
+      for (let s = 0; s < MiB; s += 4096) {
+        block.writeUInt32LE((n ^ 0xa5a5a5a5) >>> 0, s);
+        block.writeUInt32LE(((s / 4096 + 1) * 0x9e3779b1) >>> 0 || 1, s + 4);
+      }
+      fs.writeSync(fd, block, 0, MiB, off);
+    }
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  fs.renameSync(tmp, file);
+  tempPaths.delete(tmp);
+  log(`image: wrote ${file} (${fmtBytes(size)}) in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+}
+
+/** Read the whole file once so every server starts from a warm page cache. */
+function warmCache(file: string): void {
+  const fd = fs.openSync(file, 'r');
+  const buf = Buffer.allocUnsafe(16 * MiB);
+  try {
+    let off = 0;
+    for (;;) {
+      const n = fs.readSync(fd, buf, 0, buf.length, off);
+      if (n <= 0) break;
+      off += n;
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+/** Push dirty pages of the image to disk so one server's writeback does not land in the next one's run. */
+function flushImage(file: string): void {
+  const fd = fs.openSync(file, 'r+');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+// ----------------------------------------------------------------- servers
+
+interface Running {
+  uri: string;
+  transport: string;
+  stop(): Promise<void>;
+}
+
+interface ServerDef {
+  id: ServerId;
+  label: string;
+  bin: string; // what must be on PATH (or, for node, exist)
+  available(): boolean;
+  version(): string;
+  start(ctx: StartCtx): Promise<Running>;
+}
+
+interface StartCtx {
+  image: string;
+  size: number;
+  work: string; // per-run temp dir
+  tag: string; // unique per start
+  opts: Options;
+}
+
+function firstLine(cmd: string, args: string[]): string {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 10_000 });
+  const out = `${r.stdout ?? ''}\n${r.stderr ?? ''}`.split('\n').map((l) => l.trim()).filter(Boolean);
+  return out[0] ?? (r.error ? String(r.error.message) : '?');
+}
+
+function dpkgVersion(pkg: string): string | undefined {
+  if (!which('dpkg-query')) return undefined;
+  const r = spawnSync('dpkg-query', ['-W', '-f=${Version}', pkg], { encoding: 'utf8' });
+  return r.status === 0 && r.stdout.trim() ? r.stdout.trim() : undefined;
+}
+
+/** Start a server as its own process group with stdout/stderr going to a log file. */
+function launch(cmd: string, args: string[], logFile: string): ChildProcess {
+  const fd = fs.openSync(logFile, 'a');
+  try {
+    fs.writeSync(fd, `$ ${[cmd, ...args].join(' ')}\n`);
+    const child = spawn(cmd, args, { detached: true, stdio: ['ignore', fd, fd] });
+    live.add(child);
+    child.on('exit', () => live.delete(child));
+    child.on('error', () => live.delete(child));
+    return child;
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+function exited(child: ChildProcess): boolean {
+  return child.exitCode !== null || child.signalCode !== null;
+}
+
+function waitExit(child: ChildProcess, ms: number): Promise<boolean> {
+  if (exited(child) || child.pid === undefined) return Promise.resolve(true);
+  return new Promise((resolve) => {
+    const t = setTimeout(() => resolve(false), ms);
+    child.once('exit', () => {
+      clearTimeout(t);
+      resolve(true);
+    });
+  });
+}
+
+async function stopChild(child: ChildProcess): Promise<void> {
+  killTree(child, 'SIGTERM');
+  if (!(await waitExit(child, 5000))) {
+    killTree(child, 'SIGKILL');
+    await waitExit(child, 2000);
+  }
+  live.delete(child);
+}
+
+function canConnect(sock: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const s = net.connect(sock);
+    const done = (ok: boolean) => {
+      s.removeAllListeners();
+      s.destroy();
+      resolve(ok);
+    };
+    s.once('connect', () => done(true));
+    s.once('error', () => done(false));
+    s.setTimeout(1000, () => done(false));
+  });
+}
+
+async function waitSocket(sock: string, child: ChildProcess | undefined, logFile: string, timeoutMs = 20_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (Date.now() < deadline) {
+    if (child && exited(child)) throw new Error(`server exited early (code ${child.exitCode ?? child.signalCode}):\n${tail(logFile)}`);
+    if (fs.existsSync(sock) && (await canConnect(sock))) return;
+    await sleep(50);
+  }
+  throw new Error(`server did not listen on ${sock} within ${timeoutMs / 1000} s:\n${tail(logFile)}`);
+}
+
+/** Check the export through a real NBD handshake (nbdinfo) and its size. */
+function verifyExport(uri: string, size: number, logFile: string): void {
+  if (!which('nbdinfo')) return;
+  const r = spawnSync('nbdinfo', ['--size', uri], { encoding: 'utf8', timeout: 15_000 });
+  if (r.status !== 0) throw new Error(`nbdinfo --size ${uri} failed: ${(r.stderr || r.stdout || String(r.error)).trim()}\n${tail(logFile)}`);
+  const got = Number(r.stdout.trim());
+  if (got !== size) throw new Error(`export ${uri} has size ${got}, expected ${size}`);
+}
+
+/** Finish starting a server; if that fails, stop what was started before rethrowing. */
+async function readyOrStop(running: Running, check: () => Promise<void> | void): Promise<Running> {
+  try {
+    await check();
+    return running;
+  } catch (err) {
+    await running.stop().catch(() => undefined);
+    throw err;
+  }
+}
+
+function unixUri(sock: string, exportName = ''): string {
+  return `nbd+unix:///${encodeURIComponent(exportName)}?socket=${sock}`;
+}
+
+const SERVERS: ServerDef[] = [
+  {
+    id: 'node',
+    label: 'node-nbd-server',
+    bin: NODE_CLI,
+    available: () => fs.existsSync(NODE_CLI) && fs.existsSync(path.join(ROOT, 'dist', 'src', 'cli', 'main.js')),
+    version: () => {
+      const pkg = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { version?: string };
+      return `node-nbd-server ${pkg.version ?? '?'} (node ${process.version})`;
+    },
+    async start(ctx) {
+      const sock = path.join(ctx.work, `${ctx.tag}.sock`);
+      const logFile = path.join(ctx.work, `${ctx.tag}.log`);
+      const args = [NODE_CLI, 'serve', ctx.image, '--socket', sock, '--log-level', 'warn'];
+      if (ctx.opts.nodeThreads) args.push('--threads', String(ctx.opts.nodeThreads));
+      const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
+      live.add(child);
+      child.on('exit', () => live.delete(child));
+      const logStream = fs.createWriteStream(logFile, { flags: 'a' });
+      child.stderr!.pipe(logStream);
+      const uri = unixUri(sock);
+      const running: Running = {
+        uri,
+        transport: 'unix',
+        stop: async () => {
+          await stopChild(child);
+          logStream.end();
+          fs.rmSync(sock, { force: true });
+        },
+      };
+      return readyOrStop(running, async () => {
+        // Wait for the {"ready":true,...} line on stdout.
+        await new Promise<void>((resolve, reject) => {
+          let buf = '';
+          let settled = false;
+          const settle = (err?: Error) => {
+            if (settled) return;
+            settled = true;
+            clearTimeout(timer);
+            if (err) reject(err);
+            else resolve();
+          };
+          const timer = setTimeout(() => settle(new Error(`node-nbd-server not ready within 20 s:\n${tail(logFile)}`)), 20_000);
+          // Give stderr a moment to reach the log before quoting it.
+          const fail = (why: string) => setTimeout(() => settle(new Error(`node-nbd-server ${why}:\n${tail(logFile)}`)), 100);
+          child.once('error', (e) => fail(`failed to start: ${e.message}`));
+          child.once('exit', (code, sig) => fail(`exited early (${code ?? sig})`));
+          child.stdout!.on('data', (d: Buffer) => {
+            buf += d.toString('utf8');
+            for (const line of buf.split('\n')) {
+              try {
+                if ((JSON.parse(line) as { ready?: boolean }).ready === true) settle();
+              } catch {
+                /* not JSON (yet) */
+              }
+            }
+            if (settled) buf = '';
+          });
+        });
+        verifyExport(uri, ctx.size, logFile);
+      });
+    },
+  },
+  {
+    id: 'nbdkit',
+    label: 'nbdkit file',
+    bin: 'nbdkit',
+    available: () => which('nbdkit') !== undefined,
+    version: () => firstLine('nbdkit', ['--version']),
+    async start(ctx) {
+      const sock = path.join(ctx.work, `${ctx.tag}.sock`);
+      const logFile = path.join(ctx.work, `${ctx.tag}.log`);
+      // -f: foreground; --exit-with-parent: dies with us even on SIGKILL.
+      // Thread count and file plugin options are nbdkit's defaults.
+      const child = launch('nbdkit', ['-f', '--exit-with-parent', '-U', sock, 'file', `file=${ctx.image}`], logFile);
+      const uri = unixUri(sock);
+      const running: Running = {
+        uri,
+        transport: 'unix',
+        stop: async () => {
+          await stopChild(child);
+          fs.rmSync(sock, { force: true });
+        },
+      };
+      return readyOrStop(running, async () => {
+        await waitSocket(sock, child, logFile);
+        verifyExport(uri, ctx.size, logFile);
+      });
+    },
+  },
+  {
+    id: 'qemu',
+    label: 'qemu-nbd',
+    bin: 'qemu-nbd',
+    available: () => which('qemu-nbd') !== undefined,
+    version: () => firstLine('qemu-nbd', ['--version']),
+    async start(ctx) {
+      const sock = path.join(ctx.work, `${ctx.tag}.sock`);
+      const logFile = path.join(ctx.work, `${ctx.tag}.log`);
+      // --shared=8 so the readiness probe, nbdinfo and fio may overlap.
+      const child = launch('qemu-nbd', ['-t', '-f', 'raw', '--cache=writeback', '--shared=8', '-k', sock, ctx.image], logFile);
+      const uri = unixUri(sock);
+      const running: Running = {
+        uri,
+        transport: 'unix',
+        stop: async () => {
+          await stopChild(child);
+          fs.rmSync(sock, { force: true });
+        },
+      };
+      return readyOrStop(running, async () => {
+        await waitSocket(sock, child, logFile);
+        verifyExport(uri, ctx.size, logFile);
+      });
+    },
+  },
+  {
+    id: 'nbd-server',
+    label: 'nbd-server',
+    bin: 'nbd-server',
+    available: () => which('nbd-server') !== undefined,
+    version: () => {
+      const v = firstLine('nbd-server', ['-V']);
+      const deb = dpkgVersion('nbd-server');
+      return deb ? `${v} (deb ${deb})` : v;
+    },
+    async start(ctx) {
+      const sock = path.join(ctx.work, `${ctx.tag}.sock`);
+      const logFile = path.join(ctx.work, `${ctx.tag}.log`);
+      const conf = path.join(ctx.work, `${ctx.tag}.conf`);
+      const pidFile = path.join(ctx.work, `${ctx.tag}.pid`);
+      // nbd-server's -d ("do not fork") serves a single connection and then
+      // exits, so it runs as its usual daemon (one forked child per client)
+      // and is tracked through its pid file. With unixsock set it listens on
+      // the unix socket only. The export name is the section name.
+      fs.writeFileSync(conf, `[generic]\nunixsock = ${sock}\n\n[bench]\nexportname = ${ctx.image}\n`);
+      pidFiles.add(pidFile);
+      const child = launch('nbd-server', ['-C', conf, '-p', pidFile], logFile);
+      await waitExit(child, 10_000); // the launcher returns once the daemon is forked off
+      if (child.exitCode !== 0) {
+        await stopChild(child);
+        killPidFile(pidFile, 'SIGKILL');
+        pidFiles.delete(pidFile);
+        throw new Error(`nbd-server failed to start (exit ${child.exitCode ?? child.signalCode ?? 'timeout'}):\n${tail(logFile)}`);
+      }
+      const uri = unixUri(sock, 'bench');
+      const running: Running = {
+        uri,
+        transport: 'unix',
+        stop: async () => {
+          let pid = 0;
+          try {
+            pid = Number(fs.readFileSync(pidFile, 'utf8').trim());
+          } catch {
+            /* gone */
+          }
+          if (pid > 1) {
+            killPidFile(pidFile, 'SIGTERM');
+            const deadline = Date.now() + 5000;
+            while (Date.now() < deadline && alive(pid)) await sleep(50);
+            if (alive(pid)) killPidFile(pidFile, 'SIGKILL');
+          }
+          pidFiles.delete(pidFile);
+          fs.rmSync(sock, { force: true });
+        },
+      };
+      return readyOrStop(running, async () => {
+        await waitSocket(sock, undefined, logFile);
+        verifyExport(uri, ctx.size, logFile);
+      });
+    },
+  },
+];
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+  } catch {
+    return false;
+  }
+  // A zombie still answers signal 0; look at its state.
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return !/^\d+ \(.*\) Z/.test(stat);
+  } catch {
+    return false;
+  }
+}
+
+// --------------------------------------------------------------------- fio
+
+interface Sample {
+  iops: number;
+  mibs: number;
+  p99us: number;
+  meanUs: number;
+}
+
+let currentFio: ChildProcess | undefined;
+
+async function runFio(w: Workload, uri: string, ctx: StartCtx): Promise<Sample> {
+  const out = path.join(ctx.work, `${ctx.tag}.fio.json`);
+  const args = [
+    `--name=${w.name}`,
+    '--ioengine=nbd',
+    `--uri=${uri}`,
+    `--rw=${w.rw}`,
+    `--bs=${w.bs}`,
+    `--iodepth=${w.iodepth}`,
+    '--numjobs=1',
+    // Run the job as a thread of this fio process (not a forked session
+    // leader) so that killing fio really stops the I/O.
+    '--thread',
+    `--size=${ctx.size}`,
+    '--time_based',
+    `--runtime=${ctx.opts.runtime}`,
+    `--ramp_time=${ctx.opts.ramp}`,
+    '--output-format=json',
+    `--output=${out}`,
+  ];
+  const child = spawn('fio', args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
+  live.add(child);
+  currentFio = child;
+  let stderr = '';
+  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString('utf8')));
+  child.stdout!.resume();
+  const limitMs = (ctx.opts.runtime + ctx.opts.ramp + 60) * 1000;
+  const timer = setTimeout(() => killTree(child, 'SIGKILL'), limitMs);
+  const code = await new Promise<number | null>((resolve) => {
+    child.once('error', (e) => {
+      stderr += e.message;
+      resolve(-1);
+    });
+    child.once('exit', (c) => resolve(c));
+  });
+  clearTimeout(timer);
+  live.delete(child);
+  currentFio = undefined;
+  let text = '';
+  try {
+    text = fs.readFileSync(out, 'utf8');
+  } catch {
+    /* no output */
+  }
+  if (code !== 0) throw new Error(`fio exited with ${code}: ${stderr.trim() || text.trim().slice(0, 500)}`);
+  // fio may print informational lines before the JSON document.
+  const start = text.indexOf('{');
+  if (start < 0) throw new Error(`fio wrote no JSON: ${stderr.trim()}`);
+  const doc = JSON.parse(text.slice(start)) as {
+    jobs: Array<{
+      error: number;
+      read: FioDir;
+      write: FioDir;
+    }>;
+  };
+  const job = doc.jobs[0];
+  if (job.error) throw new Error(`fio job error ${job.error}: ${stderr.trim()}`);
+  const dir = w.rw.includes('read') ? job.read : job.write;
+  return {
+    iops: dir.iops,
+    mibs: dir.bw_bytes / MiB,
+    p99us: (dir.clat_ns?.percentile?.['99.000000'] ?? NaN) / 1000,
+    meanUs: (dir.clat_ns?.mean ?? NaN) / 1000,
+  };
+}
+
+interface FioDir {
+  iops: number;
+  bw_bytes: number;
+  clat_ns?: { mean?: number; percentile?: Record<string, number> };
+}
+
+// ------------------------------------------------------------------ output
+
+function log(msg: string): void {
+  process.stderr.write(`${msg}\n`);
+}
+
+function fmtBytes(n: number): string {
+  return n >= GiB ? `${(n / GiB).toFixed(n % GiB ? 2 : 0)} GiB` : `${(n / MiB).toFixed(0)} MiB`;
+}
+
+function median(xs: number[]): number {
+  const s = xs.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
+  if (s.length === 0) return NaN;
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+function fmtNum(n: number, digits = 0): string {
+  if (!Number.isFinite(n)) return '-';
+  return n.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits });
+}
+
+interface Cell {
+  samples: Sample[];
+  errors: string[];
+}
+
+function table(rows: string[][], rightAlign: boolean[]): string {
+  const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
+  return rows
+    .map((r) =>
+      r
+        .map((v, c) => (rightAlign[c] ? v.padStart(widths[c]) : v.padEnd(widths[c])))
+        .join('  ')
+        .trimEnd(),
+    )
+    .join('\n');
+}
+
+// -------------------------------------------------------------------- main
+
+async function main(): Promise<void> {
+  const opts = parseArgs(process.argv.slice(2));
+  if (!which('fio')) throw new Error('fio is not installed (it drives every server); install the "fio" package');
+  const image = path.join(opts.dir, `bench-${opts.size}.img`);
+  const work = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-bench-'));
+  tempPaths.add(work);
+
+  const selected = SERVERS.filter((s) => opts.servers.includes(s.id));
+  const versions: Record<string, string> = {};
+  const present: ServerDef[] = [];
+  for (const s of selected) {
+    if (s.available()) {
+      versions[s.id] = s.version();
+      present.push(s);
+    } else {
+      versions[s.id] = 'missing';
+      log(`${s.label}: missing (${s.bin} not found), skipped`);
+    }
+  }
+  const fioVersion = firstLine('fio', ['--version']);
+
+  ensureImage(image, opts.size);
+  const perRun = opts.runtime + opts.ramp + 2;
+  const estimate = opts.repeat * opts.workloads.length * present.length * perRun;
+  log(
+    `bench: ${present.length} server(s) x ${opts.workloads.length} workload(s) x ${opts.repeat} repeat(s), ` +
+      `${opts.runtime} s + ${opts.ramp} s ramp each: about ${Math.ceil(estimate / 60)} min`,
+  );
+
+  const cells = new Map<string, Cell>();
+  const key = (w: string, s: string) => `${w}\u0000${s}`;
+  for (const w of opts.workloads) for (const s of present) cells.set(key(w.name, s.id), { samples: [], errors: [] });
+  const transports: Record<string, string> = {};
+
+  let tagN = 0;
+  for (let rep = 0; rep < opts.repeat; rep++) {
+    for (const w of opts.workloads) {
+      // Rotate the server order per repeat so that no one always goes first.
+      const order = present.map((_, i) => present[(i + rep) % present.length]);
+      for (const s of order) {
+        const cell = cells.get(key(w.name, s.id))!;
+        const tag = `${s.id}-${w.name}-${rep}-${tagN++}`;
+        const ctx: StartCtx = { image, size: opts.size, work, tag, opts };
+        flushImage(image);
+        if (w.rw.includes('read')) warmCache(image);
+        let running: Running | undefined;
+        try {
+          running = await s.start(ctx);
+          transports[s.id] = running.transport;
+          const sample = await runFio(w, running.uri, ctx);
+          cell.samples.push(sample);
+          log(
+            `  [${rep + 1}/${opts.repeat}] ${w.name.padEnd(12)} ${s.label.padEnd(16)} ` +
+              `${fmtNum(sample.iops).padStart(9)} IOPS ${fmtNum(sample.mibs, 1).padStart(8)} MiB/s  p99 ${fmtNum(sample.p99us).padStart(7)} us`,
+          );
+        } catch (err) {
+          const msg = (err as Error).message ?? String(err);
+          cell.errors.push(msg);
+          log(`  [${rep + 1}/${opts.repeat}] ${w.name.padEnd(12)} ${s.label.padEnd(16)} FAILED: ${msg}`);
+        } finally {
+          if (running) await running.stop();
+        }
+      }
+    }
+  }
+  flushImage(image);
+
+  // ---- report
+  const rows: string[][] = [['workload', 'server', 'IOPS', 'MiB/s', 'p99 us', 'node/best']];
+  const results: Array<Record<string, unknown>> = [];
+  for (const w of opts.workloads) {
+    const med = new Map<ServerId, Sample>();
+    for (const s of present) {
+      const c = cells.get(key(w.name, s.id))!;
+      if (c.samples.length === 0) continue;
+      med.set(s.id, {
+        iops: median(c.samples.map((x) => x.iops)),
+        mibs: median(c.samples.map((x) => x.mibs)),
+        p99us: median(c.samples.map((x) => x.p99us)),
+        meanUs: median(c.samples.map((x) => x.meanUs)),
+      });
+    }
+    let best: { id: ServerId; iops: number } | undefined;
+    for (const [id, m] of med) if (id !== 'node' && (!best || m.iops > best.iops)) best = { id, iops: m.iops };
+    const nodeM = med.get('node');
+    const ratio = nodeM && best && best.iops > 0 ? nodeM.iops / best.iops : undefined;
+    const label = `${w.name} QD${w.iodepth}`;
+    for (const s of selected) {
+      const m = med.get(s.id);
+      const c = cells.get(key(w.name, s.id));
+      let status = 'ok';
+      if (versions[s.id] === 'missing') status = 'missing';
+      else if (!m) status = 'failed';
+      const ratioText =
+        s.id === 'node' && ratio !== undefined ? `${ratio.toFixed(2)}x vs ${SERVERS.find((x) => x.id === best!.id)!.label}` : '';
+      rows.push([
+        label,
+        s.label,
+        m ? fmtNum(m.iops) : status,
+        m ? fmtNum(m.mibs, 1) : '',
+        m ? fmtNum(m.p99us) : '',
+        ratioText,
+      ]);
+      results.push({
+        workload: w.name,
+        rw: w.rw,
+        bs: w.bs,
+        iodepth: w.iodepth,
+        server: s.id,
+        status,
+        iops: m?.iops ?? null,
+        mibPerSec: m?.mibs ?? null,
+        p99LatencyUs: m?.p99us ?? null,
+        meanLatencyUs: m?.meanUs ?? null,
+        samples: c?.samples ?? [],
+        errors: c?.errors ?? [],
+        nodeToBestPeerIopsRatio: s.id === 'node' ? (ratio ?? null) : undefined,
+        bestPeer: s.id === 'node' ? (best?.id ?? null) : undefined,
+      });
+    }
+  }
+
+  const out: string[] = [];
+  out.push('');
+  out.push(
+    `node-nbd-server benchmark: image ${fmtBytes(opts.size)} (${image}), fio nbd engine over unix sockets, ` +
+      `1 job, runtime ${opts.runtime} s + ramp ${opts.ramp} s, ${opts.repeat} repeat(s)${opts.repeat > 1 ? ' (medians)' : ''}`,
+  );
+  out.push(`host: ${os.cpus().length} CPU(s) ${os.cpus()[0]?.model ?? ''}, ${fmtBytes(os.totalmem())} RAM, ${os.type()} ${os.release()}`);
+  out.push('');
+  out.push(table(rows, [false, false, true, true, true, false]));
+  out.push('');
+  out.push('node/best = node-nbd-server IOPS / IOPS of the fastest other server for that workload.');
+  if (opts.repeat > 1) out.push(`Each column is the median of its own ${opts.repeat} samples (see --json for all samples).`);
+  out.push('');
+  out.push('versions:');
+  out.push(`  fio: ${fioVersion}`);
+  for (const s of selected) out.push(`  ${s.label}: ${versions[s.id]}`);
+  const failures = [...cells.entries()].filter(([, c]) => c.errors.length > 0);
+  if (failures.length) {
+    out.push('');
+    out.push('errors:');
+    for (const [k, c] of failures) {
+      const [wn, sid] = k.split('\u0000');
+      for (const e of c.errors) out.push(`  ${wn} / ${sid}: ${e.split('\n').join('\n    ')}`);
+    }
+  }
+  process.stdout.write(out.join('\n') + '\n');
+
+  if (opts.json) {
+    const doc = {
+      date: new Date().toISOString(),
+      host: { cpus: os.cpus().length, cpuModel: os.cpus()[0]?.model ?? null, memBytes: os.totalmem(), kernel: os.release() },
+      image: { path: image, sizeBytes: opts.size },
+      fio: { version: fioVersion, runtimeSec: opts.runtime, rampSec: opts.ramp, repeat: opts.repeat, numjobs: 1 },
+      versions,
+      transports,
+      results,
+    };
+    fs.writeFileSync(opts.json, JSON.stringify(doc, null, 2) + '\n');
+    log(`bench: wrote ${opts.json}`);
+  }
+  if (opts.removeImage) fs.rmSync(image, { force: true });
+}
+
+main().then(
+  () => cleanupSync(),
+  (err: unknown) => {
+    if (currentFio) killTree(currentFio, 'SIGKILL');
+    process.stderr.write(`bench: error: ${(err as Error)?.message ?? String(err)}\n`);
+    cleanupSync();
+    process.exitCode = 1;
+  },
+);
