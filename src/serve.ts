@@ -1,7 +1,9 @@
 // serve(): the whole "serve these images" job, shared by the CLI and embedders.
+import * as fs from 'node:fs';
 import { NbdError } from './errors';
 import type { Logger } from './logger';
 import { NbdServer, type ServerOptions } from './server';
+import { exportNameFor } from './volume';
 
 export const DEFAULT_HOST = '127.0.0.1';
 export const DEFAULT_PORT = 10809;
@@ -53,19 +55,25 @@ export function serve(opts: ServeOptions): Serving {
   if (opts.images.length === 0) throw new NbdError('BAD_ARGUMENT', 'no image given');
   const addrs = (opts.listen ?? []).map(parseListen);
   if (addrs.length === 0 && !opts.socket && opts.defaultListen !== false) addrs.push({ host: DEFAULT_HOST, port: DEFAULT_PORT });
+  const names = new Map<string, string>();
+  for (const image of opts.images) {
+    const name = exportNameFor(image);
+    const other = names.get(name);
+    if (other !== undefined) {
+      throw new NbdError('EXPORT_EXISTS', `${other} and ${image} would both be served as the export "${name}"; rename one`);
+    }
+    names.set(name, image);
+  }
   const server = new NbdServer(opts);
   try {
-    const seen = new Set<string>();
-    for (const image of opts.images) {
-      const exp = server.addImage({ path: image, readOnly: opts.readOnly }, opts.size);
-      if (seen.has(exp.name)) throw new NbdError('EXPORT_EXISTS', `two images map to the export name "${exp.name}"`);
-      seen.add(exp.name);
-    }
+    for (const image of opts.images) server.addImage({ path: image, readOnly: opts.readOnly }, opts.size);
     const ports = addrs.map((a) => server.listenTcp(a.host, a.port));
     if (opts.socket) server.listenUnix(opts.socket);
     if (addrs.length > 0 || opts.socket) server.start();
     return { server, ports };
   } catch (err) {
+    // Leave no trace of a failed start: images we just created go away.
+    for (const e of server.exports()) if (e.created) fs.rmSync(e.path, { force: true });
     void server.close();
     throw err;
   }

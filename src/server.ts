@@ -3,6 +3,7 @@
 // EventEmitter events. Control operations are synchronous and cheap; close()
 // drains in-flight requests and flushes on a worker thread.
 import { EventEmitter } from 'node:events';
+import * as fs from 'node:fs';
 import { fromNative, NbdError } from './errors';
 import { silentLogger, type Logger } from './logger';
 import { native, type NativeEvent, type NativeServer, type NativeServerStats } from './native';
@@ -100,6 +101,7 @@ export class NbdServer extends EventEmitter {
         description: prepared.description,
       });
     } catch (err) {
+      if (prepared.created) fs.rmSync(prepared.path, { force: true });
       throw fromNative(err);
     }
     const exp: ExportInfo = { name: info.name, path: prepared.path, size: info.size, readOnly: info.readOnly, created: prepared.created };

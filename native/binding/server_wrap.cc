@@ -10,6 +10,8 @@
 #include "../core/file_device.hh"
 #include "errors.hh"
 
+#include <thread>
+
 namespace nbd::binding {
 
 namespace {
@@ -31,21 +33,12 @@ std::string req_string(const Napi::Object& o, const char* key) {
   return v.As<Napi::String>().Utf8Value();
 }
 
-class StopWorker : public Napi::AsyncWorker {
- public:
-  StopWorker(Napi::Env env, std::shared_ptr<nbd::Server> s, std::shared_ptr<EventBridge> ev)
-      : Napi::AsyncWorker(env), server_(std::move(s)), events_(std::move(ev)), deferred_(Napi::Promise::Deferred::New(env)) {}
-  void Execute() override { server_->stop(); }
-  void OnOK() override {
-    events_->unref(Env());
-    deferred_.Resolve(Env().Undefined());
-  }
-  Napi::Promise Promise() { return deferred_.Promise(); }
-
- private:
-  std::shared_ptr<nbd::Server> server_;
-  std::shared_ptr<EventBridge> events_;
-  Napi::Promise::Deferred deferred_;
+// State of one stop() call, created and destroyed on the main thread.
+struct StopCall {
+  Napi::Promise::Deferred deferred;
+  Napi::ObjectReference keep;  // keeps the ServerWrap alive while stop() runs
+  ServerWrap* wrap;
+  std::shared_ptr<EventBridge> events;
 };
 
 }  // namespace
@@ -92,7 +85,8 @@ ServerWrap::~ServerWrap() {
 void ServerWrap::Cleanup(void* arg) {
   auto* self = static_cast<ServerWrap*>(arg);
   self->devices_.clear();  // disconnects and joins each NBD_DO_IT thread
-  if (self->server_) self->server_->stop();
+  // Env teardown (process.exit, worker end): do not wait for slow clients.
+  if (self->server_) self->server_->stop_now();
   if (self->events_) self->events_->release();
 }
 
@@ -162,6 +156,7 @@ Napi::Value ServerWrap::Start(const Napi::CallbackInfo& info) {
   int e = server_->start(err);
   if (e) throw coded_error(info.Env(), "START_FAILED", err, e);
   events_->ref(info.Env());  // a serving server keeps the process alive
+  if (self_ref_.IsEmpty()) self_ref_ = Napi::Persistent(Value());
   return info.Env().Undefined();
 }
 
@@ -208,11 +203,28 @@ Napi::Value ServerWrap::ReleaseDevice(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value ServerWrap::Stop(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
   devices_.clear();  // kernel devices first: their sockets are connections of ours
-  auto* w = new StopWorker(info.Env(), server_, events_);
-  Napi::Promise p = w->Promise();
-  w->Queue();
-  return p;
+  // Draining may take as long as the slowest client, so it runs on a thread
+  // of our own rather than the libuv pool: process.exit() joins the pool, and
+  // must not wait for a drain (the env cleanup hook forces it instead).
+  auto* call = new StopCall{Napi::Promise::Deferred::New(env), Napi::Persistent(Value()), this, events_};
+  Napi::Promise promise = call->deferred.Promise();
+  auto done = Napi::ThreadSafeFunction::New(env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}),
+                                            "nbd-server-stop", 0, 1);
+  std::thread([server = server_, done, call]() mutable {
+    server->stop();
+    done.BlockingCall(call, [](Napi::Env env, Napi::Function, StopCall* c) {  // main thread
+      if (env != nullptr) {
+        c->events->unref(env);
+        c->wrap->ReleaseSelf();
+        c->deferred.Resolve(env.Undefined());
+      }
+      delete c;
+    });
+    done.Release();
+  }).detach();
+  return promise;
 }
 
 Napi::Value ServerWrap::Stats(const Napi::CallbackInfo& info) {

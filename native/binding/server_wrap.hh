@@ -17,6 +17,10 @@ class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
   static Napi::Function Init(Napi::Env env);
   explicit ServerWrap(const Napi::CallbackInfo& info);
   ~ServerWrap() override;
+  // Drops the self-reference taken by start() (main thread).
+  void ReleaseSelf() {
+    if (!self_ref_.IsEmpty()) self_ref_.Reset();
+  }
 
  private:
   Napi::Value AddExport(const Napi::CallbackInfo& info);
@@ -38,6 +42,9 @@ class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
   // Kernel devices attached by this server, by id. Main thread only; the
   // NBD_DO_IT thread reports its end as a "device-detached" event.
   std::map<uint32_t, std::unique_ptr<nbd::KernelDevice>> devices_;
+  // Strong reference to our own JS object while serving (start() until stop()
+  // resolves), so a server nobody references is not collected mid-service.
+  Napi::ObjectReference self_ref_;
   uint32_t next_device_id_ = 1;
 };
 

@@ -229,10 +229,10 @@ void Server::stop() {
   {
     std::unique_lock<std::mutex> lk(mu_);
     for (auto& [id, c] : conns_) c->stop_reading();
-    if (!cv_.wait_for(lk, std::chrono::milliseconds(cfg_.drain_timeout_ms), [this] { return conns_.empty(); })) {
-      for (auto& [id, c] : conns_) c->abort();
-      cv_.wait(lk, [this] { return conns_.empty(); });
-    }
+    cv_.wait_for(lk, std::chrono::milliseconds(cfg_.drain_timeout_ms),
+                 [this] { return conns_.empty() || force_.load(); });
+    for (auto& [id, c] : conns_) c->abort();
+    cv_.wait(lk, [this] { return conns_.empty(); });
   }
   for (auto& e : exports_.list()) e->device->flush();
   stopped_.store(true);
@@ -255,6 +255,16 @@ int Server::adopt(int fd, const Session& session, const std::string& peer, std::
   }
   conn->start_negotiated(session);
   return 0;
+}
+
+void Server::stop_now() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    force_.store(true);
+    for (auto& [id, c] : conns_) c->abort();
+    cv_.notify_all();
+  }
+  stop();  // waits for a concurrent stop() to finish, which is now quick
 }
 
 ServerStats Server::stats() const {

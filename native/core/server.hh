@@ -52,6 +52,9 @@ class Server {
   // Stops accepting, lets in-flight requests finish, flushes every export.
   // Blocking; safe to call more than once.
   void stop();
+  // Like stop(), but does not wait for in-flight requests: connections are
+  // shut at once, including those a concurrent stop() is still draining.
+  void stop_now();
   ServerStats stats() const;
   bool started() const { return started_.load(); }
   // Serves an already-connected socket whose session was negotiated out of
@@ -74,7 +77,7 @@ class Server {
   std::vector<std::string> unix_paths_;
   int wake_fd_ = -1;
   std::thread accept_thread_;
-  std::atomic<bool> started_{false}, stopping_{false}, stopped_{false};
+  std::atomic<bool> started_{false}, stopping_{false}, stopped_{false}, force_{false};
   std::mutex stop_mu_;  // serialises stop()
 
   mutable std::mutex mu_;  // guards conns_ and stats_; lock order: leaf

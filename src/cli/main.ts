@@ -2,6 +2,7 @@
 // this file wires them into commander and maps errors to exit codes.
 import { Command, CommanderError } from 'commander';
 import { EXIT_CODES, NbdError } from '../errors';
+import { packageVersion } from '../package-root';
 import { registerAttach } from './attach';
 import { registerServe } from './serve';
 
@@ -10,7 +11,7 @@ export function buildProgram(): Command {
   program
     .name('node-nbd-server')
     .description('A Linux NBD server for raw block files, with snapshots, clones, backup and replication.')
-    .version(require('../../../package.json').version as string)
+    .version(packageVersion())
     .showHelpAfterError('(run with --help for usage)')
     .configureOutput({ outputError: (str, write) => write(str) })
     .exitOverride();

@@ -1,7 +1,7 @@
 // The one module that loads the compiled addon (build/Release/nbd_native.node)
 // and gives it types. Nothing else in src/ imports the .node file.
-import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { packageRoot } from '../package-root';
 
 export interface NativeServerOptions {
   threadsPerConnection?: number;
@@ -87,17 +87,6 @@ interface NativeModule {
   abiVersion: number;
   /** NBD_DISCONNECT on a device attached by any process. */
   detachDevice(device: string): void;
-}
-
-/** The package root: the nearest ancestor holding binding.gyp (works from src/ and dist/src/). */
-function packageRoot(): string {
-  let dir = __dirname;
-  for (;;) {
-    if (fs.existsSync(path.join(dir, 'binding.gyp'))) return dir;
-    const up = path.dirname(dir);
-    if (up === dir) return path.resolve(__dirname, '..', '..', '..');
-    dir = up;
-  }
 }
 
 function load(): NativeModule {
