@@ -1,6 +1,10 @@
 #!/usr/bin/env node
-// Runs the tap suite and ends with the plain line "N passed, N failed, N skipped"
-// that CI reads. Extra arguments are test files (default: every test/*.ts).
+// Runs the tap suite, then (with no file arguments) the kernel-path harness
+// in user-mode Linux (tools/kernel-test.js), and ends with the plain line
+// "N passed, N failed, N skipped" that CI reads, counting both. Extra
+// arguments are test files (default: every test/*.ts). NBD_SKIP_KERNEL=1
+// leaves the kernel harness out (it reports its own skips when its tools are
+// missing).
 // Under NBD_STRICT_TESTS=1 (CI), a test that lacks a system tool fails
 // instead of skipping (see test/fixtures/tools.ts).
 'use strict';
@@ -10,6 +14,7 @@ const path = require('node:path');
 
 const root = path.resolve(__dirname, '..');
 let files = process.argv.slice(2);
+const runKernel = files.length === 0 && process.env.NBD_SKIP_KERNEL !== '1';
 if (files.length === 0) {
   files = fs
     .readdirSync(path.join(root, 'test'))
@@ -52,11 +57,39 @@ child.stdout.on('data', (chunk) => {
     if (f) tail = tail + `file failed: ${f[1]}\n`;
   }
 });
-child.on('close', (code) => {
+function runKernelHarness() {
+  return new Promise((resolve) => {
+    const k = spawn(process.execPath, [path.join(root, 'tools', 'kernel-test.js')], {
+      cwd: root,
+      stdio: ['ignore', 'pipe', 'inherit'],
+    });
+    let out = '';
+    k.stdout.on('data', (d) => {
+      process.stdout.write(d);
+      out += d.toString();
+    });
+    k.on('close', (code) => {
+      const m = /^(\d+) passed, (\d+) failed(?:, (\d+) skipped)?\s*$/m.exec(out.split('\n').filter(Boolean).slice(-3).join('\n'));
+      const r = m ? { passed: +m[1], failed: +m[2], skipped: +(m[3] || 0) } : { passed: 0, failed: 1, skipped: 0 };
+      if (code !== 0 && r.failed === 0) r.failed = 1;
+      for (const line of out.split('\n')) if (line.startsWith('not ok - ')) failures.push('kernel: ' + line.slice(9));
+      resolve(r);
+    });
+  });
+}
+
+child.on('close', async (code) => {
   const fileFailures = tail.split('\n').filter(Boolean);
   if (code !== 0 && failed === 0) failed = Math.max(1, fileFailures.length);
+  if (runKernel) {
+    console.log('\n# kernel path (user-mode Linux): tools/kernel-test.js');
+    const k = await runKernelHarness();
+    passed += k.passed;
+    failed += k.failed;
+    skipped += k.skipped;
+  }
   if (failures.length) console.log('\nfailed tests:\n' + failures.map((f) => '  - ' + f).join('\n'));
   if (fileFailures.length) console.log(fileFailures.map((f) => '  - ' + f).join('\n'));
   console.log(`\n${passed} passed, ${failed} failed, ${skipped} skipped`);
-  process.exit(code === 0 && failed === 0 ? 0 : 1);
+  process.exit(failed === 0 ? 0 : 1);
 });

@@ -88,8 +88,10 @@ std::unique_ptr<KernelDevice> KernelDevice::attach(Server& server, const AttachO
   }
   int fd = kd->dev_fd_;
   std::string dev = opts.device;
-  kd->thread_ = std::thread([fd, dev, on_exit] {
+  auto done = kd->done_;
+  kd->thread_ = std::thread([fd, dev, on_exit, done] {
     int r = ioctl(fd, NBD_DO_IT);
+    done->store(true);
     int e = r < 0 ? errno : 0;
     ioctl(fd, NBD_CLEAR_QUE);
     ioctl(fd, NBD_CLEAR_SOCK);
@@ -101,7 +103,9 @@ std::unique_ptr<KernelDevice> KernelDevice::attach(Server& server, const AttachO
 }
 
 void KernelDevice::disconnect() {
-  if (dev_fd_ >= 0) ioctl(dev_fd_, NBD_DISCONNECT);
+  // Once NBD_DO_IT has returned the device is free: disconnecting again would
+  // only make the kernel complain ("Send disconnect failed").
+  if (dev_fd_ >= 0 && !done_->load()) ioctl(dev_fd_, NBD_DISCONNECT);
 }
 
 void KernelDevice::join() {

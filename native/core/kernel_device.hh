@@ -42,6 +42,7 @@ class KernelDevice {
   KernelDevice() = default;
   int dev_fd_ = -1;
   std::thread thread_;
+  std::shared_ptr<std::atomic<bool>> done_ = std::make_shared<std::atomic<bool>>(false);  // NBD_DO_IT returned
   std::string device_;
 };
 
