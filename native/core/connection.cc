@@ -6,8 +6,13 @@
 // execute the request and send its reply concurrently with the others, so a
 // connection has many requests in flight and replies complete out of order
 // (the same model as nbdkit's parallel thread model). When a worker takes a
-// request and no other thread is queued for recv_mu_, it spawns another
-// worker, up to threads_per_connection; an idle connection costs one thread.
+// request and no other thread is queued for recv_mu_, it may spawn another
+// worker: freely up to the number of CPUs, and beyond that (up to
+// threads_per_connection) only while requests have recently had to wait for
+// storage (io_hint.hh: reads the page cache could not serve, syncs), where
+// more threads add I/O parallelism. Requests served from the page cache are
+// CPU bound, and extra threads would only add context switches and cache
+// misses. An idle connection costs one thread.
 //
 // Shutdown: any thread that sees end of stream, NBD_CMD_DISC, a corrupt
 // stream or a failed send sets closing_. Threads notice it at their next turn
@@ -24,15 +29,35 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <ctime>
 #include <thread>
 
+#include "io_hint.hh"
 #include "server.hh"
 
 namespace nbd {
 
+namespace {
+// How long one storage wait keeps the connection in "I/O-bound" mode.
+constexpr int64_t kIoBoundWindowNs = 100 * 1000 * 1000;
+
+int64_t now_ns() {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+}  // namespace
+
 Connection::Connection(Server& server, int fd, uint64_t id, std::string peer)
-    : server_(server), fd_(fd), id_(id), peer_(std::move(peer)), reader_(fd) {
+    : server_(server),
+      fd_(fd),
+      id_(id),
+      peer_(std::move(peer)),
+      reader_(fd),
+      max_threads_(static_cast<int>(server.config().threads_per_connection)) {
   sender_.fd = fd;
+  base_threads_ = std::max(2, static_cast<int>(std::thread::hardware_concurrency()));
 }
 
 Connection::~Connection() = default;
@@ -49,6 +74,7 @@ void Connection::start_negotiated(const Session& session) {
   session_.exp->stats.connections_active.fetch_add(1, std::memory_order_relaxed);
   server_.emit({"connect", id_, session_.exp->name, peer_, "pre-negotiated (kernel device)"});
   threads_.fetch_add(1);
+  spawned_.fetch_add(1);
   auto self = shared_from_this();
   std::thread([self] { self->serve(); }).detach();
 }
@@ -81,18 +107,28 @@ void Connection::first_thread() {
   session_.exp->stats.connections_active.fetch_add(1, std::memory_order_relaxed);
   server_.emit({"connect", id_, session_.exp->name, peer_,
                 session_.structured ? "structured replies" : "simple replies"});
+  spawned_.fetch_add(1);
   serve();
 }
 
 void Connection::spawn_worker() {
   threads_.fetch_add(1);
+  spawned_.fetch_add(1);
   auto self = shared_from_this();
   std::thread([self] { self->serve(); }).detach();
 }
 
+// Called with recv_mu_ held, so spawned_ only grows under us here.
+bool Connection::should_spawn() {
+  if (waiting_.load() != 0) return false;  // someone is already ready to read
+  const int n = spawned_.load();
+  if (n >= max_threads_) return false;
+  if (n < base_threads_) return true;
+  return now_ns() - last_io_wait_ns_.load(std::memory_order_relaxed) < kIoBoundWindowNs;
+}
+
 void Connection::serve() {
   IoBuffer buf;
-  const int max_threads = static_cast<int>(server_.config().threads_per_connection);
   for (;;) {
     PendingRequest req;
     {
@@ -111,9 +147,11 @@ void Connection::serve() {
         }
         break;
       }
-      if (waiting_.load() == 0 && threads_.load() < max_threads) spawn_worker();
+      if (should_spawn()) spawn_worker();
     }
+    io_waited = false;
     int e = execute_request(sender_, session_, req, buf);
+    if (io_waited) last_io_wait_ns_.store(now_ns(), std::memory_order_relaxed);
     buf.trim();
     if (e) {
       // The client is gone or wedged: wake whoever is blocked in recv.

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <atomic>
+#include <climits>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -37,6 +38,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void first_thread();
   void serve();
   void spawn_worker();
+  bool should_spawn();
   void thread_done();
 
   Server& server_;
@@ -51,6 +53,13 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::atomic<bool> closing_{false};
   std::atomic<int> waiting_{0};  // threads blocked on recv_mu_
   std::atomic<int> threads_{0};  // live threads of this connection
+  // Worker threads ever started, and when a request last waited for storage:
+  // threads beyond base_threads_ (the CPU count) are spawned only while that
+  // is recent (see connection.cc).
+  std::atomic<int> spawned_{0};
+  std::atomic<int64_t> last_io_wait_ns_{INT64_MIN / 2};
+  const int max_threads_;
+  int base_threads_;
   std::string close_reason_;     // written once under recv_mu_
 };
 

@@ -23,6 +23,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "io_hint.hh"
 #include "nbd_protocol.hh"
 
 namespace nbd {
@@ -77,6 +78,17 @@ FileDevice::~FileDevice() { ::close(fd_); }
 
 int FileDevice::pread(void* buf, uint32_t count, uint64_t offset) {
   auto* p = static_cast<char*>(buf);
+  // First try the page cache alone: RWF_NOWAIT fails with EAGAIN instead of
+  // waiting for the disk, which tells the connection that this load is
+  // I/O-bound (see io_hint.hh). The data is then read the normal way.
+  if (nowait_reads_) {
+    struct iovec iov = {p, count};
+    ssize_t r = ::preadv2(fd_, &iov, 1, static_cast<off_t>(offset), RWF_NOWAIT);
+    if (r == static_cast<ssize_t>(count)) return 0;
+    if (r < 0 && errno == EAGAIN) io_waited = true;
+    else if (r < 0 && (errno == EOPNOTSUPP || errno == EINVAL || errno == ENOSYS)) nowait_reads_ = false;
+    else if (r > 0) io_waited = true;  // partly cached; fall through for the rest
+  }
   while (count > 0) {
     ssize_t r = ::pread(fd_, p, count, static_cast<off_t>(offset));
     if (r < 0) {
@@ -98,6 +110,7 @@ int FileDevice::pwrite(const void* buf, uint32_t count, uint64_t offset, IoFlags
   if (read_only_) return EPERM;
   const auto* p = static_cast<const char*>(buf);
   bool dsync = flags.fua;
+  if (dsync) io_waited = true;
   while (count > 0) {
     struct iovec iov = {const_cast<char*>(p), count};
     ssize_t r = dsync ? ::pwritev2(fd_, &iov, 1, static_cast<off_t>(offset), RWF_DSYNC)
@@ -120,6 +133,7 @@ int FileDevice::pwrite(const void* buf, uint32_t count, uint64_t offset, IoFlags
 
 int FileDevice::flush() {
   if (read_only_) return 0;
+  io_waited = true;
   return ::fdatasync(fd_) == 0 ? 0 : errno;
 }
 

@@ -1,6 +1,7 @@
 // file_device.hh — the bottom of every device chain: a raw image file or block device.
 #pragma once
 
+#include <atomic>
 #include <string>
 
 #include "device.hh"
@@ -37,6 +38,9 @@ class FileDevice final : public Device {
   uint64_t size_;
   bool read_only_;
   bool is_block_;
+  // preadv2(RWF_NOWAIT) works here (cleared on the first EOPNOTSUPP). A
+  // benign race: threads may each see the old value once.
+  std::atomic<bool> nowait_reads_{true};
 };
 
 }  // namespace nbd
