@@ -11,8 +11,12 @@
         "native/core/connection.cc",
         "native/core/server.cc",
         "native/core/kernel_device.cc",
+        "native/core/crc32c.cc",
+        "native/core/snapshot_store.cc",
+        "native/core/cow_device.cc",
         "native/binding/event_bridge.cc",
         "native/binding/server_wrap.cc",
+        "native/binding/snapshot_methods.cc",
         "native/binding/binding.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],

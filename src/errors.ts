@@ -14,7 +14,17 @@ export type ErrorCode =
   | 'START_FAILED'
   | 'SERVER_CLOSED'
   | 'ATTACH_FAILED'
-  | 'DETACH_FAILED';
+  | 'DETACH_FAILED'
+  | 'METADATA_CORRUPT'
+  | 'VOLUME_BUSY'
+  | 'VOLUME_NOT_FOUND'
+  | 'SNAPSHOT_NOT_FOUND'
+  | 'SNAPSHOT_EXISTS'
+  | 'BAD_SNAPSHOT_NAME'
+  | 'SNAPSHOT_CORRUPT'
+  | 'SNAPSHOT_CREATE_FAILED'
+  | 'SNAPSHOT_DELETE_FAILED'
+  | 'CONTROL_FAILED';
 
 export class NbdError extends Error {
   readonly code: ErrorCode;
@@ -40,6 +50,16 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   SERVER_CLOSED: 1,
   ATTACH_FAILED: 5,
   DETACH_FAILED: 5,
+  METADATA_CORRUPT: 6,
+  SNAPSHOT_CORRUPT: 6,
+  VOLUME_BUSY: 7,
+  VOLUME_NOT_FOUND: 3,
+  SNAPSHOT_NOT_FOUND: 8,
+  SNAPSHOT_EXISTS: 9,
+  BAD_SNAPSHOT_NAME: 2,
+  SNAPSHOT_CREATE_FAILED: 10,
+  SNAPSHOT_DELETE_FAILED: 10,
+  CONTROL_FAILED: 11,
 };
 
 /** Converts a native error (with a string `code`) into an NbdError. */

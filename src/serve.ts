@@ -4,6 +4,9 @@ import { NbdError } from './errors';
 import type { Logger } from './logger';
 import { NbdServer, type ServerOptions } from './server';
 import { exportNameFor } from './volume';
+import { metaDir } from './volume-meta';
+import { serveControl } from './control';
+import { silentLogger } from './logger';
 
 export const DEFAULT_HOST = '127.0.0.1';
 export const DEFAULT_PORT = 10809;
@@ -18,6 +21,8 @@ export interface ServeOptions extends ServerOptions {
   socket?: string;
   readOnly?: boolean;
   logger?: Logger;
+  /** Chunk size for volumes without snapshot metadata yet. */
+  chunkSize?: number;
   /** Listen on 127.0.0.1:10809 when neither `listen` nor `socket` is given. Default true. */
   defaultListen?: boolean;
 }
@@ -51,7 +56,7 @@ export function parseListen(text: string): { host: string; port: number } {
   return { host, port };
 }
 
-export function serve(opts: ServeOptions): Serving {
+export async function serve(opts: ServeOptions): Promise<Serving> {
   if (opts.images.length === 0) throw new NbdError('BAD_ARGUMENT', 'no image given');
   const addrs = (opts.listen ?? []).map(parseListen);
   if (addrs.length === 0 && !opts.socket && opts.defaultListen !== false) addrs.push({ host: DEFAULT_HOST, port: DEFAULT_PORT });
@@ -66,15 +71,24 @@ export function serve(opts: ServeOptions): Serving {
   }
   const server = new NbdServer(opts);
   try {
-    for (const image of opts.images) server.addImage({ path: image, readOnly: opts.readOnly }, opts.size);
+    for (const image of opts.images) {
+      server.addImage({ path: image, readOnly: opts.readOnly, snapshots: true, chunkSize: opts.chunkSize }, opts.size);
+    }
     const ports = addrs.map((a) => server.listenTcp(a.host, a.port));
     if (opts.socket) server.listenUnix(opts.socket);
     if (addrs.length > 0 || opts.socket) server.start();
+    const log = opts.logger ?? silentLogger();
+    for (const v of server.volumeList()) server.addCloseHook(await serveControl(v, log));
     return { server, ports };
   } catch (err) {
     // Leave no trace of a failed start: images we just created go away.
-    for (const e of server.exports()) if (e.created) fs.rmSync(e.path, { force: true });
-    void server.close();
+    await server.close();
+    for (const e of server.exports()) {
+      if (e.created) {
+        fs.rmSync(e.path, { force: true });
+        fs.rmSync(metaDir(e.path), { recursive: true, force: true });
+      }
+    }
     throw err;
   }
 }

@@ -7,6 +7,7 @@ import * as fs from 'node:fs';
 import { fromNative, NbdError } from './errors';
 import { silentLogger, type Logger } from './logger';
 import { native, type NativeEvent, type NativeServer, type NativeServerStats } from './native';
+import { VolumeSnapshots } from './snapshots';
 import { prepareImage, type ImageSpec, type PreparedImage } from './volume';
 
 export interface ServerOptions {
@@ -64,6 +65,8 @@ export class NbdServer extends EventEmitter {
   private state: 'new' | 'serving' | 'closing' | 'closed' = 'new';
   private closing?: Promise<void>;
   private readonly devices = new Map<number, (result: { error?: string }) => void>();
+  private readonly volumes = new Map<string, VolumeSnapshots>();
+  private readonly beforeClose: (() => Promise<void>)[] = [];
 
   constructor(options: ServerOptions = {}) {
     super();
@@ -93,21 +96,45 @@ export class NbdServer extends EventEmitter {
       );
     }
     let info;
+    let vol: ReturnType<typeof VolumeSnapshots.prepare> | undefined;
     try {
+      if (spec.snapshots) {
+        const size = prepared.size || fs.statSync(prepared.path).size;
+        vol = VolumeSnapshots.prepare(prepared.path, size, spec.chunkSize, this.log);
+      }
       info = this.native.addExport({
         name: prepared.name,
         path: prepared.path,
         readOnly: prepared.readOnly,
         description: prepared.description,
+        chunkSize: vol?.chunkSize,
+        snapshots: vol?.snapshots,
       });
     } catch (err) {
+      vol?.unlock();
       if (prepared.created) fs.rmSync(prepared.path, { force: true });
       throw fromNative(err);
+    }
+    if (vol) {
+      const v = VolumeSnapshots.attach(this.native, prepared.path, info.name, vol, this.log);
+      for (const st of info.snapshots) if (st.failed) v.recordFailure(st.id, st.failure);
+      this.volumes.set(info.name, v);
     }
     const exp: ExportInfo = { name: info.name, path: prepared.path, size: info.size, readOnly: info.readOnly, created: prepared.created };
     this.exportList.push(exp);
     this.log.info({ export: exp.name, path: exp.path, size: exp.size, readOnly: exp.readOnly }, 'export added');
     return exp;
+  }
+
+  /** Snapshot operations of a volume served with snapshots enabled. */
+  snapshots(exportName: string): VolumeSnapshots {
+    const v = this.volumes.get(exportName);
+    if (!v) throw new NbdError('VOLUME_NOT_FOUND', `no volume with snapshots is served as "${exportName}"`);
+    return v;
+  }
+
+  volumeList(): VolumeSnapshots[] {
+    return [...this.volumes.values()];
   }
 
   removeExport(name: string): boolean {
@@ -189,12 +216,21 @@ export class NbdServer extends EventEmitter {
     return { device, detached, disconnect: () => void this.native.disconnectDevice(id) };
   }
 
+  /** Registers work to finish before the native server stops (control sockets). */
+  addCloseHook(fn: () => Promise<void>): void {
+    this.beforeClose.push(fn);
+  }
+
   /** Stops accepting, lets in-flight requests finish, flushes. Idempotent. */
   close(): Promise<void> {
     if (!this.closing) {
       this.state = 'closing';
       this.log.info('stopping: draining in-flight requests and flushing');
-      this.closing = this.native.stop().then(() => {
+      const hooks = this.beforeClose.splice(0);
+      this.closing = Promise.all(hooks.map((h) => h().catch(() => undefined)))
+        .then(() => this.native.stop())
+        .then(() => {
+        for (const v of this.volumes.values()) v.close();
         for (const done of this.devices.values()) done({});
         this.devices.clear();
         this.state = 'closed';
@@ -228,6 +264,9 @@ export class NbdServer extends EventEmitter {
         done?.(ev.type === 'device-error' ? { error: ev.message } : {});
         break;
       }
+      case 'snapshot-failed':
+        for (const v of this.volumes.values()) if (v.exportName === ev.export) v.recordFailure(ev.connection, ev.message);
+        break;
       case 'handshake-failed':
         this.log.warn({ ...fields, reason: ev.message }, 'handshake failed');
         break;

@@ -12,6 +12,10 @@ export interface ImageSpec {
   name?: string;
   readOnly?: boolean;
   description?: string;
+  /** Manage snapshots for this image (metadata in IMAGE.nbd/). Default false. */
+  snapshots?: boolean;
+  /** Chunk size for a volume that has no snapshot metadata yet. */
+  chunkSize?: number;
 }
 
 export interface PreparedImage {

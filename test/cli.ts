@@ -284,7 +284,7 @@ t.test('typed API: serve() in-process, raw client I/O, stats(), close()', async 
   const dir = makeTempDir();
   const img = path.join(dir, 'api.img');
   const socket = path.join(dir, 'api.sock');
-  const { server, ports } = api.serve({ images: [img], size: 4 * MiB, socket });
+  const { server, ports } = await api.serve({ images: [img], size: 4 * MiB, socket });
   t.same(ports, [], 'no TCP ports');
   t.same(
     server.exports().map((e) => [e.name, e.size, e.created, e.readOnly]),

@@ -57,6 +57,11 @@ Napi::Function ServerWrap::Init(Napi::Env env) {
                          InstanceMethod<&ServerWrap::AttachDevice>("attachDevice"),
                          InstanceMethod<&ServerWrap::DisconnectDevice>("disconnectDevice"),
                          InstanceMethod<&ServerWrap::ReleaseDevice>("releaseDevice"),
+                         InstanceMethod<&ServerWrap::CreateSnapshot>("createSnapshot"),
+                         InstanceMethod<&ServerWrap::RemoveSnapshot>("removeSnapshot"),
+                         InstanceMethod<&ServerWrap::HandDown>("handDown"),
+                         InstanceMethod<&ServerWrap::SnapshotStatus>("snapshotStatus"),
+                         InstanceMethod<&ServerWrap::AddSnapshotExport>("addSnapshotExport"),
                      });
 }
 
@@ -106,10 +111,19 @@ Napi::Value ServerWrap::AddExport(const Napi::CallbackInfo& info) {
   auto dev = nbd::FileDevice::open(path, read_only, err, what);
   if (!dev) throw coded_error(env, "IMAGE_OPEN_FAILED", what, err);
   uint64_t size = dev->size();
-  if (read_only) e->device = std::make_shared<nbd::ReadOnlyDevice>(dev);
-  else e->device = dev;
-  if (!server_->exports().add(e)) throw coded_error(env, "EXPORT_EXISTS", "an export named '" + e->name + "' already exists");
+  if (server_->exports().find(e->name) && !e->name.empty())
+    throw coded_error(env, "EXPORT_EXISTS", "an export named '" + e->name + "' already exists");
+  Napi::Array snapshots = Napi::Array::New(env);
+  std::shared_ptr<nbd::Device> top = dev;
+  if (o.Has("chunkSize") && !o.Get("chunkSize").IsUndefined()) top = open_volume(env, e->name, dev, o, snapshots);
+  if (read_only) e->device = std::make_shared<nbd::ReadOnlyDevice>(top);
+  else e->device = top;
+  if (!server_->exports().add(e)) {
+    volumes_.erase(e->name);
+    throw coded_error(env, "EXPORT_EXISTS", "an export named '" + e->name + "' already exists");
+  }
   Napi::Object r = Napi::Object::New(env);
+  r.Set("snapshots", snapshots);
   r.Set("name", e->name);
   r.Set("size", Napi::Number::New(env, static_cast<double>(size)));
   r.Set("readOnly", read_only);
@@ -118,7 +132,9 @@ Napi::Value ServerWrap::AddExport(const Napi::CallbackInfo& info) {
 
 Napi::Value ServerWrap::RemoveExport(const Napi::CallbackInfo& info) {
   if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(info.Env(), "export name required");
-  return Napi::Boolean::New(info.Env(), server_->exports().remove(info[0].As<Napi::String>().Utf8Value()));
+  std::string name = info[0].As<Napi::String>().Utf8Value();
+  volumes_.erase(name);
+  return Napi::Boolean::New(info.Env(), server_->exports().remove(name));
 }
 
 Napi::Value ServerWrap::SetDefaultExport(const Napi::CallbackInfo& info) {

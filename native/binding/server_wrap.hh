@@ -6,6 +6,7 @@
 #include <map>
 #include <memory>
 
+#include "../core/cow_device.hh"
 #include "../core/kernel_device.hh"
 #include "../core/server.hh"
 #include "event_bridge.hh"
@@ -34,6 +35,16 @@ class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
   Napi::Value AttachDevice(const Napi::CallbackInfo& info);
   Napi::Value DisconnectDevice(const Napi::CallbackInfo& info);
   Napi::Value ReleaseDevice(const Napi::CallbackInfo& info);
+  // snapshot_methods.cc
+  Napi::Value CreateSnapshot(const Napi::CallbackInfo& info);
+  Napi::Value RemoveSnapshot(const Napi::CallbackInfo& info);
+  Napi::Value HandDown(const Napi::CallbackInfo& info);
+  Napi::Value SnapshotStatus(const Napi::CallbackInfo& info);
+  Napi::Value AddSnapshotExport(const Napi::CallbackInfo& info);
+  std::shared_ptr<nbd::CowDevice> volume(Napi::Env env, const Napi::Value& name);
+  // Opens the snapshot chain of a volume export (addExport with chunkSize).
+  std::shared_ptr<nbd::Device> open_volume(Napi::Env env, const std::string& name, std::shared_ptr<nbd::Device> live,
+                                           const Napi::Object& o, Napi::Array& snapshot_info);
 
   static void Cleanup(void* arg);  // env teardown: stop synchronously
 
@@ -46,6 +57,8 @@ class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
   // resolves), so a server nobody references is not collected mid-service.
   Napi::ObjectReference self_ref_;
   uint32_t next_device_id_ = 1;
+  // Volumes with snapshots, by export name (main thread only).
+  std::map<std::string, std::shared_ptr<nbd::CowDevice>> volumes_;
 };
 
 }  // namespace nbd::binding

@@ -20,7 +20,7 @@ export function registerAttach(program: Command): void {
     .addHelpText('after', '\nExample:\n  node-nbd-server attach disk.img /dev/nbd0 --size 1G && mkfs.ext4 /dev/nbd0\n')
     .action(async (image: string, device: string, o: Record<string, unknown>) => {
       const common = commonServeOptions(o);
-      const { server, ports } = serve({ images: [image], ...common, defaultListen: false });
+      const { server, ports } = await serve({ images: [image], ...common, defaultListen: false });
       let attachment;
       try {
         attachment = server.attachDevice(device, {

@@ -5,6 +5,7 @@ import { EXIT_CODES, NbdError } from '../errors';
 import { packageVersion } from '../package-root';
 import { registerAttach } from './attach';
 import { registerServe } from './serve';
+import { registerSnapshot } from './snapshot';
 
 export function buildProgram(): Command {
   const program = new Command();
@@ -17,6 +18,7 @@ export function buildProgram(): Command {
     .exitOverride();
   registerServe(program);
   registerAttach(program);
+  registerSnapshot(program);
   return program;
 }
 

@@ -21,7 +21,7 @@ export function registerServe(program: Command): void {
     )
     .action(async (images: string[], o: Record<string, unknown>) => {
       const common = commonServeOptions(o);
-      const { server, ports } = serve({ images, ...common });
+      const { server, ports } = await serve({ images, ...common });
       printReady(server, { ports, socket: common.socket ?? null });
       await runUntilSignal(common.logger, () => server.close());
     });

@@ -14,11 +14,17 @@ export interface NativeServerOptions {
 }
 
 export interface NativeEvent {
-  type: 'connect' | 'disconnect' | 'handshake-failed' | 'error' | 'device-detached' | 'device-error';
+  type: 'connect' | 'disconnect' | 'handshake-failed' | 'error' | 'device-detached' | 'device-error' | 'snapshot-failed';
   connection: number;
   export: string;
   peer: string;
   message: string;
+}
+
+export interface NativeSnapshotFiles {
+  id: number;
+  data: string;
+  map: string;
 }
 
 export interface NativeExportOptions {
@@ -26,12 +32,29 @@ export interface NativeExportOptions {
   path: string;
   readOnly?: boolean;
   description?: string;
+  /** Present for volumes with snapshots: puts the copy-on-write layer in the chain. */
+  chunkSize?: number;
+  /** Existing snapshots, oldest first. */
+  snapshots?: NativeSnapshotFiles[];
+}
+
+export interface NativeSnapshotState {
+  id: number;
+  failed: boolean;
+  failure: string;
+}
+
+export interface NativeSnapshotStatus extends NativeSnapshotState {
+  preservedChunks: number;
+  chunks: number;
+  mapBytes: number;
 }
 
 export interface NativeExportInfo {
   name: string;
   size: number;
   readOnly: boolean;
+  snapshots: NativeSnapshotState[];
 }
 
 export interface NativeExportStats {
@@ -72,6 +95,13 @@ export interface NativeServer {
   attachDevice(opts: NativeAttachOptions): number;
   disconnectDevice(id: number): boolean;
   releaseDevice(id: number): boolean;
+  /** Creates the snapshot's files and adds it to the volume's chain (drains writes, flushes). */
+  createSnapshot(exportName: string, files: NativeSnapshotFiles): Promise<void>;
+  removeSnapshot(exportName: string, id: number): Promise<boolean>;
+  /** Copies chunks [from, from+max) that the older neighbour needs; resolves with the next chunk. */
+  handDown(exportName: string, id: number, from: number, max: number): Promise<{ next: number; total: number }>;
+  snapshotStatus(exportName: string): NativeSnapshotStatus[];
+  addSnapshotExport(exportName: string, id: number, viewName: string, description?: string): void;
 }
 
 export interface NativeAttachOptions {

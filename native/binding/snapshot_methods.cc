@@ -1,0 +1,192 @@
+// snapshot_methods.cc — NativeServer methods for volumes with snapshots.
+//
+// The control plane (TypeScript) owns names, the manifest and file paths;
+// these methods own the data path: opening snapshot stores, adding them to a
+// volume's copy-on-write chain, handing chunks down, exporting views.
+// Blocking work (fdatasync, copying chunks) runs on libuv workers and
+// resolves promises; inputs are copied into plain structs first.
+#include <napi.h>
+
+#include "../core/cow_device.hh"
+#include "errors.hh"
+#include "server_wrap.hh"
+
+namespace nbd::binding {
+
+namespace {
+
+nbd::SnapshotPaths paths_of(const Napi::Object& o) {
+  Napi::Env env = o.Env();
+  if (!o.Get("data").IsString() || !o.Get("map").IsString())
+    throw Napi::TypeError::New(env, "snapshot needs data and map paths");
+  return {o.Get("data").As<Napi::String>().Utf8Value(), o.Get("map").As<Napi::String>().Utf8Value()};
+}
+
+uint64_t id_of(const Napi::Value& v) {
+  if (!v.IsNumber()) throw Napi::TypeError::New(v.Env(), "snapshot id must be a number");
+  double d = v.As<Napi::Number>().DoubleValue();
+  if (d < 1 || d > 9007199254740991.0 || d != static_cast<double>(static_cast<uint64_t>(d)))
+    throw Napi::RangeError::New(v.Env(), "snapshot id must be a positive integer");
+  return static_cast<uint64_t>(d);
+}
+
+// Runs `fn` on a libuv worker; resolves with `result(env)` or rejects with a coded error.
+class Task : public Napi::AsyncWorker {
+ public:
+  Task(Napi::Env env, std::function<int(std::string&)> fn, std::function<Napi::Value(Napi::Env)> result, const char* code)
+      : Napi::AsyncWorker(env), fn_(std::move(fn)), result_(std::move(result)), code_(code),
+        deferred_(Napi::Promise::Deferred::New(env)) {}
+  void Execute() override { err_ = fn_(what_); }
+  void OnOK() override {
+    if (err_) deferred_.Reject(coded_error(Env(), code_, what_, err_).Value());
+    else deferred_.Resolve(result_ ? result_(Env()) : Env().Undefined());
+  }
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+ private:
+  std::function<int(std::string&)> fn_;
+  std::function<Napi::Value(Napi::Env)> result_;
+  const char* code_;
+  int err_ = 0;
+  std::string what_;
+  Napi::Promise::Deferred deferred_;
+};
+
+}  // namespace
+
+std::shared_ptr<nbd::Device> ServerWrap::open_volume(Napi::Env env, const std::string& name,
+                                                     std::shared_ptr<nbd::Device> live, const Napi::Object& o,
+                                                     Napi::Array& info) {
+  uint32_t cs = o.Get("chunkSize").ToNumber().Uint32Value();
+  if (cs < 4096 || cs > (1u << 20) || (cs & (cs - 1)))
+    throw Napi::RangeError::New(env, "chunkSize must be a power of two from 4 KiB to 1 MiB");
+  std::weak_ptr<EventBridge> events = events_;
+  auto cow = std::make_shared<nbd::CowDevice>(live, cs, [events, name](uint64_t id, const std::string& reason) {
+    if (auto ev = events.lock()) ev->on_event({"snapshot-failed", id, name, {}, reason});
+  });
+  if (o.Has("snapshots") && o.Get("snapshots").IsArray()) {
+    Napi::Array arr = o.Get("snapshots").As<Napi::Array>();
+    for (uint32_t i = 0; i < arr.Length(); ++i) {
+      Napi::Object so = arr.Get(i).As<Napi::Object>();
+      uint64_t id = id_of(so.Get("id"));
+      std::string err;
+      auto store = nbd::SnapshotStore::open(id, paths_of(so), live->size(), cs, err);
+      if (!store) throw coded_error(env, "SNAPSHOT_CORRUPT", "snapshot " + std::to_string(id) + ": " + err);
+      Napi::Object st = Napi::Object::New(env);
+      st.Set("id", Napi::Number::New(env, static_cast<double>(id)));
+      st.Set("failed", store->failed());
+      st.Set("failure", store->failure());
+      info.Set(i, st);
+      cow->load_snapshot(std::shared_ptr<nbd::SnapshotStore>(std::move(store)));
+    }
+  }
+  volumes_[name] = cow;
+  return cow;
+}
+
+std::shared_ptr<nbd::CowDevice> ServerWrap::volume(Napi::Env env, const Napi::Value& name) {
+  if (!name.IsString()) throw Napi::TypeError::New(env, "export name must be a string");
+  auto it = volumes_.find(name.As<Napi::String>().Utf8Value());
+  if (it == volumes_.end())
+    throw coded_error(env, "VOLUME_NOT_FOUND", "no volume export named '" + name.As<Napi::String>().Utf8Value() + "'");
+  return it->second;
+}
+
+Napi::Value ServerWrap::CreateSnapshot(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto cow = volume(env, info[0]);
+  if (info.Length() < 2 || !info[1].IsObject()) throw Napi::TypeError::New(env, "snapshot {id, data, map} required");
+  Napi::Object so = info[1].As<Napi::Object>();
+  uint64_t id = id_of(so.Get("id"));
+  nbd::SnapshotPaths paths = paths_of(so);
+  uint64_t size = cow->size();
+  auto* t = new Task(
+      env,
+      [cow, id, paths, size](std::string& what) {
+        auto store = nbd::SnapshotStore::create(id, paths, size, cow->chunk_size(), what);
+        if (!store) return EIO;
+        int e = cow->add_snapshot(std::shared_ptr<nbd::SnapshotStore>(std::move(store)));
+        if (e) what = std::string("flushing the volume failed: ") + strerror(e);
+        return e;
+      },
+      nullptr, "SNAPSHOT_CREATE_FAILED");
+  auto p = t->Promise();
+  t->Queue();
+  return p;
+}
+
+Napi::Value ServerWrap::RemoveSnapshot(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto cow = volume(env, info[0]);
+  uint64_t id = id_of(info[1]);
+  auto found = std::make_shared<bool>(false);
+  auto* t = new Task(
+      env, [cow, id, found](std::string&) { *found = cow->remove_snapshot(id); return 0; },
+      [found](Napi::Env e) { return Napi::Boolean::New(e, *found); }, "SNAPSHOT_DELETE_FAILED");
+  auto p = t->Promise();
+  t->Queue();
+  return p;
+}
+
+Napi::Value ServerWrap::HandDown(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto cow = volume(env, info[0]);
+  uint64_t id = id_of(info[1]);
+  uint64_t from = static_cast<uint64_t>(info[2].ToNumber().DoubleValue());
+  uint64_t max = static_cast<uint64_t>(info[3].ToNumber().DoubleValue());
+  auto next = std::make_shared<uint64_t>(0);
+  auto total = std::make_shared<uint64_t>(0);
+  auto* t = new Task(
+      env,
+      [cow, id, from, max, next, total](std::string& what) {
+        auto s = cow->find(id);
+        if (s) *total = s->chunks();
+        return cow->hand_down(id, from, max, *next, what);
+      },
+      [next, total](Napi::Env e) {
+        Napi::Object r = Napi::Object::New(e);
+        r.Set("next", Napi::Number::New(e, static_cast<double>(*next)));
+        r.Set("total", Napi::Number::New(e, static_cast<double>(*total)));
+        return r;
+      },
+      "SNAPSHOT_DELETE_FAILED");
+  auto p = t->Promise();
+  t->Queue();
+  return p;
+}
+
+Napi::Value ServerWrap::SnapshotStatus(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto cow = volume(env, info[0]);
+  auto chain = cow->chain();
+  Napi::Array out = Napi::Array::New(env, chain->size());
+  for (size_t i = 0; i < chain->size(); ++i) {
+    auto& s = (*chain)[i];
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("id", Napi::Number::New(env, static_cast<double>(s->id())));
+    o.Set("failed", s->failed());
+    o.Set("failure", s->failure());
+    o.Set("preservedChunks", Napi::Number::New(env, static_cast<double>(s->map().count())));
+    o.Set("chunks", Napi::Number::New(env, static_cast<double>(s->chunks())));
+    o.Set("mapBytes", Napi::Number::New(env, static_cast<double>(s->map_bytes())));
+    out.Set(static_cast<uint32_t>(i), o);
+  }
+  return out;
+}
+
+Napi::Value ServerWrap::AddSnapshotExport(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto cow = volume(env, info[0]);
+  uint64_t id = id_of(info[1]);
+  if (info.Length() < 3 || !info[2].IsString()) throw Napi::TypeError::New(env, "export name required");
+  auto dev = cow->view(id);
+  if (!dev) throw coded_error(env, "SNAPSHOT_NOT_FOUND", "no snapshot with id " + std::to_string(id));
+  auto e = std::make_shared<nbd::Export>();
+  e->name = info[2].As<Napi::String>().Utf8Value();
+  if (info.Length() > 3 && info[3].IsString()) e->description = info[3].As<Napi::String>().Utf8Value();
+  e->device = dev;
+  if (!server_->exports().add(e)) throw coded_error(env, "EXPORT_EXISTS", "an export named '" + e->name + "' already exists");
+  return env.Undefined();
+}
+
+}  // namespace nbd::binding

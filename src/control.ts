@@ -1,0 +1,130 @@
+// The control socket: how CLI commands reach the server that serves a volume.
+// One unix socket per volume at IMAGE.nbd/control.sock (found from IMAGE
+// alone); one JSON request per line, one JSON reply per line:
+//   -> {"op":"snapshot-create","name":"x"}
+//   <- {"ok":true,"result":{...}}  or  {"ok":false,"code":"SNAPSHOT_EXISTS","message":"..."}
+// Requests are handled on the main JS thread; slow work inside them runs on
+// native threads and is awaited.
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import { NbdError, type ErrorCode } from './errors';
+import type { Logger } from './logger';
+import type { VolumeSnapshots } from './snapshots';
+import { controlSocketPath } from './volume-meta';
+
+export interface ControlRequest {
+  op: 'snapshot-create' | 'snapshot-list' | 'snapshot-info' | 'snapshot-delete' | 'ping';
+  name?: string;
+}
+
+async function handle(v: VolumeSnapshots, req: ControlRequest): Promise<unknown> {
+  switch (req.op) {
+    case 'ping':
+      return { pid: process.pid, export: v.exportName };
+    case 'snapshot-create':
+      return v.create(String(req.name ?? ''));
+    case 'snapshot-list':
+      return v.list();
+    case 'snapshot-info':
+      return v.info(String(req.name ?? ''));
+    case 'snapshot-delete':
+      await v.delete(String(req.name ?? ''));
+      return {};
+    default:
+      throw new NbdError('BAD_ARGUMENT', `unknown control operation "${(req as { op: string }).op}"`);
+  }
+}
+
+/** Serves the control socket of one volume; returns a closer. */
+export function serveControl(v: VolumeSnapshots, log: Logger): Promise<() => Promise<void>> {
+  const file = controlSocketPath(v.image);
+  const clog = log.child({ component: 'control', volume: v.exportName });
+  const server = net.createServer((sock) => {
+    let buf = '';
+    sock.setEncoding('utf8');
+    sock.on('data', (d: string) => {
+      buf += d;
+      if (buf.length > 1 << 20) sock.destroy();
+      let i;
+      while ((i = buf.indexOf('\n')) >= 0) {
+        const line = buf.slice(0, i);
+        buf = buf.slice(i + 1);
+        let req: ControlRequest;
+        try {
+          req = JSON.parse(line) as ControlRequest;
+        } catch {
+          sock.write(JSON.stringify({ ok: false, code: 'BAD_ARGUMENT', message: 'request is not JSON' }) + '\n');
+          continue;
+        }
+        handle(v, req).then(
+          (result) => sock.write(JSON.stringify({ ok: true, result }) + '\n'),
+          (err: unknown) => {
+            const e = err as { code?: string; message?: string };
+            clog.warn({ op: req.op, err: e.message }, 'control request failed');
+            sock.write(JSON.stringify({ ok: false, code: e.code ?? 'CONTROL_FAILED', message: e.message ?? String(err) }) + '\n');
+          },
+        );
+      }
+    });
+    sock.on('error', () => undefined);
+  });
+  server.unref();
+  return new Promise((resolve, reject) => {
+    try {
+      fs.rmSync(file, { force: true }); // we hold the volume lock: any socket here is stale
+    } catch {
+      /* ignore */
+    }
+    server.once('error', reject);
+    server.listen(file, () => {
+      resolve(
+        () =>
+          new Promise<void>((r) => {
+            server.close(() => r());
+            fs.rmSync(file, { force: true });
+          }),
+      );
+    });
+  });
+}
+
+/**
+ * Sends one request to the server serving `image`. Resolves with undefined
+ * when no server is listening (the caller then works offline).
+ */
+export function callControl(image: string, req: ControlRequest, timeoutMs = 600_000): Promise<{ result: unknown } | undefined> {
+  const file = controlSocketPath(image);
+  return new Promise((resolve, reject) => {
+    const sock = net.connect(file);
+    let buf = '';
+    let connected = false;
+    const timer = setTimeout(() => {
+      sock.destroy();
+      reject(new NbdError('CONTROL_FAILED', `the server serving ${image} did not answer within ${timeoutMs / 1000} s`));
+    }, timeoutMs);
+    sock.setEncoding('utf8');
+    sock.on('connect', () => {
+      connected = true;
+      sock.write(JSON.stringify(req) + '\n');
+    });
+    sock.on('data', (d: string) => {
+      buf += d;
+      const i = buf.indexOf('\n');
+      if (i < 0) return;
+      clearTimeout(timer);
+      sock.end();
+      const reply = JSON.parse(buf.slice(0, i)) as { ok: boolean; result?: unknown; code?: ErrorCode; message?: string };
+      if (reply.ok) resolve({ result: reply.result });
+      else reject(new NbdError(reply.code ?? 'CONTROL_FAILED', reply.message ?? 'control request failed'));
+    });
+    sock.on('error', (err: NodeJS.ErrnoException) => {
+      clearTimeout(timer);
+      if (!connected && (err.code === 'ENOENT' || err.code === 'ECONNREFUSED')) resolve(undefined);
+      else reject(new NbdError('CONTROL_FAILED', `control socket ${file}: ${err.message}`));
+    });
+    sock.on('close', () => {
+      clearTimeout(timer);
+      if (connected && !buf.includes('\n')) reject(new NbdError('CONTROL_FAILED', `the server serving ${image} closed the control socket`));
+    });
+  });
+}

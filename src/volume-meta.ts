@@ -1,0 +1,174 @@
+// Volume metadata beside each image, in IMAGE.nbd/ (docs/architecture.md,
+// "On-disk format"):
+//   manifest.json   which snapshots exist, in order, with their names and state;
+//                   versioned, with a SHA-256 over its content; replaced atomically
+//                   (write temp, fsync, rename, fsync dir).
+//   snap-<id>.data  preserved chunk data of snapshot <id> (sparse)
+//   snap-<id>.map   its checksummed preservation log (native/core/snapshot_store.cc)
+//   lock            the PID of the process that owns the volume
+//   control.sock    the serving server's control socket
+import * as crypto from 'node:crypto';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { NbdError } from './errors';
+
+export const MANIFEST_FORMAT = 'node-nbd-server-volume';
+export const MANIFEST_VERSION = 1;
+export const DEFAULT_CHUNK_SIZE = 64 * 1024;
+
+export interface SnapshotRecord {
+  id: number;
+  name: string;
+  createdAt: string;
+  state: 'active' | 'failed';
+  failure?: { reason: string; at: string };
+}
+
+export interface Manifest {
+  format: typeof MANIFEST_FORMAT;
+  version: number;
+  chunkSize: number;
+  size: number;
+  nextId: number;
+  snapshots: SnapshotRecord[];
+}
+
+export function metaDir(image: string): string {
+  return `${path.resolve(image)}.nbd`;
+}
+
+export function controlSocketPath(image: string): string {
+  return path.join(metaDir(image), 'control.sock');
+}
+
+export function snapshotPaths(image: string, id: number): { data: string; map: string } {
+  const dir = metaDir(image);
+  return { data: path.join(dir, `snap-${id}.data`), map: path.join(dir, `snap-${id}.map`) };
+}
+
+function digest(m: Manifest): string {
+  return crypto.createHash('sha256').update(JSON.stringify(m)).digest('hex');
+}
+
+/** The manifest, or null when the volume has no metadata yet. Corruption is an error, never guessed around. */
+export function readManifest(image: string): Manifest | null {
+  const file = path.join(metaDir(image), 'manifest.json');
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw new NbdError('METADATA_CORRUPT', `cannot read ${file}: ${(err as Error).message}`);
+  }
+  let parsed: { manifest?: Manifest; sha256?: string };
+  try {
+    parsed = JSON.parse(text) as typeof parsed;
+  } catch {
+    throw new NbdError('METADATA_CORRUPT', `${file} is not valid JSON (corrupt metadata)`);
+  }
+  const m = parsed.manifest;
+  if (!m || typeof parsed.sha256 !== 'string' || digest(m) !== parsed.sha256) {
+    throw new NbdError('METADATA_CORRUPT', `${file} fails its checksum (corrupt metadata)`);
+  }
+  if (m.format !== MANIFEST_FORMAT) throw new NbdError('METADATA_CORRUPT', `${file} is not a ${MANIFEST_FORMAT} manifest`);
+  if (m.version !== MANIFEST_VERSION) {
+    throw new NbdError('METADATA_CORRUPT', `${file} has format version ${m.version}; this build reads version ${MANIFEST_VERSION}`);
+  }
+  return m;
+}
+
+export function writeManifest(image: string, m: Manifest): void {
+  const dir = metaDir(image);
+  fs.mkdirSync(dir, { recursive: true });
+  const file = path.join(dir, 'manifest.json');
+  const tmp = `${file}.tmp-${process.pid}`;
+  const fd = fs.openSync(tmp, 'w', 0o644);
+  try {
+    fs.writeSync(fd, JSON.stringify({ manifest: m, sha256: digest(m) }, null, 2) + '\n');
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+  fs.renameSync(tmp, file);
+  const dfd = fs.openSync(dir, 'r');
+  try {
+    fs.fsyncSync(dfd);
+  } finally {
+    fs.closeSync(dfd);
+  }
+}
+
+export function newManifest(size: number, chunkSize = DEFAULT_CHUNK_SIZE): Manifest {
+  return { format: MANIFEST_FORMAT, version: MANIFEST_VERSION, chunkSize, size, nextId: 1, snapshots: [] };
+}
+
+/** Removes snapshot files that no manifest entry names (left by a crash mid-create or mid-delete). */
+export function removeOrphans(image: string, m: Manifest): string[] {
+  const dir = metaDir(image);
+  let names: string[];
+  try {
+    names = fs.readdirSync(dir);
+  } catch {
+    return [];
+  }
+  const keep = new Set(m.snapshots.map((s) => s.id));
+  const removed: string[] = [];
+  for (const n of names) {
+    const mm = /^snap-(\d+)\.(data|map)$/.exec(n);
+    if (mm && !keep.has(Number(mm[1]))) {
+      fs.rmSync(path.join(dir, n), { force: true });
+      removed.push(n);
+    }
+  }
+  return removed;
+}
+
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+
+export function validateSnapshotName(name: string): void {
+  if (!NAME_RE.test(name)) {
+    throw new NbdError(
+      'BAD_SNAPSHOT_NAME',
+      `invalid snapshot name "${name}": use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit`,
+    );
+  }
+}
+
+/**
+ * Takes the volume's lock for this process: a file holding our PID, created
+ * exclusively. A lock whose process is gone is stale and replaced.
+ */
+export function lockVolume(image: string): () => void {
+  const dir = metaDir(image);
+  fs.mkdirSync(dir, { recursive: true });
+  const file = path.join(dir, 'lock');
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      fs.writeFileSync(file, `${process.pid}\n`, { flag: 'wx' });
+      return () => {
+        try {
+          if (fs.readFileSync(file, 'utf8').trim() === String(process.pid)) fs.rmSync(file);
+        } catch {
+          /* already gone */
+        }
+      };
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      const pid = Number(fs.readFileSync(file, 'utf8').trim());
+      if (pid && pid !== process.pid && processAlive(pid)) {
+        throw new NbdError('VOLUME_BUSY', `${image} is in use by process ${pid} (another server or command)`);
+      }
+      fs.rmSync(file, { force: true });
+    }
+  }
+  throw new NbdError('VOLUME_BUSY', `cannot lock ${image}`);
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
