@@ -142,6 +142,7 @@ t.test('qemu-io: --image-opts, default export, unknown export, read-only export'
   t.not(bad.code, 0, 'unknown export fails to open');
   t.match(bad.stderr, /unknown export 'nosuch'|not available/, 'server message reaches qemu');
 
+  await srv.stop(); // one server per image at a time (the volume lock)
   const ro = await server(t, { dir: makeTempDir(), images: [path.join(dir, 'first.img')], args: ['--read-only'] });
   await qemuIoOk(t, ro.uri('first'), ['read -P 0x71 0 1M'], 'read from a read-only export', ['-r']);
   const w = await qemuIo(ro.uri('first'), ['write -P 0 0 4k']);
@@ -282,6 +283,7 @@ t.test('qemu-nbd --list: LIST, INFO and LIST_META_CONTEXT through QEMU\'s client
     { name: 'b', size: 32 * MiB, flags: rw, min: 1, opt: 4096, max: 32 * MiB, contexts: true },
   ]);
 
+  await srv.stop(); // one server per image at a time (the volume lock)
   const ro = await server(t, { dir: makeTempDir(), images: [path.join(dir, 'a.img')], args: ['--read-only'] });
   const r2 = await exec('qemu-nbd', ['--list', '-k', ro.socket]);
   t.equal(r2.code, 0);

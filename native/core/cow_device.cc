@@ -188,9 +188,22 @@ int CowDevice::trim(uint32_t count, uint64_t offset, IoFlags flags) {
 
 int CowDevice::zero(uint32_t count, uint64_t offset, IoFlags flags) {
   GateGuard g(gate_);
-  flags.fast_only = false;  // advertised as not fast; never refuse
+  // A fast zero must not copy old data first: refuse at once if it would.
+  if (flags.fast_only && needs_preserving(offset, count)) return ENOTSUP;
   preserve(offset, count);
   return next_->zero(count, offset, flags);
+}
+
+bool CowDevice::needs_preserving(uint64_t offset, uint64_t count) const {
+  auto chain_ptr = chain();
+  const Chain& chain = *chain_ptr;
+  size_t t = chain.size();
+  while (t-- > 0)
+    if (!chain[t]->failed()) break;
+  if (t >= chain.size() || count == 0) return false;
+  for (uint64_t c = offset / chunk_size_; c <= (offset + count - 1) / chunk_size_; ++c)
+    if (source_of(chain, t, c) == chain.size()) return true;
+  return false;
 }
 
 int CowDevice::read_snapshot(const Chain& chain, size_t i, void* buf, uint32_t count, uint64_t offset) {

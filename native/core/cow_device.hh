@@ -50,7 +50,6 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   int pwrite(const void* buf, uint32_t count, uint64_t offset, IoFlags flags) override;
   int trim(uint32_t count, uint64_t offset, IoFlags flags) override;
   int zero(uint32_t count, uint64_t offset, IoFlags flags) override;
-  bool can_fast_zero() const override { return false; }  // preserving first is never fast
 
   // Control plane (any thread). add() pauses writes, flushes the live
   // volume (so the snapshot holds every acknowledged write, durably) and
@@ -77,6 +76,8 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
  private:
   static constexpr size_t kStripes = 1024;
   int preserve(uint64_t offset, uint64_t count);
+  // True if some chunk of the range still has to be preserved (no locks taken).
+  bool needs_preserving(uint64_t offset, uint64_t count) const;
   void fail(const Chain& chain, size_t t, const std::vector<uint64_t>& chunks, const std::string& reason);
   // Index of the snapshot a read of chunk c from snapshot i must use, or
   // chain.size() for the live volume.
