@@ -37,7 +37,16 @@ export function addServeOptions(cmd: Command, listenHelp: string): Command {
     .option('-r, --read-only', 'serve read-only')
     .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS as string[]).default('info'))
     .option('--threads <n>', 'worker threads per connection', positiveInt('--threads', 256), 16)
-    .option('--max-connections <n>', 'refuse connections beyond this many', positiveInt('--max-connections'), 4096);
+    .option('--max-connections <n>', 'refuse connections beyond this many', positiveInt('--max-connections'), 4096)
+    .option('--chunk-size <size>', 'copy-on-write chunk size for images without snapshots yet: 4K..1M, a power of two (default 64K)');
+}
+
+export function parseChunkSize(text: string): number {
+  const n = parseSize(text);
+  if (n < 4096 || n > 1 << 20 || (n & (n - 1)) !== 0) {
+    throw new NbdError('BAD_ARGUMENT', `--chunk-size must be a power of two from 4K to 1M, got "${text}"`);
+  }
+  return n;
 }
 
 export interface CommonServeOptions {
@@ -48,6 +57,7 @@ export interface CommonServeOptions {
   logger: Logger;
   threadsPerConnection: number;
   maxConnections: number;
+  chunkSize?: number;
 }
 
 export function commonServeOptions(o: Record<string, unknown>): CommonServeOptions {
@@ -59,6 +69,7 @@ export function commonServeOptions(o: Record<string, unknown>): CommonServeOptio
     logger: createLogger(o.logLevel as never),
     threadsPerConnection: o.threads as number,
     maxConnections: o.maxConnections as number,
+    chunkSize: o.chunkSize !== undefined ? parseChunkSize(o.chunkSize as string) : undefined,
   };
 }
 
