@@ -3,17 +3,12 @@
 import t, { type Test } from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { startServer, type RunningServer } from './fixtures/server';
+import { type RunningServer, serverFor } from './fixtures/server';
 import { exec } from './fixtures/exec';
 import { requireTools } from './fixtures/tools';
 
 
 const MiB = 1024 * 1024;
-
-/** Removes a test directory (kept when NBD_KEEP_TEST_DIRS=1, for debugging). */
-function removeDir(dir: string): void {
-  if (process.env.NBD_KEEP_TEST_DIRS !== '1') fs.rmSync(dir, { recursive: true, force: true });
-}
 
 interface FioJob {
   jobname: string;
@@ -24,13 +19,8 @@ interface FioJob {
   sync?: { total_ios: number };
 }
 
-async function server(t: Test, size = '128M'): Promise<RunningServer> {
-  const srv = await startServer({ size });
-  t.teardown(async () => {
-    await srv.stop();
-    removeDir(srv.dir);
-  });
-  return srv;
+function server(t: Test, size = '128M'): Promise<RunningServer> {
+  return serverFor(t, { size });
 }
 
 /** Runs fio with JSON output; returns the exit code, jobs and stderr. */

@@ -1,21 +1,17 @@
 // Interop: nbdcopy (libnbd's parallel copier) against the real CLI server:
 // multi-connection (CAN_MULTI_CONN), many requests in flight, extents-driven
 // sparse copying (BLOCK_STATUS + WRITE_ZEROES) and byte-exact round trips.
-import t, { type Test } from 'tap';
+import t from 'tap';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { startServer, makeTempDir, type RunningServer } from './fixtures/server';
+import { makeTempDir, serverFor, sparseImage } from './fixtures/server';
 import { exec } from './fixtures/exec';
 import { requireTools } from './fixtures/tools';
 
 
 const MiB = 1024 * 1024;
 
-/** Removes a test directory (kept when NBD_KEEP_TEST_DIRS=1, for debugging). */
-function removeDir(dir: string): void {
-  if (process.env.NBD_KEEP_TEST_DIRS !== '1') fs.rmSync(dir, { recursive: true, force: true });
-}
 const KiB = 1024;
 const SIZE = 64 * MiB;
 
@@ -27,30 +23,14 @@ interface MapEntry {
 
 /** A sparse source: random data extents (some unaligned), allocated zeroes, holes. */
 function makeSource(file: string): Buffer {
-  const buf = Buffer.alloc(SIZE);
-  const fd = fs.openSync(file, 'w');
-  fs.ftruncateSync(fd, SIZE);
-  const put = (off: number, data: Buffer) => {
-    data.copy(buf, off);
-    fs.writeSync(fd, data, 0, data.length, off);
-  };
-  put(0, crypto.randomBytes(2 * MiB));
-  put(5 * MiB + 100, crypto.randomBytes(333_333));
-  put(9 * MiB, Buffer.alloc(3 * MiB)); // allocated, but zero
-  put(13 * MiB, Buffer.concat([crypto.randomBytes(64 * KiB), Buffer.alloc(64 * KiB), crypto.randomBytes(64 * KiB)]));
-  for (let off = 20 * MiB; off < SIZE - 2 * MiB; off += 3 * MiB + 4096) put(off, crypto.randomBytes(512 * KiB + 12_345));
-  put(SIZE - 8192, crypto.randomBytes(8192));
-  fs.closeSync(fd);
-  return buf;
-}
-
-async function server(t: Test, opts: Parameters<typeof startServer>[0]): Promise<RunningServer> {
-  const srv = await startServer(opts);
-  t.teardown(async () => {
-    await srv.stop();
-    removeDir(srv.dir);
+  return sparseImage(file, SIZE, (put) => {
+    put(0, crypto.randomBytes(2 * MiB));
+    put(5 * MiB + 100, crypto.randomBytes(333_333));
+    put(9 * MiB, Buffer.alloc(3 * MiB)); // allocated, but zero
+    put(13 * MiB, Buffer.concat([crypto.randomBytes(64 * KiB), Buffer.alloc(64 * KiB), crypto.randomBytes(64 * KiB)]));
+    for (let off = 20 * MiB; off < SIZE - 2 * MiB; off += 3 * MiB + 4096) put(off, crypto.randomBytes(512 * KiB + 12_345));
+    put(SIZE - 8192, crypto.randomBytes(8192));
   });
-  return srv;
 }
 
 function sparse(dir: string, name: string, size = SIZE): string {
@@ -76,7 +56,7 @@ t.test('nbdcopy file -> export -> file with 4 connections', async (t) => {
   if (!requireTools(t, ['nbdcopy', 'nbdinfo'])) return;
   const dir = makeTempDir();
   sparse(dir, 'disk.img');
-  const srv = await server(t, { dir, images: ['disk.img'] });
+  const srv = await serverFor(t, { dir, images: ['disk.img'] });
   const src = path.join(dir, 'source.raw');
   const expect = makeSource(src);
 
@@ -111,7 +91,7 @@ t.test('nbdcopy with different request sizes, queue sizes and modes', async (t) 
   if (!requireTools(t, ['nbdcopy'])) return;
   const dir = makeTempDir();
   sparse(dir, 'disk.img');
-  const srv = await server(t, { dir, images: ['disk.img'] });
+  const srv = await serverFor(t, { dir, images: ['disk.img'] });
   const src = path.join(dir, 'source.raw');
   const expect = makeSource(src);
   const modes: [string, string[]][] = [
@@ -146,7 +126,7 @@ t.test('nbdcopy between two exports of the same server', async (t) => {
   const dir = makeTempDir();
   sparse(dir, 'a.img');
   sparse(dir, 'b.img');
-  const srv = await server(t, { dir, images: ['a.img', 'b.img'] });
+  const srv = await serverFor(t, { dir, images: ['a.img', 'b.img'] });
   const src = path.join(dir, 'source.raw');
   const expect = makeSource(src);
   t.equal((await nbdcopy(['--connections=4', src, srv.uri('a')])).code, 0, 'fill a');
@@ -178,7 +158,7 @@ t.test('nbdcopy into a read-only export fails cleanly', async (t) => {
   const img = path.join(dir, 'ro.img');
   const content = crypto.randomBytes(4 * MiB);
   fs.writeFileSync(img, content);
-  const srv = await server(t, { dir, images: ['ro.img'], args: ['--read-only'] });
+  const srv = await serverFor(t, { dir, images: ['ro.img'], args: ['--read-only'] });
   const src = path.join(dir, 'src.raw');
   fs.writeFileSync(src, crypto.randomBytes(4 * MiB));
   const r = await nbdcopy([src, srv.uri('ro')]);

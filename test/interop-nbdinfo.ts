@@ -5,7 +5,7 @@
 import t, { type Test } from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { startServer, makeTempDir, type RunningServer } from './fixtures/server';
+import { makeTempDir, type RunningServer, serverFor, removeDir } from './fixtures/server';
 import { exec, pyNbd } from './fixtures/exec';
 import { requireTools } from './fixtures/tools';
 
@@ -16,21 +16,7 @@ import { NbdServer } from '../src/index';
 
 const MiB = 1024 * 1024;
 
-/** Removes a test directory (kept when NBD_KEEP_TEST_DIRS=1, for debugging). */
-function removeDir(dir: string): void {
-  if (process.env.NBD_KEEP_TEST_DIRS !== '1') fs.rmSync(dir, { recursive: true, force: true });
-}
-
 /** Starts the CLI server; stops it and removes its directory at the end of the test. */
-async function serve(t: Test, opts: Parameters<typeof startServer>[0]): Promise<RunningServer> {
-  const srv = await startServer(opts);
-  t.teardown(async () => {
-    await srv.stop();
-    removeDir(srv.dir);
-  });
-  return srv;
-}
-
 interface MapEntry {
   offset: number;
   length: number;
@@ -63,7 +49,7 @@ t.test('--list shows every export and the default export works', async (t) => {
     fs.writeFileSync(path.join(dir, name), '');
     fs.truncateSync(path.join(dir, name), size);
   }
-  const srv = await serve(t, { dir, images: ['alpha.img', 'beta.img', 'gamma.raw'] });
+  const srv = await serverFor(t, { dir, images: ['alpha.img', 'beta.img', 'gamma.raw'] });
   t.same(srv.ready.exports, ['alpha', 'beta', 'gamma']);
 
   const text = await nbdinfo(['--list', srv.uri()]);
@@ -102,7 +88,7 @@ t.test('--list shows every export and the default export works', async (t) => {
 
 t.test('--map follows writes, trims and zeroes', async (t) => {
   if (!requireTools(t, ['nbdinfo', 'python3-libnbd'])) return;
-  const srv = await serve(t, { size: '64M' });
+  const srv = await serverFor(t, { size: '64M' });
   const uri = srv.uri('disk');
 
   t.same(await mapOf(t, uri), [{ offset: 0, length: 64 * MiB, type: 3, description: 'hole,zero' }], 'fresh sparse image is one hole');
@@ -168,7 +154,7 @@ t.test('--map of an unaligned, larger sparse image', async (t) => {
   const img = path.join(dir, 'odd.img');
   fs.writeFileSync(img, '');
   fs.truncateSync(img, size);
-  const srv = await serve(t, { dir, images: ['odd.img'] });
+  const srv = await serverFor(t, { dir, images: ['odd.img'] });
   const uri = srv.uri('odd');
   t.equal((await nbdinfo(['--size', uri])).stdout.trim(), String(size));
   // Data at 5 GiB and in the last, partial block.
@@ -191,7 +177,7 @@ t.test('--map of an unaligned, larger sparse image', async (t) => {
 
 t.test('--can / --is flags on a writable export', async (t) => {
   if (!requireTools(t, ['nbdinfo'])) return;
-  const srv = await serve(t, { size: '64M' });
+  const srv = await serverFor(t, { size: '64M' });
   const uri = srv.uri('disk');
   for (const what of ['connect', 'read', 'write', 'flush', 'fua', 'trim', 'zero', 'fast-zero', 'df', 'multi-conn', 'cache', 'structured-reply']) {
     const r = await nbdinfo(['--can', what, uri]);
@@ -206,7 +192,7 @@ t.test('--can / --is flags on a read-only export', async (t) => {
   if (!requireTools(t, ['nbdinfo'])) return;
   const dir = makeTempDir();
   fs.writeFileSync(path.join(dir, 'ro.img'), Buffer.alloc(MiB, 7));
-  const srv = await serve(t, { dir, images: ['ro.img'], args: ['--read-only'] });
+  const srv = await serverFor(t, { dir, images: ['ro.img'], args: ['--read-only'] });
   const uri = srv.uri('ro');
   const expect: Record<string, number> = {
     connect: 0,
@@ -233,7 +219,7 @@ t.test('--can / --is flags on a read-only export', async (t) => {
 
 t.test('--json: block sizes, flags, contexts, size', async (t) => {
   if (!requireTools(t, ['nbdinfo'])) return;
-  const srv = await serve(t, { size: '64M' });
+  const srv = await serverFor(t, { size: '64M' });
   const r = await nbdinfo(['--json', srv.uri('disk')]);
   t.equal(r.code, 0);
   const doc = JSON.parse(r.stdout) as { protocol: string; TLS: boolean; structured: boolean; exports: Record<string, unknown>[] };
@@ -296,7 +282,7 @@ t.test('export names with spaces and UTF-8', async (t) => {
   const dir = makeTempDir();
   fs.writeFileSync(path.join(dir, 'my disk.img'), Buffer.alloc(MiB));
   fs.writeFileSync(path.join(dir, 'ünï☃.img'), Buffer.alloc(2 * MiB));
-  const srv = await serve(t, { dir, images: ['my disk.img', 'ünï☃.img'] });
+  const srv = await serverFor(t, { dir, images: ['my disk.img', 'ünï☃.img'] });
   t.same(srv.ready.exports, ['my disk', 'ünï☃']);
   const list = JSON.parse((await nbdinfo(['--list', '--json', srv.uri('')])).stdout) as { exports: Record<string, unknown>[] };
   t.same(
@@ -322,7 +308,7 @@ t.test('--map of a fragmented image (131072 extents)', async (t) => {
   const blk = Buffer.alloc(4096, 0x61);
   for (let i = 0; i < 65536; i++) fs.writeSync(fd, blk, 0, 4096, i * 8192);
   fs.closeSync(fd);
-  const srv = await serve(t, { dir, images: ['frag.img'] });
+  const srv = await serverFor(t, { dir, images: ['frag.img'] });
   const r = await nbdinfo(['--map', '--json', srv.uri('frag')]);
   t.equal(r.code, 0);
   const map = JSON.parse(r.stdout) as MapEntry[];

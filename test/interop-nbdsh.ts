@@ -11,20 +11,15 @@
 // there STRUCTURED_REPLY is sent during connect, and SET_META_CONTEXT right
 // before GO (from add_meta_context). Newer libnbd's explicit calls are used
 // when present.
-import t, { type Test } from 'tap';
+import t from 'tap';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { startServer, makeTempDir, type RunningServer } from './fixtures/server';
+import { makeTempDir, type RunningServer, serverFor } from './fixtures/server';
 import { exec, pyNbd } from './fixtures/exec';
 import { requireTools } from './fixtures/tools';
 
 
 const MiB = 1024 * 1024;
-
-/** Removes a test directory (kept when NBD_KEEP_TEST_DIRS=1, for debugging). */
-function removeDir(dir: string): void {
-  if (process.env.NBD_KEEP_TEST_DIRS !== '1') fs.rmSync(dir, { recursive: true, force: true });
-}
 
 const EPERM = 1;
 const ENOENT = 2; // libnbd's errno for NBD_REP_ERR_UNKNOWN
@@ -109,15 +104,6 @@ function sparse(dir: string, name: string, size: number): void {
   fs.truncateSync(p, size);
 }
 
-async function server(t: Test, opts: Parameters<typeof startServer>[0] = { size: '64M' }): Promise<RunningServer> {
-  const srv = await startServer(opts);
-  t.teardown(async () => {
-    await srv.stop();
-    removeDir(srv.dir);
-  });
-  return srv;
-}
-
 // ---------------------------------------------------------------------------
 // Option haggling
 // ---------------------------------------------------------------------------
@@ -127,7 +113,7 @@ t.test('options: LIST, INFO, GO, unknown exports, ABORT', async (t) => {
   const dir = makeTempDir();
   sparse(dir, 'a.img', 64 * MiB);
   sparse(dir, 'b.img', 32 * MiB);
-  const srv = await server(t, { dir, images: ['a.img', 'b.img'] });
+  const srv = await serverFor(t, { dir, images: ['a.img', 'b.img'] });
   const R = await run(
     srv,
     String.raw`
@@ -205,7 +191,7 @@ t.test('options: EXPORT_NAME (non-fixed newstyle client), with and without NO_ZE
   const dir = makeTempDir();
   sparse(dir, 'a.img', 64 * MiB);
   sparse(dir, 'b.img', 16 * MiB);
-  const srv = await server(t, { dir, images: ['a.img', 'b.img'] });
+  const srv = await serverFor(t, { dir, images: ['a.img', 'b.img'] });
   const R = await run(
     srv,
     String.raw`
@@ -253,7 +239,7 @@ R['after'] = h.get_size()
 
 t.test('options: LIST_META_CONTEXT and SET_META_CONTEXT', async (t) => {
   if (!requireTools(t, ['python3-libnbd'])) return;
-  const srv = await server(t);
+  const srv = await serverFor(t);
   const R = await run(
     srv,
     String.raw`
@@ -345,7 +331,7 @@ if R['has_opt_set']:
 
 t.test('options: STARTTLS is refused and negotiation continues', async (t) => {
   if (!requireTools(t, ['python3-libnbd'])) return;
-  const srv = await server(t);
+  const srv = await serverFor(t);
   const R = await run(
     srv,
     String.raw`
@@ -383,7 +369,7 @@ R['after'] = h.get_size()
 
 t.test('pread/pwrite/zero/flush: random unaligned I/O matches a model and the file', async (t) => {
   if (!requireTools(t, ['python3-libnbd'])) return;
-  const srv = await server(t, { size: '16M' });
+  const srv = await serverFor(t, { size: '16M' });
   const R = await run(
     srv,
     String.raw`
@@ -476,7 +462,7 @@ if disk != model:
 
 t.test('trim, write zeroes (NO_HOLE, FAST_ZERO), cache: data, allocation, block status', async (t) => {
   if (!requireTools(t, ['python3-libnbd'])) return;
-  const srv = await server(t);
+  const srv = await serverFor(t);
   const R = await run(
     srv,
     String.raw`
@@ -576,7 +562,7 @@ R['cache_unaligned'] = err(h.cache, 12345, 678)
 
 t.test('block status: extents, REQ_ONE, unaligned ranges', async (t) => {
   if (!requireTools(t, ['python3-libnbd'])) return;
-  const srv = await server(t);
+  const srv = await serverFor(t);
   const R = await run(
     srv,
     String.raw`
@@ -613,7 +599,7 @@ t.test('block status on a > 4 GiB sparse export', async (t) => {
   if (!requireTools(t, ['python3-libnbd'])) return;
   const dir = makeTempDir();
   sparse(dir, 'big.img', 8 * 1024 * MiB);
-  const srv = await server(t, { dir, images: ['big.img'] });
+  const srv = await serverFor(t, { dir, images: ['big.img'] });
   const R = await run(
     srv,
     String.raw`
@@ -642,7 +628,7 @@ R['read_high'] = h.pread(65536, 5 * G) == b'\x07' * 65536
 
 t.test('structured reads: holes as hole chunks, data as data chunks, DF', async (t) => {
   if (!requireTools(t, ['python3-libnbd'])) return;
-  const srv = await server(t);
+  const srv = await serverFor(t);
   const R = await run(
     srv,
     String.raw`
@@ -715,7 +701,7 @@ R['one_byte'] = s['chunks']
 
 t.test('32 MiB requests (the advertised maximum)', async (t) => {
   if (!requireTools(t, ['python3-libnbd'])) return;
-  const srv = await server(t, { size: '128M' });
+  const srv = await serverFor(t, { size: '128M' });
   const R = await run(
     srv,
     String.raw`
@@ -757,7 +743,7 @@ with open(os.path.join(DIR, 'disk.img'), 'rb') as f:
 
 t.test('error numbers: past the end, zero length, oversize, bad flags', async (t) => {
   if (!requireTools(t, ['python3-libnbd'])) return;
-  const srv = await server(t);
+  const srv = await serverFor(t);
   const R = await run(
     srv,
     String.raw`
@@ -870,7 +856,7 @@ t.test('FUA is accepted on every command when SEND_FUA is advertised', async (t)
   // which case the server MUST accept all commands with this bit set (even
   // by ignoring the bit)."
   if (!requireTools(t, ['python3-libnbd'])) return;
-  const srv = await server(t);
+  const srv = await serverFor(t);
   const R = await run(
     srv,
     String.raw`
@@ -903,7 +889,7 @@ t.test('read-only export: writes refused with EPERM, reads work, file untouched'
   for (let i = 0; i < content.length; i++) content[i] = (i * 7 + (i >> 12)) & 0xff;
   content.fill(0, 2 * MiB, 3 * MiB); // a zero range
   fs.writeFileSync(path.join(dir, 'ro.img'), content);
-  const srv = await server(t, { dir, images: ['ro.img'], args: ['--read-only'] });
+  const srv = await serverFor(t, { dir, images: ['ro.img'], args: ['--read-only'] });
   const R = await run(
     srv,
     String.raw`
@@ -943,7 +929,7 @@ with open(os.path.join(DIR, 'ro.img'), 'rb') as f:
 
 t.test('simple replies (structured replies not requested)', async (t) => {
   if (!requireTools(t, ['python3-libnbd'])) return;
-  const srv = await server(t);
+  const srv = await serverFor(t);
   const R = await run(
     srv,
     String.raw`
@@ -1002,7 +988,7 @@ R['cmds_ok'] = True
 
 t.test('many requests in flight; replies complete out of order', async (t) => {
   if (!requireTools(t, ['python3-libnbd'])) return;
-  const srv = await server(t);
+  const srv = await serverFor(t);
   const R = await run(
     srv,
     String.raw`
@@ -1084,7 +1070,7 @@ R['mixed_errs'] = errs
 
 t.test('multi-conn: write on one connection, flush on another, read on a third', async (t) => {
   if (!requireTools(t, ['python3-libnbd'])) return;
-  const srv = await server(t);
+  const srv = await serverFor(t);
   const R = await run(
     srv,
     String.raw`
@@ -1140,7 +1126,7 @@ for h in many:
 
 t.test('NBD_CMD_DISC with requests in flight: they all complete', async (t) => {
   if (!requireTools(t, ['python3-libnbd'])) return;
-  const srv = await server(t);
+  const srv = await serverFor(t);
   const R = await run(
     srv,
     String.raw`
@@ -1170,7 +1156,7 @@ R['bad'] = [i for i in range(64) if h2.pread(65536, i * 65536) != bytes([i + 1])
 
 t.test('nbdsh command line', async (t) => {
   if (!requireTools(t, ['nbdsh', 'python3-libnbd'])) return;
-  const srv = await server(t);
+  const srv = await serverFor(t);
   // nbdsh runs "python3 -m nbd" from PATH; put the system python first.
   const env = { ...process.env, PATH: `/usr/bin:${process.env.PATH ?? ''}` };
   const w = await exec('nbdsh', ['-u', srv.uri('disk'), '-c', 'h.pwrite(b"nbdsh!" * 100, 12345)', '-c', 'h.flush()'], { env });

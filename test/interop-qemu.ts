@@ -5,27 +5,14 @@ import t, { type Test } from 'tap';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { startServer, makeTempDir, type RunningServer } from './fixtures/server';
+import { makeTempDir, serverFor, sparseImage } from './fixtures/server';
 import { exec } from './fixtures/exec';
 import { requireTools } from './fixtures/tools';
 
 
 const MiB = 1024 * 1024;
 
-/** Removes a test directory (kept when NBD_KEEP_TEST_DIRS=1, for debugging). */
-function removeDir(dir: string): void {
-  if (process.env.NBD_KEEP_TEST_DIRS !== '1') fs.rmSync(dir, { recursive: true, force: true });
-}
 const KiB = 1024;
-
-async function server(t: Test, opts: Parameters<typeof startServer>[0] = { size: '64M' }): Promise<RunningServer> {
-  const srv = await startServer(opts);
-  t.teardown(async () => {
-    await srv.stop();
-    removeDir(srv.dir);
-  });
-  return srv;
-}
 
 async function qemuIo(uri: string, cmds: string[], extra: string[] = []) {
   const args = extra.includes('--image-opts') ? [...extra] : ['-f', 'raw', ...extra];
@@ -44,25 +31,18 @@ async function qemuIoOk(t: Test, uri: string, cmds: string[], what: string, extr
 
 /** A sparse image with random data extents, an explicit zero extent and holes. */
 function makeSource(file: string, size: number): Buffer {
-  const buf = Buffer.alloc(size);
-  const fd = fs.openSync(file, 'w');
-  fs.ftruncateSync(fd, size);
-  const put = (off: number, data: Buffer) => {
-    data.copy(buf, off);
-    fs.writeSync(fd, data, 0, data.length, off);
-  };
-  put(0, crypto.randomBytes(MiB)); // data at the start
-  put(3 * MiB + 512, crypto.randomBytes(123_457)); // unaligned data
-  put(8 * MiB, Buffer.alloc(2 * MiB)); // allocated zeroes
-  for (let off = 16 * MiB; off < size - MiB; off += 5 * MiB) put(off, crypto.randomBytes(256 * KiB + (off % 7) * 4096));
-  put(size - 4096, crypto.randomBytes(4096)); // data at the very end
-  fs.closeSync(fd);
-  return buf;
+  return sparseImage(file, size, (put) => {
+    put(0, crypto.randomBytes(MiB)); // data at the start
+    put(3 * MiB + 512, crypto.randomBytes(123_457)); // unaligned data
+    put(8 * MiB, Buffer.alloc(2 * MiB)); // allocated zeroes
+    for (let off = 16 * MiB; off < size - MiB; off += 5 * MiB) put(off, crypto.randomBytes(256 * KiB + (off % 7) * 4096));
+    put(size - 4096, crypto.randomBytes(4096)); // data at the very end
+  });
 }
 
 t.test('qemu-io: write/read patterns, zeroes, discard, FUA, vectored and aio I/O', async (t) => {
   if (!requireTools(t, ['qemu-io'])) return;
-  const srv = await server(t);
+  const srv = await serverFor(t);
   const uri = srv.uri('disk');
   await qemuIoOk(
     t,
@@ -135,7 +115,7 @@ t.test('qemu-io: --image-opts, default export, unknown export, read-only export'
   const dir = makeTempDir();
   fs.writeFileSync(path.join(dir, 'first.img'), Buffer.alloc(MiB, 0x71));
   fs.writeFileSync(path.join(dir, 'second.img'), Buffer.alloc(2 * MiB, 0x72));
-  const srv = await server(t, { dir, images: ['first.img', 'second.img'] });
+  const srv = await serverFor(t, { dir, images: ['first.img', 'second.img'] });
   await qemuIoOk(t, `driver=nbd,path=${srv.socket},export=second`, ['read -P 0x72 0 2M'], 'image-opts', ['--image-opts']);
   await qemuIoOk(t, srv.uri(''), ['read -P 0x71 0 1M'], 'default export is the first image');
   const bad = await qemuIo(srv.uri('nosuch'), ['read 0 512']);
@@ -143,7 +123,7 @@ t.test('qemu-io: --image-opts, default export, unknown export, read-only export'
   t.match(bad.stderr, /unknown export 'nosuch'|not available/, 'server message reaches qemu');
 
   await srv.stop(); // one server per image at a time (the volume lock)
-  const ro = await server(t, { dir: makeTempDir(), images: [path.join(dir, 'first.img')], args: ['--read-only'] });
+  const ro = await serverFor(t, { dir: makeTempDir(), images: [path.join(dir, 'first.img')], args: ['--read-only'] });
   await qemuIoOk(t, ro.uri('first'), ['read -P 0x71 0 1M'], 'read from a read-only export', ['-r']);
   const w = await qemuIo(ro.uri('first'), ['write -P 0 0 4k']);
   t.not(w.code, 0, 'qemu-io cannot write to a read-only export');
@@ -152,7 +132,7 @@ t.test('qemu-io: --image-opts, default export, unknown export, read-only export'
 
 t.test('qemu-img info and map', async (t) => {
   if (!requireTools(t, ['qemu-img', 'qemu-io'])) return;
-  const srv = await server(t);
+  const srv = await serverFor(t);
   const uri = srv.uri('disk');
   const info = await exec('qemu-img', ['info', '--output=json', '-f', 'raw', uri]);
   t.equal(info.code, 0, info.stderr);
@@ -196,7 +176,7 @@ t.test('qemu-img info and map', async (t) => {
 
 t.test('qemu-img convert into the export and back, compare', async (t) => {
   if (!requireTools(t, ['qemu-img'])) return;
-  const srv = await server(t);
+  const srv = await serverFor(t);
   const uri = srv.uri('disk');
   const src = path.join(srv.dir, 'source.raw');
   const expect = makeSource(src, 64 * MiB);
@@ -227,7 +207,7 @@ t.test('qemu-img convert into the export and back, compare', async (t) => {
   fs.truncateSync(path.join(dir2, 'x.img'), 64 * MiB);
   fs.writeFileSync(path.join(dir2, 'y.img'), '');
   fs.truncateSync(path.join(dir2, 'y.img'), 64 * MiB);
-  const two = await server(t, { dir: dir2, images: ['x.img', 'y.img'] });
+  const two = await serverFor(t, { dir: dir2, images: ['x.img', 'y.img'] });
   t.equal((await exec('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', src, two.uri('x')])).code, 0);
   const c3 = await exec('qemu-img', ['convert', '-n', '-W', '-f', 'raw', '-O', 'raw', two.uri('x'), two.uri('y')]);
   t.equal(c3.code, 0, `convert export x -> export y ${c3.stderr}`);
@@ -237,7 +217,7 @@ t.test('qemu-img convert into the export and back, compare', async (t) => {
 
 t.test('qemu-img bench: many parallel requests', async (t) => {
   if (!requireTools(t, ['qemu-img', 'qemu-io'])) return;
-  const srv = await server(t);
+  const srv = await serverFor(t);
   const uri = srv.uri('disk');
   const w = await exec('qemu-img', ['bench', '-f', 'raw', '-w', '-c', '4000', '-d', '64', '-s', '4k', '-S', '8k', '--pattern=0x7e', uri]);
   t.equal(w.code, 0, `write bench: ${w.stderr}`);
@@ -261,7 +241,7 @@ t.test('qemu-nbd --list: LIST, INFO and LIST_META_CONTEXT through QEMU\'s client
     fs.writeFileSync(path.join(dir, name), '');
     fs.truncateSync(path.join(dir, name), size);
   }
-  const srv = await server(t, { dir, images: ['a.img', 'b.img'] });
+  const srv = await serverFor(t, { dir, images: ['a.img', 'b.img'] });
   const r = await exec('qemu-nbd', ['--list', '-k', srv.socket]);
   t.equal(r.code, 0, r.stderr);
   t.match(r.stdout, /exports available: 2/);
@@ -284,7 +264,7 @@ t.test('qemu-nbd --list: LIST, INFO and LIST_META_CONTEXT through QEMU\'s client
   ]);
 
   await srv.stop(); // one server per image at a time (the volume lock)
-  const ro = await server(t, { dir: makeTempDir(), images: [path.join(dir, 'a.img')], args: ['--read-only'] });
+  const ro = await serverFor(t, { dir: makeTempDir(), images: [path.join(dir, 'a.img')], args: ['--read-only'] });
   const r2 = await exec('qemu-nbd', ['--list', '-k', ro.socket]);
   t.equal(r2.code, 0);
   // HAS_FLAGS|READ_ONLY|SEND_FLUSH|SEND_DF|CAN_MULTI_CONN|SEND_CACHE

@@ -7,7 +7,7 @@
 // connection has many requests in flight and replies complete out of order
 // (the same model as nbdkit's parallel thread model). When a worker takes a
 // request and no other thread is queued for recv_mu_, it may spawn another
-// worker: freely up to the number of CPUs, and beyond that (up to
+// worker: for reads up to the number of CPUs, and beyond that (up to
 // threads_per_connection) only while requests have recently had to wait for
 // storage (io_hint.hh: reads the page cache could not serve, syncs), where
 // more threads add I/O parallelism. Requests served from the page cache are
@@ -34,6 +34,7 @@
 #include <thread>
 
 #include "io_hint.hh"
+#include "nbd_protocol.hh"
 #include "server.hh"
 
 namespace nbd {
@@ -119,12 +120,17 @@ void Connection::spawn_worker() {
 }
 
 // Called with recv_mu_ held, so spawned_ only grows under us here.
-bool Connection::should_spawn() {
+bool Connection::should_spawn(uint16_t request_type) {
   if (waiting_.load() != 0) return false;  // someone is already ready to read
   const int n = spawned_.load();
   if (n >= max_threads_) return false;
-  if (n < base_threads_) return true;
-  return now_ns() - last_io_wait_ns_.load(std::memory_order_relaxed) < kIoBoundWindowNs;
+  if (now_ns() - last_io_wait_ns_.load(std::memory_order_relaxed) < kIoBoundWindowNs) return true;
+  // CPU-bound: reads run in parallel up to the CPU count. Buffered writes to
+  // one file serialise on its inode lock in the kernel, so a second thread
+  // would only add switches; they get more threads when they wait for storage.
+  const bool parallel = request_type == proto::kCmdRead || request_type == proto::kCmdBlockStatus ||
+                        request_type == proto::kCmdCache;
+  return parallel && n < base_threads_;
 }
 
 void Connection::serve() {
@@ -147,7 +153,7 @@ void Connection::serve() {
         }
         break;
       }
-      if (should_spawn()) spawn_worker();
+      if (should_spawn(req.type)) spawn_worker();
     }
     io_waited = false;
     int e = execute_request(sender_, session_, req, buf);

@@ -38,7 +38,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void first_thread();
   void serve();
   void spawn_worker();
-  bool should_spawn();
+  bool should_spawn(uint16_t request_type);
   void thread_done();
 
   Server& server_;
