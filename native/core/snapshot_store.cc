@@ -12,7 +12,13 @@
 //         u32 payload length, u32 CRC-32C of (type, zero, length, payload),
 //         then the payload.
 // Record types: 1 CHUNKS (payload: u64 chunk numbers), 2 FAILED (payload:
-// u64 unix time in ms, then the reason in UTF-8).
+// u64 unix time in ms, then the reason in UTF-8; read for compatibility).
+//
+// Failure marker: 1024 in the header page: u32 magic 0x4c494146 ("FAIL"),
+// u32 reason length (<= 2048), u64 unix time in ms, the reason, then a
+// CRC-32C of all of that. It is written in place, into blocks allocated when
+// the snapshot was created, so recording a failure needs no free space — the
+// usual cause of failure is a full disk.
 #include "snapshot_store.hh"
 
 #include <endian.h>
@@ -37,6 +43,9 @@ constexpr uint32_t kRecordMagic = 0x5245434e;
 constexpr uint16_t kRecChunks = 1;
 constexpr uint16_t kRecFailed = 2;
 constexpr uint32_t kMaxRecord = 64u << 20;
+constexpr uint64_t kFailOffset = 1024;
+constexpr uint32_t kFailMagic = 0x4c494146;
+constexpr uint32_t kMaxReason = 2048;
 
 struct RecordHeader {
   uint32_t magic;
@@ -163,6 +172,17 @@ int SnapshotStore::load(std::string& err) {
     err = "header does not match the volume (chunk size, size or id differ)";
     return EINVAL;
   }
+  uint32_t fmagic, flen;
+  std::memcpy(&fmagic, h + kFailOffset, 4);
+  std::memcpy(&flen, h + kFailOffset + 4, 4);
+  if (le32toh(fmagic) == kFailMagic) {
+    uint32_t n = le32toh(flen), fcrc;
+    if (n > kMaxReason) { err = "failure marker is damaged (corrupt metadata)"; return EINVAL; }
+    std::memcpy(&fcrc, h + kFailOffset + 16 + n, 4);
+    if (le32toh(fcrc) != crc32c(0, h + kFailOffset, 16 + n)) { err = "failure marker fails its checksum (corrupt metadata)"; return EINVAL; }
+    failed_ = true;
+    failure_.assign(reinterpret_cast<const char*>(h + kFailOffset + 16), n);
+  }
   struct stat st;
   if (fstat(map_fd_, &st) != 0) { err = strerror(errno); return errno; }
   const uint64_t file_end = static_cast<uint64_t>(st.st_size);
@@ -241,21 +261,22 @@ std::string SnapshotStore::failure() const {
 }
 
 void SnapshotStore::mark_failed(const std::string& reason) {
-  std::unique_lock<std::mutex> lk(mu_);
+  std::lock_guard<std::mutex> lk(mu_);
   if (failed_) return;
   failed_ = true;
-  failure_ = reason;
-  cv_.wait(lk, [this] { return !leading_; });
-  leading_ = true;
-  lk.unlock();
-  std::vector<uint8_t> p(8 + reason.size());
+  failure_ = reason.substr(0, kMaxReason);
+  // In place in the header page (see the layout note): needs no free space.
+  uint8_t m[16 + kMaxReason + 4];
+  uint32_t magic = htole32(kFailMagic), n = static_cast<uint32_t>(failure_.size());
+  uint32_t len = htole32(n);
   uint64_t t = htole64(now_ms());
-  std::memcpy(p.data(), &t, 8);
-  std::memcpy(p.data() + 8, reason.data(), reason.size());
-  append_record(kRecFailed, p.data(), static_cast<uint32_t>(p.size()));  // best effort: the disk may be full
-  lk.lock();
-  leading_ = false;
-  cv_.notify_all();
+  std::memcpy(m, &magic, 4);
+  std::memcpy(m + 4, &len, 4);
+  std::memcpy(m + 8, &t, 8);
+  std::memcpy(m + 16, failure_.data(), n);
+  uint32_t crc = htole32(crc32c(0, m, 16 + n));
+  std::memcpy(m + 16 + n, &crc, 4);
+  if (pwrite_all(map_fd_, m, 20 + n, kFailOffset) == 0) fdatasync(map_fd_);  // best effort: the disk may be failing
 }
 
 int SnapshotStore::write_data(const void* buf, uint32_t count, uint64_t offset) {

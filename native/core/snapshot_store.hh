@@ -20,8 +20,9 @@
 //
 // Concurrency: commit() is group-committed. Callers queue their chunks; one
 // caller at a time leads a batch (two syncs for everyone queued), the others
-// wait for it. Locking: mu_ guards the queue and the leader role; the log's
-// end offset is touched only by the leader. Never held during I/O.
+// wait for it. Locking: mu_ guards the queue, the leader role and the failed
+// state; the log's end offset is touched only by the leader. mu_ is held
+// during I/O only by mark_failed(), which happens once per snapshot.
 #pragma once
 
 #include <condition_variable>
@@ -59,7 +60,8 @@ class SnapshotStore {
 
   bool failed() const;
   std::string failure() const;
-  // Stops all further preservation into this snapshot; records why (best effort).
+  // Stops all further preservation into this snapshot; records why, in place
+  // in the map's header page, so it needs no free space (best effort).
   void mark_failed(const std::string& reason);
 
   // Writes preserved data at its volume offset (not yet committed).
