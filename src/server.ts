@@ -117,7 +117,7 @@ export class NbdServer extends EventEmitter {
     }
     if (vol) {
       const v = VolumeSnapshots.attach(this.native, prepared.path, info.name, vol, this.log);
-      for (const st of info.snapshots) if (st.failed) v.recordFailure(st.id, st.failure);
+      for (const st of info.snapshots) if (st.failed) v.recordFailure(st.id, st.failure, st.failedAt);
       this.volumes.set(info.name, v);
     }
     const exp: ExportInfo = { name: info.name, path: prepared.path, size: info.size, readOnly: info.readOnly, created: prepared.created };

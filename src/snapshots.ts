@@ -180,10 +180,11 @@ export class VolumeSnapshots {
   }
 
   /** Called for native 'snapshot-failed' events: records the failure durably. */
-  recordFailure(id: number, reason: string): void {
+  recordFailure(id: number, reason: string, atMs?: number): void {
     const s = this.manifest.snapshots.find((x) => x.id === id);
     if (!s || s.state === 'failed') return;
-    const failed: SnapshotRecord = { ...s, state: 'failed', failure: { reason, at: new Date().toISOString() } };
+    const at = new Date(atMs || Date.now()).toISOString();
+    const failed: SnapshotRecord = { ...s, state: 'failed', failure: { reason, at } };
     this.log.error({ snapshot: s.name, id, reason }, 'snapshot failed: it no longer preserves data');
     try {
       this.save({ ...this.manifest, snapshots: this.manifest.snapshots.map((x) => (x.id === id ? failed : x)) });
@@ -205,7 +206,7 @@ export class VolumeSnapshots {
     return {
       ...s,
       state: failed ? 'failed' : 'active',
-      failure: s.failure ?? (st?.failed ? { reason: st.failure, at: '' } : undefined),
+      failure: s.failure ?? (st?.failed ? { reason: st.failure, at: st.failedAt ? new Date(st.failedAt).toISOString() : '' } : undefined),
       export: this.viewName(s),
       chunkSize: this.manifest.chunkSize,
       preservedChunks: st?.preservedChunks,

@@ -9,6 +9,7 @@
 //   control.sock    the serving server's control socket
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { NbdError } from './errors';
 
@@ -33,8 +34,18 @@ export interface Manifest {
   snapshots: SnapshotRecord[];
 }
 
+/**
+ * IMAGE.nbd beside the image's real path: a symlink to a volume finds the
+ * volume's own metadata and lock (hard links are caught by the inode lock).
+ */
 export function metaDir(image: string): string {
-  return `${path.resolve(image)}.nbd`;
+  let real: string;
+  try {
+    real = fs.realpathSync(image);
+  } catch {
+    real = path.resolve(image);
+  }
+  return `${real}.nbd`;
 }
 
 export function controlSocketPath(image: string): string {
@@ -82,14 +93,19 @@ export function writeManifest(image: string, m: Manifest): void {
   fs.mkdirSync(dir, { recursive: true });
   const file = path.join(dir, 'manifest.json');
   const tmp = `${file}.tmp-${process.pid}`;
-  const fd = fs.openSync(tmp, 'w', 0o644);
   try {
-    fs.writeSync(fd, JSON.stringify({ manifest: m, sha256: digest(m) }, null, 2) + '\n');
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
+    const fd = fs.openSync(tmp, 'w', 0o644);
+    try {
+      fs.writeSync(fd, JSON.stringify({ manifest: m, sha256: digest(m) }, null, 2) + '\n');
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+    fs.renameSync(tmp, file);
+  } catch (err) {
+    fs.rmSync(tmp, { force: true });
+    throw err;
   }
-  fs.renameSync(tmp, file);
   const dfd = fs.openSync(dir, 'r');
   try {
     fs.fsyncSync(dfd);
@@ -115,7 +131,7 @@ export function removeOrphans(image: string, m: Manifest): string[] {
   const removed: string[] = [];
   for (const n of names) {
     const mm = /^snap-(\d+)\.(data|map)$/.exec(n);
-    if (mm && !keep.has(Number(mm[1]))) {
+    if ((mm && !keep.has(Number(mm[1]))) || /^manifest\.json\.tmp-\d+$/.test(n)) {
       fs.rmSync(path.join(dir, n), { force: true });
       removed.push(n);
     }
@@ -129,19 +145,48 @@ export function validateSnapshotName(name: string): void {
   if (!NAME_RE.test(name)) {
     throw new NbdError(
       'BAD_SNAPSHOT_NAME',
-      `invalid snapshot name "${name}": use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit`,
+      `invalid snapshot name ${JSON.stringify(name)}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit`,
     );
   }
 }
 
 /**
- * Takes the volume's lock for this process: a file holding our PID, created
- * exclusively. A lock whose process is gone is stale and replaced.
+ * Takes the volume's locks for this process: IMAGE.nbd/lock, and a lock named
+ * after the image's device and inode in the shared lock directory, so that a
+ * hard link (another path to the same file) cannot open the volume twice.
+ * Each lock is a file holding our PID, created exclusively; a lock whose
+ * process is gone is stale and replaced. Returns the unlock function, which
+ * also removes IMAGE.nbd/ again if it is left empty.
  */
 export function lockVolume(image: string): () => void {
   const dir = metaDir(image);
-  fs.mkdirSync(dir, { recursive: true });
-  const file = path.join(dir, 'lock');
+  const st = fs.statSync(image);
+  fs.mkdirSync(LOCK_DIR, { recursive: true, mode: 0o1777 });
+  const inodeLock = path.join(LOCK_DIR, `${st.dev}-${st.ino}.lock`);
+  const releaseInode = takePidLock(inodeLock, image);
+  let releaseDir: () => void;
+  try {
+    fs.mkdirSync(dir, { recursive: true });
+    releaseDir = takePidLock(path.join(dir, 'lock'), image);
+  } catch (err) {
+    releaseInode();
+    throw err;
+  }
+  return () => {
+    releaseDir();
+    releaseInode();
+    try {
+      fs.rmdirSync(dir); // only if empty: a volume that never had snapshots leaves nothing behind
+    } catch {
+      /* not empty */
+    }
+  };
+}
+
+/** Shared directory for inode locks (same for every process on the machine). */
+export const LOCK_DIR = path.join(os.tmpdir(), 'node-nbd-server-locks');
+
+function takePidLock(file: string, image: string): () => void {
   for (let attempt = 0; attempt < 2; attempt++) {
     try {
       fs.writeFileSync(file, `${process.pid}\n`, { flag: 'wx' });
@@ -154,7 +199,12 @@ export function lockVolume(image: string): () => void {
       };
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-      const pid = Number(fs.readFileSync(file, 'utf8').trim());
+      let pid = 0;
+      try {
+        pid = Number(fs.readFileSync(file, 'utf8').trim());
+      } catch {
+        /* vanished meanwhile: retry */
+      }
       if (pid && pid !== process.pid && processAlive(pid)) {
         throw new NbdError('VOLUME_BUSY', `${image} is in use by process ${pid} (another server or command)`);
       }

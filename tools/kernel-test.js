@@ -74,6 +74,13 @@ function scenarios() {
     });
   }
   list.push({
+    name: 'snapshot',
+    description: 'ext4 mounted on /dev/nbd0 (unix, -C 4): files, sync, online `snapshot create` while mounted, overwrite/delete/refill + sync; disk@NAME read-only on /dev/nbd1, mount -o ro,noload: old files match their checksums (also after more live writes), writes refused; live fsck clean; offline list and delete',
+    script: 'snapshot.sh',
+    env: { KT_FS: 'ext4', KT_TRANSPORT: 'unix', KT_CONNS: 4, KT_SIZE: '256M' },
+    timeout: 300,
+  });
+  list.push({
     name: 'attach-cli',
     description: 'node-nbd-server attach IMAGE /dev/nbd0 (no nbd-client): mkfs, mount, fio verify, detach, attach exits 0; again with -C 4: fsck, checksums, SIGTERM, exits 0',
     script: 'attach.sh',

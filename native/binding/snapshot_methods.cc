@@ -76,6 +76,7 @@ std::shared_ptr<nbd::Device> ServerWrap::open_volume(Napi::Env env, const std::s
       st.Set("id", Napi::Number::New(env, static_cast<double>(id)));
       st.Set("failed", store->failed());
       st.Set("failure", store->failure());
+      st.Set("failedAt", Napi::Number::New(env, static_cast<double>(store->failed_at_ms())));
       info.Set(i, st);
       cow->load_snapshot(std::shared_ptr<nbd::SnapshotStore>(std::move(store)));
     }
@@ -166,6 +167,7 @@ Napi::Value ServerWrap::SnapshotStatus(const Napi::CallbackInfo& info) {
     o.Set("id", Napi::Number::New(env, static_cast<double>(s->id())));
     o.Set("failed", s->failed());
     o.Set("failure", s->failure());
+    o.Set("failedAt", Napi::Number::New(env, static_cast<double>(s->failed_at_ms())));
     o.Set("preservedChunks", Napi::Number::New(env, static_cast<double>(s->map().count())));
     o.Set("chunks", Napi::Number::New(env, static_cast<double>(s->chunks())));
     o.Set("mapBytes", Napi::Number::New(env, static_cast<double>(s->map_bytes())));

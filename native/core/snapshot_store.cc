@@ -182,6 +182,9 @@ int SnapshotStore::load(std::string& err) {
     if (le32toh(fcrc) != crc32c(0, h + kFailOffset, 16 + n)) { err = "failure marker fails its checksum (corrupt metadata)"; return EINVAL; }
     failed_ = true;
     failure_.assign(reinterpret_cast<const char*>(h + kFailOffset + 16), n);
+    uint64_t at;
+    std::memcpy(&at, h + kFailOffset + 8, 8);
+    failed_at_ms_ = le64toh(at);
   }
   struct stat st;
   if (fstat(map_fd_, &st) != 0) { err = strerror(errno); return errno; }
@@ -231,6 +234,11 @@ int SnapshotStore::load(std::string& err) {
     } else if (type == kRecFailed) {
       failed_ = true;
       failure_ = len > 8 ? std::string(payload.begin() + 8, payload.end()) : "unknown";
+      if (len >= 8) {
+        uint64_t at;
+        std::memcpy(&at, payload.data(), 8);
+        failed_at_ms_ = le64toh(at);
+      }
     }  // unknown record types from newer versions are skipped
     off += sizeof r + len;
   }
@@ -255,6 +263,11 @@ bool SnapshotStore::failed() const {
   return failed_;
 }
 
+uint64_t SnapshotStore::failed_at_ms() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return failed_at_ms_;
+}
+
 std::string SnapshotStore::failure() const {
   std::lock_guard<std::mutex> lk(mu_);
   return failure_;
@@ -265,11 +278,12 @@ void SnapshotStore::mark_failed(const std::string& reason) {
   if (failed_) return;
   failed_ = true;
   failure_ = reason.substr(0, kMaxReason);
+  failed_at_ms_ = now_ms();
   // In place in the header page (see the layout note): needs no free space.
   uint8_t m[16 + kMaxReason + 4];
   uint32_t magic = htole32(kFailMagic), n = static_cast<uint32_t>(failure_.size());
   uint32_t len = htole32(n);
-  uint64_t t = htole64(now_ms());
+  uint64_t t = htole64(failed_at_ms_);
   std::memcpy(m, &magic, 4);
   std::memcpy(m + 4, &len, 4);
   std::memcpy(m + 8, &t, 8);

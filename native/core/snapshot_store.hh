@@ -60,6 +60,7 @@ class SnapshotStore {
 
   bool failed() const;
   std::string failure() const;
+  uint64_t failed_at_ms() const;  // unix time of the failure, 0 if unknown
   // Stops all further preservation into this snapshot; records why, in place
   // in the map's header page, so it needs no free space (best effort).
   void mark_failed(const std::string& reason);
@@ -97,6 +98,7 @@ class SnapshotStore {
   std::deque<std::shared_ptr<Pending>> queue_;
   bool failed_ = false;
   std::string failure_;
+  uint64_t failed_at_ms_ = 0;
 };
 
 }  // namespace nbd

@@ -42,6 +42,8 @@ export interface NativeSnapshotState {
   id: number;
   failed: boolean;
   failure: string;
+  /** Unix time in ms of the failure (0 if unknown). */
+  failedAt: number;
 }
 
 export interface NativeSnapshotStatus extends NativeSnapshotState {

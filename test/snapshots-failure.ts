@@ -1,0 +1,459 @@
+// Snapshot failure isolation when the snapshot store runs out of space.
+//
+// The image and its IMAGE.nbd/ metadata live on a small filesystem of their
+// own (a tmpfs, or else ext4 on a loop-mounted file), so copying old data into
+// a snapshot store fails with ENOSPC while the image itself (fully allocated
+// up front) never needs a new block. A ballast file sets how much room the
+// snapshot store has, and is removed later to give the room back.
+//
+// The rules under test (docs/architecture.md, "Snapshots"): every host write
+// still succeeds and lands; the snapshot whose store filled up is marked failed
+// with its reason and time (snapshot list --json, server log), and so is every
+// older snapshot that read one of the lost chunks through it; a failed
+// snapshot's export answers reads with EIO, never with inexact data; later
+// writes stop copying into failed snapshots; healthy snapshots stay exact; the
+// failed state survives a restart.
+import t, { type Test } from 'tap';
+import * as crypto from 'node:crypto';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { exec, type ExecResult } from './fixtures/exec';
+import { NBD, RawClient } from './fixtures/raw-client';
+import { CLI, makeTempDir, removeDir, startServer, type RunningServer } from './fixtures/server';
+import { STRICT } from './fixtures/tools';
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+const CHUNK = 64 * KiB;
+const WRITE = 256 * KiB; // host write size
+const SPACE = /space|ENOSPC/i;
+
+function cli(args: string[]): Promise<ExecResult> {
+  return exec(process.execPath, [CLI, ...args], { timeoutMs: 60_000 });
+}
+
+// ---- a small filesystem of our own -------------------------------------------------
+
+/**
+ * Mounts a filesystem of `sizeMiB` on a fresh directory and unmounts it at the
+ * end of the test. Returns null after failing (NBD_STRICT_TESTS=1) or skipping
+ * the test with the exact reason when no mount works here.
+ */
+async function smallFs(t: Test, sizeMiB: number): Promise<{ dir: string; kind: string } | null> {
+  const dir = makeTempDir('nbd-snapfail-');
+  const errors: string[] = [];
+  let backingDir = '';
+  const tmpfs = await exec('mount', ['-t', 'tmpfs', '-o', `size=${sizeMiB}m`, 'tmpfs', dir]);
+  let kind = '';
+  if (tmpfs.code === 0) kind = `tmpfs size=${sizeMiB}m`;
+  else {
+    errors.push(`mount -t tmpfs: exit ${tmpfs.code} ${tmpfs.stderr.trim()}`);
+    backingDir = makeTempDir('nbd-snapfail-fs-');
+    const backing = path.join(backingDir, 'fs.img');
+    fs.writeFileSync(backing, '');
+    fs.truncateSync(backing, sizeMiB * MiB);
+    const mk: ExecResult = await exec('mkfs.ext4', ['-F', '-q', '-m', '0', backing]).catch((e: Error) => ({ code: -1, signal: null, stdout: '', stderr: e.message }));
+    if (mk.code !== 0) errors.push(`mkfs.ext4: exit ${mk.code} ${mk.stderr.trim()}`);
+    else {
+      const lo = await exec('mount', ['-o', 'loop', backing, dir]);
+      if (lo.code === 0) kind = `ext4 on a ${sizeMiB} MiB loop-mounted file`;
+      else errors.push(`mount -o loop (ext4): exit ${lo.code} ${lo.stderr.trim()}`);
+    }
+  }
+  const cleanup = () => {
+    fs.rmSync(dir, { recursive: true, force: true }); // only once unmounted: the mount point is empty then
+    if (backingDir) removeDir(backingDir);
+  };
+  if (!kind) {
+    cleanup();
+    const msg = `CANNOT MOUNT A SMALL FILESYSTEM for the out-of-space test: ${errors.join('; ')}`;
+    process.stderr.write(`\n*** ${msg}\n`);
+    if (STRICT) t.fail(`${msg}; NBD_STRICT_TESTS=1 forbids skipping`);
+    else t.plan(0, `SKIP ${msg}`);
+    return null;
+  }
+  t.comment(`the image lives on ${kind} at ${dir}`);
+  t.teardown(async () => {
+    for (let i = 0; i < 20; i++) {
+      if ((await exec('umount', [dir])).code === 0) return cleanup();
+      await new Promise((r) => setTimeout(r, 250));
+    }
+    if ((await exec('umount', ['-l', dir])).code === 0) cleanup();
+  });
+  return { dir, kind };
+}
+
+function freeBytes(dir: string): number {
+  const s = fs.statfsSync(dir);
+  return s.bavail * s.bsize;
+}
+
+/** Leaves about `leave` bytes free on the filesystem of `dir` (a file of zeroes, allocated). */
+function ballast(dir: string, leave: number): string {
+  const file = path.join(dir, 'ballast');
+  const size = freeBytes(dir) - leave;
+  if (size <= 0) throw new Error(`only ${freeBytes(dir)} bytes free, wanted to leave ${leave}`);
+  const fd = fs.openSync(file, 'w');
+  const block = Buffer.alloc(MiB);
+  for (let done = 0; done < size; done += MiB) fs.writeSync(fd, block, 0, Math.min(MiB, size - done));
+  fs.fsyncSync(fd);
+  fs.closeSync(fd);
+  return file;
+}
+
+// ---- I/O helpers -------------------------------------------------------------------
+
+/** Writes `data` at 0 in WRITE-sized requests; returns every request's error (0 = ok) and the flush's. */
+async function writeAll(socket: string, data: Buffer, length = data.length): Promise<{ errors: number[]; flush: number }> {
+  const c = await RawClient.connect(socket);
+  const errors: number[] = [];
+  try {
+    await c.go('disk');
+    for (let off = 0; off < length; off += WRITE) errors.push((await c.write(off, data.subarray(off, Math.min(off + WRITE, length)))).error);
+    const flush = (await c.cmd(NBD.CMD_FLUSH, 0, 0, 0)).error;
+    return { errors, flush };
+  } finally {
+    await c.disconnect();
+  }
+}
+
+/** Reads a whole export in 1 MiB requests: the data, or the first error. */
+async function readAll(socket: string, name: string, size: number): Promise<{ error: number; data?: Buffer; at?: number }> {
+  const c = await RawClient.connect(socket);
+  try {
+    await c.go(name);
+    const parts: Buffer[] = [];
+    for (let off = 0; off < size; off += MiB) {
+      const r = await c.read(off, Math.min(MiB, size - off));
+      if (r.error) return { error: r.error, at: off };
+      parts.push(r.data!);
+    }
+    return { error: 0, data: Buffer.concat(parts) };
+  } finally {
+    await c.disconnect();
+  }
+}
+
+interface SnapJson {
+  id: number;
+  name: string;
+  state: 'active' | 'failed';
+  failure?: { reason: string; at: string };
+  preservedChunks: number;
+}
+
+async function list(t: Test, img: string, what: string): Promise<Map<string, SnapJson>> {
+  const r = await cli(['snapshot', 'list', img, '--json']);
+  t.equal(r.code, 0, `${what}: snapshot list --json exits 0 ${r.stderr.trim().split('\n').at(-1) ?? ''}`);
+  let arr: SnapJson[] = [];
+  try {
+    arr = JSON.parse(r.stdout) as SnapJson[];
+  } catch {
+    t.fail(`${what}: snapshot list --json prints JSON`);
+  }
+  return new Map(arr.map((s) => [s.name, s]));
+}
+
+function allocated(file: string): number {
+  return fs.statSync(file).blocks * 512;
+}
+
+function checkWrites(t: Test, r: { errors: number[]; flush: number }, what: string): void {
+  const bad = r.errors.map((e, i) => [i, e] as const).filter(([, e]) => e !== 0);
+  t.same(bad, [], `${what}: all ${r.errors.length} host writes succeed${bad.length ? ` (failed: ${bad.slice(0, 5).map(([i, e]) => `#${i} errno ${e}`).join(', ')})` : ''}`);
+  t.equal(r.flush, 0, `${what}: flush succeeds`);
+}
+
+function checkFailed(t: Test, s: SnapJson | undefined, name: string, reason: RegExp, started: number): void {
+  t.equal(s?.state, 'failed', `${name}: state "failed"`);
+  t.match(s?.failure?.reason ?? '', reason, `${name}: failure.reason ${reason} ("${s?.failure?.reason ?? ''}")`);
+  const at = Date.parse(s?.failure?.at ?? '');
+  t.ok(at >= started - 1000 && at <= Date.now() + 1000, `${name}: failure.at is the time of the failure ("${s?.failure?.at ?? ''}")`);
+}
+
+function logLines(srv: RunningServer): { snapshot?: string; reason?: string; msg?: string; level?: number }[] {
+  return srv
+    .stderr()
+    .split('\n')
+    .filter((l) => l.startsWith('{'))
+    .map((l) => {
+      try {
+        return JSON.parse(l) as { snapshot?: string; reason?: string; msg?: string; level?: number };
+      } catch {
+        return {};
+      }
+    });
+}
+
+/** The server logged (level error or worse) that `name` failed, with a reason matching `reason`. */
+function checkLogged(t: Test, srv: RunningServer, name: string, reason: RegExp): void {
+  const line = logLines(srv).find((l) => l.snapshot === name && /snapshot failed/.test(l.msg ?? ''));
+  t.ok(line, `server log has a "snapshot failed" line for ${name}`);
+  t.ok((line?.level ?? 0) >= 50, `${name}: logged at level error (${line?.level})`);
+  t.match(line?.reason ?? '', reason, `${name}: the log line gives the reason (${line?.reason ?? ''})`);
+}
+
+function noTempLeft(t: Test, meta: string): void {
+  const left = fs.readdirSync(meta).filter((f) => /\.tmp/.test(f));
+  t.same(left, [], `no temporary files left in IMAGE.nbd/ (${left.join(', ')})`);
+}
+
+// ---- scenarios ---------------------------------------------------------------------
+
+t.test('store fills up while the newest snapshot copies: it fails, and the older one that needs it fails too', async (t) => {
+  // 32 MiB: image 16, A 4, B gets 3 MiB (the ballast takes the rest until it is removed).
+  const mnt = await smallFs(t, 32);
+  if (!mnt) return;
+  const size = 16 * MiB;
+  const img = path.join(mnt.dir, 'disk.img');
+  const meta = `${img}.nbd`;
+  const p0 = crypto.randomBytes(size);
+  fs.writeFileSync(img, p0);
+  const started = Date.now();
+  let srv: RunningServer | undefined = await startServer({ dir: mnt.dir, images: [img] });
+  t.teardown(() => srv?.stop('SIGKILL'));
+  try {
+    t.equal((await cli(['snapshot', 'create', img, 'A'])).code, 0, 'create A');
+    const p1 = Buffer.from(p0);
+    crypto.randomFillSync(p1, 0, 4 * MiB);
+    checkWrites(t, await writeAll(srv.socket, p1, 4 * MiB), 'overwrite the first 4 MiB (A preserves them)');
+    t.equal((await list(t, img, 'after A')).get('A')?.preservedChunks, 64, 'A holds 64 chunks (4 MiB)');
+    const ball = ballast(mnt.dir, 3 * MiB);
+    t.comment(`free for snapshot data: ${(freeBytes(mnt.dir) / MiB).toFixed(2)} MiB`);
+    t.equal((await cli(['snapshot', 'create', img, 'B'])).code, 0, 'create B');
+
+    const p2 = crypto.randomBytes(size);
+    checkWrites(t, await writeAll(srv.socket, p2), 'overwrite the whole volume while the store fills up');
+    const l = await list(t, img, 'after ENOSPC');
+    checkFailed(t, l.get('B'), 'B', SPACE, started);
+    checkFailed(t, l.get('A'), 'A', SPACE, started);
+    checkLogged(t, srv, 'B', SPACE);
+    checkLogged(t, srv, 'A', SPACE);
+    const live = await readAll(srv.socket, 'disk', size);
+    t.ok(live.data?.equals(p2), 'the live export reads exactly what was written');
+    for (const name of ['A', 'B']) {
+      const r = await readAll(srv.socket, `disk@${name}`, size);
+      t.equal(r.error, NBD.EIO, `reading the failed disk@${name} gives EIO (got ${r.error}${r.error ? ` at ${r.at}` : ', data'})`);
+    }
+
+    // Give the room back: failed snapshots get no more copies.
+    const before = { A: allocated(path.join(meta, 'snap-1.data')), B: allocated(path.join(meta, 'snap-2.data')) };
+    const chunks = { A: l.get('A')?.preservedChunks, B: l.get('B')?.preservedChunks };
+    fs.rmSync(ball);
+    const p3 = crypto.randomBytes(size);
+    checkWrites(t, await writeAll(srv.socket, p3), 'overwrite again with room to spare');
+    const l2 = await list(t, img, 'after room returned');
+    t.same(
+      { A: l2.get('A')?.preservedChunks, B: l2.get('B')?.preservedChunks },
+      chunks,
+      `failed snapshots preserve nothing more (chunks A ${chunks.A}, B ${chunks.B})`,
+    );
+    t.same({ A: allocated(path.join(meta, 'snap-1.data')), B: allocated(path.join(meta, 'snap-2.data')) }, before, 'their data files did not grow');
+    t.equal(l2.get('A')?.state, 'failed', 'A stays failed');
+    t.equal(l2.get('B')?.state, 'failed', 'B stays failed');
+
+    // A new snapshot works normally behind the failed ones.
+    t.equal((await cli(['snapshot', 'create', img, 'C'])).code, 0, 'create C after the failures');
+    const p4 = Buffer.from(p3);
+    crypto.randomFillSync(p4, 0, 2 * MiB);
+    checkWrites(t, await writeAll(srv.socket, p4, 2 * MiB), 'overwrite 2 MiB under C');
+    const c = await readAll(srv.socket, 'disk@C', size);
+    t.ok(c.data?.equals(p3), 'C is exact');
+    t.equal((await list(t, img, 'C')).get('C')?.state, 'active', 'C is active');
+    t.equal((await readAll(srv.socket, 'disk@A', size)).error, NBD.EIO, 'A still answers EIO');
+
+    t.equal(await srv.stop(), 0, 'server exits 0');
+    srv = undefined;
+    t.ok(fs.readFileSync(img).equals(p4), 'the image file holds exactly the last writes');
+    noTempLeft(t, meta);
+
+    const off = await list(t, img, 'offline after restart');
+    t.same([...off.values()].map((s) => [s.name, s.state]), [['A', 'failed'], ['B', 'failed'], ['C', 'active']], 'the states survive a restart (offline list)');
+    t.match(off.get('B')?.failure?.reason ?? '', SPACE, 'B keeps its reason');
+    srv = await startServer({ dir: mnt.dir, images: [img] });
+    t.equal((await readAll(srv.socket, 'disk@B', size)).error, NBD.EIO, 'after restart, disk@B still answers EIO');
+    t.ok((await readAll(srv.socket, 'disk@C', size)).data?.equals(p3), 'after restart, C is exact');
+  } finally {
+    if (srv) t.equal(await srv.stop(), 0, 'server exits 0');
+    srv = undefined;
+  }
+});
+
+t.test('a snapshot that holds every chunk stays healthy and exact while a newer one fails', async (t) => {
+  // 32 MiB: image 8, A 8, B 1, C gets 2 MiB (the ballast takes the rest until it is removed).
+  const mnt = await smallFs(t, 32);
+  if (!mnt) return;
+  const size = 8 * MiB;
+  const img = path.join(mnt.dir, 'disk.img');
+  const meta = `${img}.nbd`;
+  const p0 = crypto.randomBytes(size);
+  fs.writeFileSync(img, p0);
+  const started = Date.now();
+  let srv: RunningServer | undefined = await startServer({ dir: mnt.dir, images: [img] });
+  t.teardown(() => srv?.stop('SIGKILL'));
+  try {
+    // A: every chunk preserved while there is room.
+    t.equal((await cli(['snapshot', 'create', img, 'A'])).code, 0, 'create A');
+    const p1 = crypto.randomBytes(size);
+    checkWrites(t, await writeAll(srv.socket, p1), 'overwrite everything under A');
+    t.equal((await list(t, img, 'A full')).get('A')?.preservedChunks, size / CHUNK, 'A holds every chunk');
+    // B: holds only the first 1 MiB.
+    t.equal((await cli(['snapshot', 'create', img, 'B'])).code, 0, 'create B');
+    const p2 = Buffer.from(p1);
+    crypto.randomFillSync(p2, 0, MiB);
+    checkWrites(t, await writeAll(srv.socket, p2, MiB), 'overwrite the first 1 MiB under B');
+    // C: its store fills up after about 2 MiB.
+    t.equal((await cli(['snapshot', 'create', img, 'C'])).code, 0, 'create C');
+    const ball = ballast(mnt.dir, 2 * MiB);
+    t.comment(`free for snapshot data: ${(freeBytes(mnt.dir) / MiB).toFixed(2)} MiB`);
+    const p3 = crypto.randomBytes(size);
+    checkWrites(t, await writeAll(srv.socket, p3), 'overwrite everything while C fills up');
+
+    const l = await list(t, img, 'after ENOSPC');
+    checkFailed(t, l.get('C'), 'C', SPACE, started);
+    checkFailed(t, l.get('B'), 'B', SPACE, started);
+    t.match(l.get('B')?.failure?.reason ?? '', /depend/i, 'B failed because it depended on C for a lost chunk');
+    t.equal(l.get('A')?.state, 'active', 'A (holds every chunk itself) stays active');
+    t.notOk(l.get('A')?.failure, 'A has no failure');
+    checkLogged(t, srv, 'C', SPACE);
+    checkLogged(t, srv, 'B', SPACE);
+    t.notOk(logLines(srv).some((x) => x.snapshot === 'A' && /fail/.test(x.msg ?? '')), 'nothing logged about A failing');
+
+    const live = await readAll(srv.socket, 'disk', size);
+    t.ok(live.data?.equals(p3), 'the live export reads exactly what was written');
+    const a = await readAll(srv.socket, 'disk@A', size);
+    t.ok(a.error === 0 && a.data?.equals(p0), 'A reads exactly its content at creation');
+    for (const name of ['B', 'C']) {
+      const r = await readAll(srv.socket, `disk@${name}`, size);
+      t.equal(r.error, NBD.EIO, `reading the failed disk@${name} gives EIO (got ${r.error}${r.error ? ` at ${r.at}` : ', data'})`);
+    }
+
+    // Room again: nothing copies into the failed snapshots; A needs nothing.
+    const files = ['snap-1.data', 'snap-2.data', 'snap-3.data'];
+    const before = files.map((f) => allocated(path.join(meta, f)));
+    const counts = ['A', 'B', 'C'].map((n) => l.get(n)?.preservedChunks);
+    fs.rmSync(ball);
+    const p4 = crypto.randomBytes(size);
+    checkWrites(t, await writeAll(srv.socket, p4), 'overwrite everything with room to spare');
+    const l2 = await list(t, img, 'after room returned');
+    t.same(['A', 'B', 'C'].map((n) => l2.get(n)?.preservedChunks), counts, `preserved chunk counts unchanged (${counts.join(', ')})`);
+    t.same(files.map((f) => allocated(path.join(meta, f))), before, 'no snapshot data file grew');
+    t.same(['A', 'B', 'C'].map((n) => l2.get(n)?.state), ['active', 'failed', 'failed'], 'states unchanged');
+    t.ok((await readAll(srv.socket, 'disk@A', size)).data?.equals(p0), 'A still exact');
+
+    // A new snapshot after the failed ones takes the copies.
+    t.equal((await cli(['snapshot', 'create', img, 'D'])).code, 0, 'create D');
+    const p5 = Buffer.from(p4);
+    crypto.randomFillSync(p5, 3 * MiB, MiB);
+    checkWrites(t, await writeAll(srv.socket, p5), 'overwrite (same data except 1 MiB) under D');
+    const l3 = await list(t, img, 'D');
+    t.equal(l3.get('D')?.state, 'active', 'D active');
+    t.equal(l3.get('D')?.preservedChunks, size / CHUNK, 'D took the copies (every chunk was written)');
+    t.same(['B', 'C'].map((n) => l3.get(n)?.preservedChunks), counts.slice(1), 'still nothing copied into B and C');
+    t.ok((await readAll(srv.socket, 'disk@D', size)).data?.equals(p4), 'D exact');
+    t.ok((await readAll(srv.socket, 'disk@A', size)).data?.equals(p0), 'A still exact');
+
+    t.equal(await srv.stop(), 0, 'server exits 0');
+    srv = undefined;
+    t.ok(fs.readFileSync(img).equals(p5), 'the image file holds exactly the last writes');
+    noTempLeft(t, meta);
+    const off = await list(t, img, 'offline after stop');
+    t.same([...off.values()].map((s) => [s.name, s.state]), [['A', 'active'], ['B', 'failed'], ['C', 'failed'], ['D', 'active']], 'states survive a restart');
+    srv = await startServer({ dir: mnt.dir, images: [img] });
+    t.ok((await readAll(srv.socket, 'disk@A', size)).data?.equals(p0), 'after restart, A exact');
+    t.equal((await readAll(srv.socket, 'disk@C', size)).error, NBD.EIO, 'after restart, C answers EIO');
+  } finally {
+    if (srv) t.equal(await srv.stop(), 0, 'server exits 0');
+    srv = undefined;
+  }
+});
+
+/** Fills the filesystem of `dir` to the last block (a file written until ENOSPC). */
+function fillUp(dir: string): string {
+  const file = path.join(dir, 'fill');
+  const fd = fs.openSync(file, 'w');
+  try {
+    for (const step of [MiB, 4096]) {
+      const block = Buffer.alloc(step, 1);
+      for (;;) {
+        try {
+          fs.writeSync(fd, block);
+        } catch {
+          break;
+        }
+      }
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+  return file;
+}
+
+t.test('the failure is durable when the disk is completely full (no room for a new map record or the manifest)', async (t) => {
+  const mnt = await smallFs(t, 32);
+  if (!mnt) return;
+  const size = 16 * MiB;
+  const img = path.join(mnt.dir, 'disk.img');
+  const meta = `${img}.nbd`;
+  const p0 = crypto.randomBytes(size);
+  fs.writeFileSync(img, p0);
+  const started = Date.now();
+  let srv: RunningServer | undefined = await startServer({ dir: mnt.dir, images: [img] });
+  t.teardown(() => srv?.stop('SIGKILL'));
+  let fill = '';
+  const live = Buffer.from(p0);
+  try {
+    t.equal((await cli(['snapshot', 'create', img, 'S'])).code, 0, 'create S');
+    // 170 single-chunk commits: the map log ends at 4096 + 170 * 24 = 8176,
+    // 16 bytes before the end of its second page.
+    const c = await RawClient.connect(srv.socket);
+    await c.go('disk');
+    const errs: number[] = [];
+    for (let k = 0; k < 170; k++) {
+      const d = crypto.randomBytes(4096);
+      d.copy(live, k * CHUNK);
+      errs.push((await c.write(k * CHUNK, d)).error);
+    }
+    t.same(errs.filter((e) => e !== 0), [], '170 first writes, one chunk each, succeed');
+    const mapSize = fs.statSync(path.join(meta, 'snap-1.map')).size;
+    t.comment(`snap-1.map is ${mapSize} bytes before the disk fills up`);
+    t.equal(mapSize, 8176, 'setup: the map log ends 16 bytes before a page boundary');
+    fill = fillUp(mnt.dir);
+    t.comment(`free after filling: ${freeBytes(mnt.dir)} bytes`);
+    // The next first write cannot be preserved: S fails. A record appended to
+    // its map would need a new page, and so would a new manifest.
+    const d = crypto.randomBytes(4096);
+    d.copy(live, 200 * CHUNK);
+    t.equal((await c.write(200 * CHUNK, d)).error, 0, 'the host write into chunk 200 succeeds');
+    t.equal((await c.cmd(NBD.CMD_FLUSH, 0, 0, 0)).error, 0, 'flush succeeds');
+    await c.disconnect();
+    const online = await list(t, img, 'online, disk full');
+    checkFailed(t, online.get('S'), 'S (online)', SPACE, started);
+    t.equal((await readAll(srv.socket, 'disk@S', size)).error, NBD.EIO, 'disk@S answers EIO');
+    t.equal(await srv.stop(), 0, 'server exits 0 with the disk full');
+    srv = undefined;
+    const stoppedAt = Date.now();
+    t.comment(`snap-1.map is ${fs.statSync(path.join(meta, 'snap-1.map')).size} bytes after the failure`);
+
+    fs.rmSync(fill);
+    fill = '';
+    const off = await list(t, img, 'offline, room again');
+    t.equal(off.get('S')?.state, 'failed', 'S is still failed after a restart (the failure was recorded durably)');
+    t.match(off.get('S')?.failure?.reason ?? '', SPACE, 'with its reason');
+    const at = Date.parse(off.get('S')?.failure?.at ?? '');
+    t.ok(
+      at >= started - 1000 && at <= stoppedAt,
+      `failure.at is when it failed, before the server stopped (${off.get('S')?.failure?.at}; online it was ${online.get('S')?.failure?.at})`,
+    );
+    noTempLeft(t, meta);
+    srv = await startServer({ dir: mnt.dir, images: [img] });
+    const r = await readAll(srv.socket, 'disk@S', size);
+    const inexact = r.error === 0 && r.data ? !r.data.equals(p0) : false;
+    t.equal(r.error, NBD.EIO, `after restart, disk@S answers EIO${r.error === 0 ? ` (it served data${inexact ? ' that is NOT the snapshot content: chunk 200 has the new write' : ''})` : ''}`);
+    t.ok(fs.readFileSync(img).equals(live), 'the image holds every host write');
+  } finally {
+    if (srv) t.equal(await srv.stop(), 0, 'server exits 0');
+    srv = undefined;
+    if (fill) fs.rmSync(fill, { force: true });
+  }
+});
