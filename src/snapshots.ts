@@ -2,13 +2,19 @@
 // layer does the data path (copy-on-write, hand-down); this module owns the
 // names, the manifest and the order of steps that keeps a crash harmless:
 //
-//   create: native creates the store files and adds them to the chain (writes
-//           drained, volume flushed) -> manifest written -> export added.
-//           A crash before the manifest leaves orphan files, removed at open.
-//   delete: hand every chunk the older neighbour needs down to it -> export
-//           removed -> dropped from the chain -> manifest written -> files
-//           removed. A crash anywhere leaves the snapshot listed and intact, or
-//           gone with orphan files.
+//   create: native creates the store files -> manifest lists the snapshot ->
+//           native adds it to the chain (writes drained, volume flushed) ->
+//           export added. A crash before the manifest leaves orphan files
+//           (removed at open) and older snapshots untouched, since nothing was
+//           preserved into the new store; a crash after it leaves the snapshot
+//           listed, and loaded as the newest at restart, showing the volume as
+//           it was at the crash — a point in time after the request.
+//   delete: bulk hand-down with writes flowing -> export removed -> with
+//           writes paused: final hand-down of chunks preserved meanwhile,
+//           dropped from the chain, manifest written -> writes resume -> files
+//           removed. No write can preserve into the snapshot between its last
+//           hand-down and the manifest, so a crash leaves it listed and intact
+//           or gone with every chunk its older neighbour needs.
 import * as fs from 'node:fs';
 import { fromNative, NbdError } from './errors';
 import type { Logger } from './logger';
@@ -127,19 +133,35 @@ export class VolumeSnapshots {
       const id = this.manifest.nextId;
       const files = snapshotPaths(this.image, id);
       const started = process.hrtime.bigint();
-      try {
-        await this.native.createSnapshot(this.exportName, { id, ...files });
-      } catch (err) {
+      const removeFiles = () => {
         for (const f of Object.values(files)) fs.rmSync(f, { force: true });
+      };
+      try {
+        await this.native.prepareSnapshot(this.exportName, { id, ...files });
+      } catch (err) {
+        removeFiles();
         throw fromNative(err);
       }
       const rec: SnapshotRecord = { id, name, createdAt: new Date().toISOString(), state: 'active' };
+      const before = this.manifest;
       try {
-        this.save({ ...this.manifest, nextId: id + 1, snapshots: [...this.manifest.snapshots, rec] });
+        this.save({ ...before, nextId: id + 1, snapshots: [...before.snapshots, rec] });
       } catch (err) {
-        await this.native.removeSnapshot(this.exportName, id);
-        for (const f of Object.values(files)) fs.rmSync(f, { force: true });
+        this.native.discardSnapshot(id);
+        removeFiles();
         throw new NbdError('SNAPSHOT_CREATE_FAILED', `cannot record the snapshot: ${(err as Error).message}`);
+      }
+      try {
+        await this.native.addSnapshot(this.exportName, id);
+      } catch (err) {
+        // Never in the chain, so nothing depends on it: forget it again.
+        try {
+          this.save({ ...before, nextId: id + 1 });
+          removeFiles();
+        } catch {
+          /* listed but empty: it shows the volume as of the next open */
+        }
+        throw fromNative(err);
       }
       this.exportView(rec);
       const ms = Number(process.hrtime.bigint() - started) / 1e6;
@@ -164,8 +186,15 @@ export class VolumeSnapshots {
         from = r.next;
       }
       this.native.removeExport(this.viewName(s));
-      await this.native.removeSnapshot(this.exportName, s.id);
-      this.save({ ...this.manifest, snapshots: this.manifest.snapshots.filter((x) => x.id !== s.id) });
+      try {
+        await this.native.removeSnapshot(this.exportName, s.id); // writes are paused from here...
+        this.save({ ...this.manifest, snapshots: this.manifest.snapshots.filter((x) => x.id !== s.id) });
+      } catch (err) {
+        if (this.manifest.snapshots.some((x) => x.id === s.id)) this.exportView(s);
+        throw fromNative(err);
+      } finally {
+        this.native.resumeWrites(this.exportName); // ...to here
+      }
       for (const f of Object.values(snapshotPaths(this.image, s.id))) fs.rmSync(f, { force: true });
       this.log.info({ snapshot: name, id: s.id }, 'snapshot deleted');
     });

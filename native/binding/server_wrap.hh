@@ -36,7 +36,10 @@ class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
   Napi::Value DisconnectDevice(const Napi::CallbackInfo& info);
   Napi::Value ReleaseDevice(const Napi::CallbackInfo& info);
   // snapshot_methods.cc
-  Napi::Value CreateSnapshot(const Napi::CallbackInfo& info);
+  Napi::Value PrepareSnapshot(const Napi::CallbackInfo& info);
+  Napi::Value AddSnapshot(const Napi::CallbackInfo& info);
+  Napi::Value DiscardSnapshot(const Napi::CallbackInfo& info);
+  Napi::Value ResumeWrites(const Napi::CallbackInfo& info);
   Napi::Value RemoveSnapshot(const Napi::CallbackInfo& info);
   Napi::Value HandDown(const Napi::CallbackInfo& info);
   Napi::Value SnapshotStatus(const Napi::CallbackInfo& info);
@@ -59,6 +62,8 @@ class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
   uint32_t next_device_id_ = 1;
   // Volumes with snapshots, by export name (main thread only).
   std::map<std::string, std::shared_ptr<nbd::CowDevice>> volumes_;
+  // Snapshot stores created but not yet in a chain, by id (main thread only).
+  std::map<uint64_t, std::shared_ptr<nbd::SnapshotStore>> pending_;
 };
 
 }  // namespace nbd::binding

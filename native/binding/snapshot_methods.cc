@@ -93,7 +93,7 @@ std::shared_ptr<nbd::CowDevice> ServerWrap::volume(Napi::Env env, const Napi::Va
   return it->second;
 }
 
-Napi::Value ServerWrap::CreateSnapshot(const Napi::CallbackInfo& info) {
+Napi::Value ServerWrap::PrepareSnapshot(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto cow = volume(env, info[0]);
   if (info.Length() < 2 || !info[1].IsObject()) throw Napi::TypeError::New(env, "snapshot {id, data, map} required");
@@ -101,12 +101,37 @@ Napi::Value ServerWrap::CreateSnapshot(const Napi::CallbackInfo& info) {
   uint64_t id = id_of(so.Get("id"));
   nbd::SnapshotPaths paths = paths_of(so);
   uint64_t size = cow->size();
+  auto made = std::make_shared<std::shared_ptr<nbd::SnapshotStore>>();
   auto* t = new Task(
       env,
-      [cow, id, paths, size](std::string& what) {
+      [cow, id, paths, size, made](std::string& what) {
         auto store = nbd::SnapshotStore::create(id, paths, size, cow->chunk_size(), what);
         if (!store) return EIO;
-        int e = cow->add_snapshot(std::shared_ptr<nbd::SnapshotStore>(std::move(store)));
+        *made = std::move(store);
+        return 0;
+      },
+      [this, id, made](Napi::Env e) {  // main thread
+        pending_[id] = *made;
+        return e.Undefined();
+      },
+      "SNAPSHOT_CREATE_FAILED");
+  auto p = t->Promise();
+  t->Queue();
+  return p;
+}
+
+Napi::Value ServerWrap::AddSnapshot(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto cow = volume(env, info[0]);
+  uint64_t id = id_of(info[1]);
+  auto it = pending_.find(id);
+  if (it == pending_.end()) throw coded_error(env, "SNAPSHOT_NOT_FOUND", "no prepared snapshot with id " + std::to_string(id));
+  auto store = it->second;
+  pending_.erase(it);
+  auto* t = new Task(
+      env,
+      [cow, store](std::string& what) {
+        int e = cow->add_snapshot(store);
         if (e) what = std::string("flushing the volume failed: ") + strerror(e);
         return e;
       },
@@ -116,14 +141,21 @@ Napi::Value ServerWrap::CreateSnapshot(const Napi::CallbackInfo& info) {
   return p;
 }
 
+Napi::Value ServerWrap::DiscardSnapshot(const Napi::CallbackInfo& info) {
+  return Napi::Boolean::New(info.Env(), pending_.erase(id_of(info[0])) > 0);
+}
+
+Napi::Value ServerWrap::ResumeWrites(const Napi::CallbackInfo& info) {
+  volume(info.Env(), info[0])->resume_writes();
+  return info.Env().Undefined();
+}
+
 Napi::Value ServerWrap::RemoveSnapshot(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto cow = volume(env, info[0]);
   uint64_t id = id_of(info[1]);
-  auto found = std::make_shared<bool>(false);
   auto* t = new Task(
-      env, [cow, id, found](std::string&) { *found = cow->remove_snapshot(id); return 0; },
-      [found](Napi::Env e) { return Napi::Boolean::New(e, *found); }, "SNAPSHOT_DELETE_FAILED");
+      env, [cow, id](std::string& what) { return cow->finish_remove(id, what); }, nullptr, "SNAPSHOT_DELETE_FAILED");
   auto p = t->Promise();
   t->Queue();
   return p;

@@ -83,20 +83,37 @@ int CowDevice::add_snapshot(std::shared_ptr<SnapshotStore> s) {
   return e;
 }
 
+bool CowDevice::drop_from_chain(uint64_t id) {
+  std::lock_guard<std::mutex> lk(chain_mu_);
+  bool found = false;
+  auto next = std::make_shared<Chain>();
+  for (auto& s : *chain_) {
+    if (s->id() == id) found = true;
+    else next->push_back(s);
+  }
+  std::atomic_store(&chain_, std::shared_ptr<const Chain>(next));
+  return found;
+}
+
 bool CowDevice::remove_snapshot(uint64_t id) {
   gate_.close();
-  bool found = false;
-  {
-    std::lock_guard<std::mutex> lk(chain_mu_);
-    auto next = std::make_shared<Chain>();
-    for (auto& s : *chain_) {
-      if (s->id() == id) found = true;
-      else next->push_back(s);
-    }
-    std::atomic_store(&chain_, std::shared_ptr<const Chain>(next));
-  }
+  bool found = drop_from_chain(id);
   gate_.open();
   return found;
+}
+
+int CowDevice::finish_remove(uint64_t id, std::string& err) {
+  gate_.close();
+  auto s = find(id);
+  if (!s) {
+    err = "no snapshot with id " + std::to_string(id);
+    return ENOENT;
+  }
+  uint64_t next = 0;
+  int e = hand_down(id, 0, s->chunks(), next, err);
+  if (e) return e;  // still in the chain; writes stay paused until resume_writes()
+  drop_from_chain(id);
+  return 0;
 }
 
 size_t CowDevice::source_of(const Chain& chain, size_t i, uint64_t c) {

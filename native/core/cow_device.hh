@@ -58,6 +58,13 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   // Loads a snapshot at start-up (no flush; chain order = call order).
   void load_snapshot(std::shared_ptr<SnapshotStore> s);
   bool remove_snapshot(uint64_t id);
+  // Deleting, last step: closes the write gate, hands down whatever the
+  // older neighbour still lacks (chunks preserved since the bulk hand-down),
+  // drops the snapshot from the chain, and LEAVES WRITES PAUSED so the
+  // control plane can record the deletion durably first; resume_writes()
+  // must follow, whatever happens.
+  int finish_remove(uint64_t id, std::string& err);
+  void resume_writes() { gate_.open(); }
   std::shared_ptr<const Chain> chain() const;
   std::shared_ptr<SnapshotStore> find(uint64_t id) const;
   // Gives the older neighbour of snapshot `id` the chunks it reads through
@@ -82,6 +89,7 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   // Index of the snapshot a read of chunk c from snapshot i must use, or
   // chain.size() for the live volume.
   static size_t source_of(const Chain& chain, size_t i, uint64_t c);
+  bool drop_from_chain(uint64_t id);  // gate must be closed
 
   const uint32_t chunk_size_;
   FailureCallback on_failure_;

@@ -97,9 +97,17 @@ export interface NativeServer {
   attachDevice(opts: NativeAttachOptions): number;
   disconnectDevice(id: number): boolean;
   releaseDevice(id: number): boolean;
-  /** Creates the snapshot's files and adds it to the volume's chain (drains writes, flushes). */
-  createSnapshot(exportName: string, files: NativeSnapshotFiles): Promise<void>;
-  removeSnapshot(exportName: string, id: number): Promise<boolean>;
+  /** Creates a snapshot's files (not yet in the chain). */
+  prepareSnapshot(exportName: string, files: NativeSnapshotFiles): Promise<void>;
+  /** Adds a prepared snapshot to the chain: drains writes, flushes, appends. */
+  addSnapshot(exportName: string, id: number): Promise<void>;
+  discardSnapshot(id: number): boolean;
+  /**
+   * Final hand-down and removal from the chain, with writes paused; they stay
+   * paused until resumeWrites(), so the deletion can be recorded first.
+   */
+  removeSnapshot(exportName: string, id: number): Promise<void>;
+  resumeWrites(exportName: string): void;
   /** Copies chunks [from, from+max) that the older neighbour needs; resolves with the next chunk. */
   handDown(exportName: string, id: number, from: number, max: number): Promise<{ next: number; total: number }>;
   snapshotStatus(exportName: string): NativeSnapshotStatus[];
