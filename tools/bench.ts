@@ -6,11 +6,16 @@
 //                    [--servers node,nbdkit,qemu,nbd-server]
 //                    [--workloads randread-4k,randwrite-4k,read-1m,write-1m]
 //                    [--dir DIR] [--json FILE] [--node-threads N] [--remove-image]
+//                    [--snapshots] [--snapshot-args "ARGS"]
 //
 // The image (default 2 GiB of non-zero pseudo-random data) is created once in
 // --dir (default $TMPDIR/node-nbd-server-bench) and reused by later runs.
 // For each workload every selected server is started, measured and stopped in
 // turn, so background noise is spread over all of them.
+//
+// With --snapshots, the copy-on-write snapshot benchmark (tools/bench-snapshots.ts,
+// also runnable alone as `node dist/tools/bench-snapshots.js`) runs after the
+// serving table; it is off by default because it takes several minutes.
 import { spawn, spawnSync, ChildProcess } from 'child_process';
 import * as crypto from 'crypto';
 import * as fs from 'fs';
@@ -36,6 +41,9 @@ interface Options {
   json?: string;
   nodeThreads?: number;
   removeImage: boolean;
+  snapshots: boolean;
+  snapshotArgs: string[];
+  serversGiven: boolean;
 }
 
 type ServerId = 'node' | 'nbdkit' | 'qemu' | 'nbd-server';
@@ -68,6 +76,17 @@ const USAGE = `usage: node dist/tools/bench.js [options]
   --json FILE          also write machine-readable results to FILE
   --node-threads N     pass --threads N to node-nbd-server (default: its own default)
   --remove-image       delete the image at the end instead of keeping it for reuse
+  --snapshots          after the serving table, also run the snapshot benchmark
+                       (node dist/tools/bench-snapshots.js: 4k randwrite QD32 with no
+                       snapshot, first writes after a snapshot, steady state, 32
+                       snapshots; snapshot create latency and RSS on a sparse 1 TiB
+                       volume; node-nbd-server next to qemu-nbd with a qcow2). It gets
+                       this run's --repeat, --runtime, --ramp, --node-threads, the
+                       node/qemu part of --servers if given, and --json FILE as
+                       FILE with .snapshots.json; off by default (several minutes)
+  --snapshot-args ARGS more options for the snapshot benchmark, one string, e.g.
+                       "--size 4G --creates 20" (implies --snapshots; see
+                       node dist/tools/bench-snapshots.js --help)
   -h, --help           this text
 `;
 
@@ -98,6 +117,9 @@ function parseArgs(argv: string[]): Options {
     workloads: [...WORKLOADS],
     dir: path.join(os.tmpdir(), 'node-nbd-server-bench'),
     removeImage: false,
+    snapshots: false,
+    snapshotArgs: [],
+    serversGiven: false,
   };
   const aliases: Record<string, string> = {
     randread: 'randread-4k',
@@ -144,6 +166,7 @@ function parseArgs(argv: string[]): Options {
           if (!SERVER_IDS.includes(s as ServerId)) throw new Error(`unknown server "${s}" (known: ${SERVER_IDS.join(', ')})`);
         }
         o.servers = SERVER_IDS.filter((s) => list.includes(s));
+        o.serversGiven = true;
         break;
       }
       case '--workloads': {
@@ -165,6 +188,13 @@ function parseArgs(argv: string[]): Options {
         break;
       case '--remove-image':
         o.removeImage = true;
+        break;
+      case '--snapshots':
+        o.snapshots = true;
+        break;
+      case '--snapshot-args':
+        o.snapshotArgs.push(...next().split(/\s+/).filter(Boolean));
+        o.snapshots = true;
         break;
       default:
         throw new Error(`unknown option "${arg}"\n\n${USAGE}`);
@@ -260,9 +290,14 @@ function cleanupSync(): void {
 }
 
 process.on('exit', cleanupSync);
+// The snapshot benchmark child cleans up after itself on SIGTERM, so it is
+// not SIGKILLed with the rest.
+let snapshotChild: ChildProcess | undefined;
+
 for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
   process.on(sig, () => {
     process.stderr.write(`\nbench: ${sig}, stopping servers and cleaning up\n`);
+    if (snapshotChild && snapshotChild.exitCode === null && snapshotChild.signalCode === null) snapshotChild.kill('SIGTERM');
     cleanupSync();
     process.exit(128 + (os.constants.signals[sig] ?? 1));
   });
@@ -959,6 +994,35 @@ async function main(): Promise<void> {
     log(`bench: wrote ${opts.json}`);
   }
   if (opts.removeImage) fs.rmSync(image, { force: true });
+  if (opts.snapshots) await runSnapshotBench(opts);
+}
+
+/** Runs dist/tools/bench-snapshots.js with this run's settings; its output goes straight to ours. */
+async function runSnapshotBench(opts: Options): Promise<void> {
+  const script = path.join(__dirname, 'bench-snapshots.js');
+  const args = [script, '--repeat', String(opts.repeat), '--runtime', String(opts.runtime), '--ramp', String(opts.ramp)];
+  if (opts.nodeThreads) args.push('--node-threads', String(opts.nodeThreads));
+  if (opts.serversGiven) {
+    const s = [opts.servers.includes('node') ? 'node' : '', opts.servers.includes('qemu') ? 'qemu' : ''].filter(Boolean);
+    if (s.length) args.push('--servers', s.join(','));
+  }
+  if (opts.json) args.push('--json', opts.json.replace(/(\.json)?$/, '.snapshots.json'));
+  args.push(...opts.snapshotArgs); // later options win
+  log(`\nbench: snapshot benchmark: node ${path.relative(process.cwd(), script)} ${args.slice(1).join(' ')}`);
+  const child = spawn(process.execPath, args, { stdio: 'inherit' });
+  snapshotChild = child;
+  const code = await new Promise<number | null>((resolve) => {
+    child.once('error', (e) => {
+      log(`bench: cannot run the snapshot benchmark: ${e.message}`);
+      resolve(-1);
+    });
+    child.once('exit', (c, sig) => resolve(c ?? (sig ? 128 : null)));
+  });
+  snapshotChild = undefined;
+  if (code !== 0) {
+    log(`bench: the snapshot benchmark failed (exit ${code})`);
+    process.exitCode = 1;
+  }
 }
 
 main().then(

@@ -31,6 +31,7 @@
 #include <cstring>
 
 #include "crc32c.hh"
+#include "io_hint.hh"
 
 namespace nbd {
 
@@ -302,6 +303,9 @@ int SnapshotStore::read_data(void* buf, uint32_t count, uint64_t offset) const {
 }
 
 int SnapshotStore::commit(const std::vector<uint64_t>& chunks) {
+  // A commit waits for storage: let the connection run more threads, so more
+  // first writes queue up and share each group commit.
+  io_waited = true;
   auto mine = std::make_shared<Pending>();
   mine->chunks = chunks;
   std::unique_lock<std::mutex> lk(mu_);
