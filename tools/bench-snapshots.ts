@@ -31,12 +31,12 @@
 // Each repeat starts with two 3 s fio probes of write + fdatasync on the disk
 // under --dir: first writes wait for fdatasyncs, so their IOPS follow the
 // disk's sync latency, which other load on the machine changes a lot.
-import { spawn, spawnSync, ChildProcess } from 'child_process';
+import { spawn, ChildProcess } from 'child_process';
 import * as crypto from 'crypto';
 import * as fs from 'fs';
-import * as net from 'net';
 import * as os from 'os';
 import * as path from 'path';
+import { canConnect, exited, firstLine, killTree, log, median, sleep, tail, unixUri, verifyExport, waitExit, which } from './bench-common';
 
 const ROOT = path.resolve(__dirname, '..', '..');
 const NODE_CLI = path.join(ROOT, 'bin', 'node-nbd-server.js');
@@ -236,18 +236,6 @@ function parseArgs(argv: string[]): Options {
 const live = new Set<ChildProcess>();
 const tempPaths = new Set<string>();
 
-function killTree(child: ChildProcess, signal: NodeJS.Signals): void {
-  if (child.pid === undefined || child.exitCode !== null || child.signalCode !== null) return;
-  try {
-    process.kill(-child.pid, signal); // detached => own process group
-  } catch {
-    try {
-      child.kill(signal);
-    } catch {
-      /* already gone */
-    }
-  }
-}
 
 function cleanupSync(): void {
   for (const c of live) killTree(c, 'SIGKILL');
@@ -265,56 +253,15 @@ for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
   });
 }
 
-function which(bin: string): string | undefined {
-  for (const dir of (process.env.PATH ?? '').split(path.delimiter)) {
-    if (!dir) continue;
-    const p = path.join(dir, bin);
-    try {
-      fs.accessSync(p, fs.constants.X_OK);
-      if (fs.statSync(p).isFile()) return p;
-    } catch {
-      /* not here */
-    }
-  }
-  return undefined;
-}
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
 
 function nowMs(): number {
   return Number(process.hrtime.bigint()) / 1e6;
 }
 
-function tail(file: string, lines = 15): string {
-  try {
-    return fs.readFileSync(file, 'utf8').trimEnd().split('\n').slice(-lines).join('\n');
-  } catch {
-    return '';
-  }
-}
 
-function firstLine(cmd: string, args: string[]): string {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 10_000 });
-  const out = `${r.stdout ?? ''}\n${r.stderr ?? ''}`.split('\n').map((l) => l.trim()).filter(Boolean);
-  return out[0] ?? (r.error ? String(r.error.message) : '?');
-}
 
-function exited(child: ChildProcess): boolean {
-  return child.exitCode !== null || child.signalCode !== null;
-}
 
-function waitExit(child: ChildProcess, ms: number): Promise<boolean> {
-  if (exited(child) || child.pid === undefined) return Promise.resolve(true);
-  return new Promise((resolve) => {
-    const t = setTimeout(() => resolve(false), ms);
-    child.once('exit', () => {
-      clearTimeout(t);
-      resolve(true);
-    });
-  });
-}
 
 async function stopChild(child: ChildProcess): Promise<void> {
   killTree(child, 'SIGTERM');
@@ -361,19 +308,6 @@ async function mustRun(cmd: string, args: string[], timeoutMs?: number): Promise
   return r;
 }
 
-function canConnect(sock: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect(sock);
-    const done = (ok: boolean) => {
-      s.removeAllListeners();
-      s.destroy();
-      resolve(ok);
-    };
-    s.once('connect', () => done(true));
-    s.once('error', () => done(false));
-    s.setTimeout(1000, () => done(false));
-  });
-}
 
 async function waitSocket(sock: string, child: ChildProcess, logFile: string, timeoutMs = 20_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
@@ -385,18 +319,7 @@ async function waitSocket(sock: string, child: ChildProcess, logFile: string, ti
   throw new Error(`server did not listen on ${sock} within ${timeoutMs / 1000} s:\n${tail(logFile)}`);
 }
 
-function unixUri(sock: string, exportName = ''): string {
-  return `nbd+unix:///${encodeURIComponent(exportName)}?socket=${sock}`;
-}
 
-/** Check the export through a real NBD handshake (nbdinfo) and its size. */
-function verifyExport(uri: string, size: number, logFile: string): void {
-  if (!which('nbdinfo')) return;
-  const r = spawnSync('nbdinfo', ['--size', uri], { encoding: 'utf8', timeout: 15_000 });
-  if (r.status !== 0) throw new Error(`nbdinfo --size ${uri} failed: ${(r.stderr || r.stdout || String(r.error)).trim()}\n${tail(logFile)}`);
-  const got = Number(r.stdout.trim());
-  if (got !== size) throw new Error(`export ${uri} has size ${got}, expected ${size}`);
-}
 
 /** VmRSS of a process in bytes. */
 function rssOf(pid: number | undefined): number {
@@ -1169,9 +1092,6 @@ async function runCreatePart(rep: number, opts: Options, work: string, servers: 
 
 // ------------------------------------------------------------------ output
 
-function log(msg: string): void {
-  process.stderr.write(`${msg}\n`);
-}
 
 function fmtBytes(n: number | undefined): string {
   if (n === undefined || !Number.isFinite(n)) return '-';
@@ -1185,12 +1105,6 @@ function fmtMs(n: number | undefined): string {
   return n >= 100 ? `${n.toFixed(0)} ms` : `${n.toFixed(1)} ms`;
 }
 
-function median(xs: number[]): number {
-  const s = xs.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
-  if (s.length === 0) return NaN;
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-}
 
 function fmtNum(n: number | undefined, digits = 0): string {
   if (n === undefined || !Number.isFinite(n)) return '-';

@@ -19,9 +19,9 @@
 import { spawn, spawnSync, ChildProcess } from 'child_process';
 import * as crypto from 'crypto';
 import * as fs from 'fs';
-import * as net from 'net';
 import * as os from 'os';
 import * as path from 'path';
+import { canConnect, exited, firstLine, killTree, log, median, sleep, tail, unixUri, verifyExport, waitExit, which } from './bench-common';
 
 const ROOT = path.resolve(__dirname, '..', '..');
 const NODE_CLI = path.join(ROOT, 'bin', 'node-nbd-server.js');
@@ -213,18 +213,6 @@ const live = new Set<ChildProcess>();
 const pidFiles = new Set<string>(); // daemons that fork away (nbd-server)
 const tempPaths = new Set<string>();
 
-function killTree(child: ChildProcess, signal: NodeJS.Signals): void {
-  if (child.pid === undefined || child.exitCode !== null || child.signalCode !== null) return;
-  try {
-    process.kill(-child.pid, signal); // detached => own process group
-  } catch {
-    try {
-      child.kill(signal);
-    } catch {
-      /* already gone */
-    }
-  }
-}
 
 /** Pids of all descendants of pid (from /proc), deepest last. */
 function descendants(pid: number): number[] {
@@ -303,31 +291,8 @@ for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
   });
 }
 
-function which(bin: string): string | undefined {
-  for (const dir of (process.env.PATH ?? '').split(path.delimiter)) {
-    if (!dir) continue;
-    const p = path.join(dir, bin);
-    try {
-      fs.accessSync(p, fs.constants.X_OK);
-      if (fs.statSync(p).isFile()) return p;
-    } catch {
-      /* not here */
-    }
-  }
-  return undefined;
-}
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
 
-function tail(file: string, lines = 15): string {
-  try {
-    return fs.readFileSync(file, 'utf8').trimEnd().split('\n').slice(-lines).join('\n');
-  } catch {
-    return '';
-  }
-}
 
 // ------------------------------------------------------------------- image
 
@@ -419,11 +384,6 @@ interface StartCtx {
   opts: Options;
 }
 
-function firstLine(cmd: string, args: string[]): string {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 10_000 });
-  const out = `${r.stdout ?? ''}\n${r.stderr ?? ''}`.split('\n').map((l) => l.trim()).filter(Boolean);
-  return out[0] ?? (r.error ? String(r.error.message) : '?');
-}
 
 function dpkgVersion(pkg: string): string | undefined {
   if (!which('dpkg-query')) return undefined;
@@ -446,20 +406,7 @@ function launch(cmd: string, args: string[], logFile: string): ChildProcess {
   }
 }
 
-function exited(child: ChildProcess): boolean {
-  return child.exitCode !== null || child.signalCode !== null;
-}
 
-function waitExit(child: ChildProcess, ms: number): Promise<boolean> {
-  if (exited(child) || child.pid === undefined) return Promise.resolve(true);
-  return new Promise((resolve) => {
-    const t = setTimeout(() => resolve(false), ms);
-    child.once('exit', () => {
-      clearTimeout(t);
-      resolve(true);
-    });
-  });
-}
 
 async function stopChild(child: ChildProcess): Promise<void> {
   killTree(child, 'SIGTERM');
@@ -470,19 +417,6 @@ async function stopChild(child: ChildProcess): Promise<void> {
   live.delete(child);
 }
 
-function canConnect(sock: string): Promise<boolean> {
-  return new Promise((resolve) => {
-    const s = net.connect(sock);
-    const done = (ok: boolean) => {
-      s.removeAllListeners();
-      s.destroy();
-      resolve(ok);
-    };
-    s.once('connect', () => done(true));
-    s.once('error', () => done(false));
-    s.setTimeout(1000, () => done(false));
-  });
-}
 
 async function waitSocket(sock: string, child: ChildProcess | undefined, logFile: string, timeoutMs = 20_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
@@ -494,14 +428,6 @@ async function waitSocket(sock: string, child: ChildProcess | undefined, logFile
   throw new Error(`server did not listen on ${sock} within ${timeoutMs / 1000} s:\n${tail(logFile)}`);
 }
 
-/** Check the export through a real NBD handshake (nbdinfo) and its size. */
-function verifyExport(uri: string, size: number, logFile: string): void {
-  if (!which('nbdinfo')) return;
-  const r = spawnSync('nbdinfo', ['--size', uri], { encoding: 'utf8', timeout: 15_000 });
-  if (r.status !== 0) throw new Error(`nbdinfo --size ${uri} failed: ${(r.stderr || r.stdout || String(r.error)).trim()}\n${tail(logFile)}`);
-  const got = Number(r.stdout.trim());
-  if (got !== size) throw new Error(`export ${uri} has size ${got}, expected ${size}`);
-}
 
 /** Finish starting a server; if that fails, stop what was started before rethrowing. */
 async function readyOrStop(running: Running, check: () => Promise<void> | void): Promise<Running> {
@@ -514,9 +440,6 @@ async function readyOrStop(running: Running, check: () => Promise<void> | void):
   }
 }
 
-function unixUri(sock: string, exportName = ''): string {
-  return `nbd+unix:///${encodeURIComponent(exportName)}?socket=${sock}`;
-}
 
 const SERVERS: ServerDef[] = [
   {
@@ -792,20 +715,11 @@ interface FioDir {
 
 // ------------------------------------------------------------------ output
 
-function log(msg: string): void {
-  process.stderr.write(`${msg}\n`);
-}
 
 function fmtBytes(n: number): string {
   return n >= GiB ? `${(n / GiB).toFixed(n % GiB ? 2 : 0)} GiB` : `${(n / MiB).toFixed(0)} MiB`;
 }
 
-function median(xs: number[]): number {
-  const s = xs.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
-  if (s.length === 0) return NaN;
-  const m = s.length >> 1;
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-}
 
 function fmtNum(n: number, digits = 0): string {
   if (!Number.isFinite(n)) return '-';
