@@ -116,6 +116,15 @@ int CowDevice::finish_remove(uint64_t id, std::string& err) {
   return 0;
 }
 
+// The snapshot first writes preserve into: the newest healthy one (or
+// chain.size() if none). Newer, failed ones still serve the chunks they hold,
+// so T needs chunk c only if no snapshot from T on holds it.
+size_t CowDevice::target_of(const Chain& chain) {
+  for (size_t t = chain.size(); t-- > 0;)
+    if (!chain[t]->failed()) return t;
+  return chain.size();
+}
+
 size_t CowDevice::source_of(const Chain& chain, size_t i, uint64_t c) {
   for (size_t j = i; j < chain.size(); ++j)
     if (chain[j]->map().test(c)) return j;
@@ -145,12 +154,8 @@ int CowDevice::preserve(uint64_t offset, uint64_t count) {
   auto chain_ptr = chain();
   const Chain& chain = *chain_ptr;
   if (chain.empty() || count == 0) return 0;
-  // Target: the newest healthy snapshot. Newer (failed) ones still serve the
-  // chunks they hold, so T needs c only if no snapshot from T on holds it.
-  size_t t = chain.size();
-  while (t-- > 0)
-    if (!chain[t]->failed()) break;
-  if (t >= chain.size()) return 0;  // every snapshot failed: nothing to protect
+  const size_t t = target_of(chain);
+  if (t == chain.size()) return 0;  // every snapshot failed: nothing to protect
   const uint64_t c0 = offset / chunk_size_, c1 = (offset + count - 1) / chunk_size_;
   auto needed_now = [&](uint64_t c) { return source_of(chain, t, c) == chain.size(); };
   std::vector<uint64_t> needed;
@@ -214,10 +219,8 @@ int CowDevice::zero(uint32_t count, uint64_t offset, IoFlags flags) {
 bool CowDevice::needs_preserving(uint64_t offset, uint64_t count) const {
   auto chain_ptr = chain();
   const Chain& chain = *chain_ptr;
-  size_t t = chain.size();
-  while (t-- > 0)
-    if (!chain[t]->failed()) break;
-  if (t >= chain.size() || count == 0) return false;
+  const size_t t = target_of(chain);
+  if (t == chain.size() || count == 0) return false;
   for (uint64_t c = offset / chunk_size_; c <= (offset + count - 1) / chunk_size_; ++c)
     if (source_of(chain, t, c) == chain.size()) return true;
   return false;

@@ -90,6 +90,7 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   // chain.size() for the live volume.
   static size_t source_of(const Chain& chain, size_t i, uint64_t c);
   bool drop_from_chain(uint64_t id);  // gate must be closed
+  static size_t target_of(const Chain& chain);
 
   const uint32_t chunk_size_;
   FailureCallback on_failure_;
