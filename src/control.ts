@@ -9,12 +9,26 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import { NbdError, type ErrorCode } from './errors';
 import type { Logger } from './logger';
-import type { VolumeSnapshots } from './snapshots';
+import { parseAutoRollback, type VolumeSnapshots } from './snapshots';
 import { controlSocketPath } from './volume-meta';
 
 export interface ControlRequest {
-  op: 'snapshot-create' | 'snapshot-list' | 'snapshot-info' | 'snapshot-delete' | 'ping';
+  op:
+    | 'snapshot-create'
+    | 'snapshot-list'
+    | 'snapshot-info'
+    | 'snapshot-delete'
+    | 'snapshot-set'
+    | 'snapshot-get'
+    | 'rollback'
+    | 'jobs'
+    | 'info'
+    | 'ping';
   name?: string;
+  /** snapshot-create, snapshot-set: an auto-rollback policy or "off" */
+  autoRollback?: string;
+  /** rollback: who asked (user@host pid) */
+  by?: string;
 }
 
 async function handle(v: VolumeSnapshots, req: ControlRequest): Promise<unknown> {
@@ -22,7 +36,17 @@ async function handle(v: VolumeSnapshots, req: ControlRequest): Promise<unknown>
     case 'ping':
       return { pid: process.pid, export: v.exportName };
     case 'snapshot-create':
-      return v.create(String(req.name ?? ''));
+      return v.create(String(req.name ?? ''), { autoRollback: req.autoRollback ? parseAutoRollback(req.autoRollback) : undefined });
+    case 'snapshot-set':
+      return v.setAutoRollback(String(req.name ?? ''), parseAutoRollback(String(req.autoRollback ?? '')));
+    case 'snapshot-get':
+      return { autoRollback: v.getAutoRollback(String(req.name ?? '')) };
+    case 'rollback':
+      return v.rollback(String(req.name ?? ''), { trigger: 'command', by: String(req.by ?? 'unknown') });
+    case 'jobs':
+      return v.jobs();
+    case 'info':
+      return v.volumeInfo();
     case 'snapshot-list':
       return v.list();
     case 'snapshot-info':

@@ -24,7 +24,12 @@ export type ErrorCode =
   | 'SNAPSHOT_CORRUPT'
   | 'SNAPSHOT_CREATE_FAILED'
   | 'SNAPSHOT_DELETE_FAILED'
-  | 'CONTROL_FAILED';
+  | 'CONTROL_FAILED'
+  | 'SNAPSHOT_FAILED'
+  | 'ROLLBACK_RUNNING'
+  | 'ROLLBACK_FAILED'
+  | 'MERGE_FAILED'
+  | 'AUTO_ROLLBACK_CONFLICT';
 
 export class NbdError extends Error {
   readonly code: ErrorCode;
@@ -60,6 +65,11 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   SNAPSHOT_CREATE_FAILED: 10,
   SNAPSHOT_DELETE_FAILED: 10,
   CONTROL_FAILED: 11,
+  SNAPSHOT_FAILED: 12,
+  ROLLBACK_RUNNING: 7,
+  ROLLBACK_FAILED: 10,
+  MERGE_FAILED: 10,
+  AUTO_ROLLBACK_CONFLICT: 9,
 };
 
 /** Converts a native error (with a string `code`) into an NbdError. */

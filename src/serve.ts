@@ -74,6 +74,9 @@ export async function serve(opts: ServeOptions): Promise<Serving> {
     for (const image of opts.images) {
       server.addImage({ path: image, readOnly: opts.readOnly, snapshots: true, chunkSize: opts.chunkSize }, opts.size);
     }
+    // on-start auto-rollback: before the first client can connect.
+    if (!opts.readOnly) for (const v of server.volumeList()) await v.applyPolicy('on-start');
+    for (const v of server.volumeList()) v.resumeJobs();
     const ports = addrs.map((a) => server.listenTcp(a.host, a.port));
     if (opts.socket) server.listenUnix(opts.socket);
     if (addrs.length > 0 || opts.socket) server.start();

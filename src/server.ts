@@ -12,7 +12,7 @@ import { prepareImage, type ImageSpec, type PreparedImage } from './volume';
 
 export interface ServerOptions {
   logger?: Logger;
-  /** Worker threads per connection (spawned on demand). Default 16. */
+  /** Worker threads per connection (spawned on demand). Default 32. */
   threadsPerConnection?: number;
   /** Largest request payload accepted and advertised, in bytes. Default 32 MiB. */
   maxPayload?: number;
@@ -67,6 +67,8 @@ export class NbdServer extends EventEmitter {
   private readonly devices = new Map<number, (result: { error?: string }) => void>();
   private readonly volumes = new Map<string, VolumeSnapshots>();
   private readonly beforeClose: (() => Promise<void>)[] = [];
+  /** Live clients per volume export, for the on-disconnect auto-rollback. */
+  private readonly clients = new Map<string, number>();
 
   constructor(options: ServerOptions = {}) {
     super();
@@ -109,6 +111,7 @@ export class NbdServer extends EventEmitter {
         description: prepared.description,
         chunkSize: vol?.chunkSize,
         snapshots: vol?.snapshots,
+        rollbackJob: vol?.rollbackJob,
       });
     } catch (err) {
       vol?.unlock();
@@ -116,7 +119,7 @@ export class NbdServer extends EventEmitter {
       throw fromNative(err);
     }
     if (vol) {
-      const v = VolumeSnapshots.attach(this.native, prepared.path, info.name, vol, this.log);
+      const v = VolumeSnapshots.attach(this.native, prepared.path, info.name, vol, this.log, prepared.readOnly);
       for (const st of info.snapshots) if (st.failed) v.recordFailure(st.id, st.failure, st.failedAt);
       this.volumes.set(info.name, v);
     }
@@ -227,7 +230,8 @@ export class NbdServer extends EventEmitter {
       this.state = 'closing';
       this.log.info('stopping: draining in-flight requests and flushing');
       const hooks = this.beforeClose.splice(0);
-      this.closing = Promise.all(hooks.map((h) => h().catch(() => undefined)))
+      const jobs = [...this.volumes.values()].map((v) => v.stopJobs().catch(() => undefined));
+      this.closing = Promise.all([...hooks.map((h) => h().catch(() => undefined)), ...jobs])
         .then(() => this.native.stop())
         .then(() => {
         for (const v of this.volumes.values()) v.close();
@@ -241,6 +245,19 @@ export class NbdServer extends EventEmitter {
     return this.closing;
   }
 
+  /** The volume's last client left: the on-disconnect auto-rollback, if one is set. */
+  private onLastDisconnect(v: VolumeSnapshots): void {
+    if (!v.policySnapshot('on-disconnect')) return;
+    v.applyPolicy('on-disconnect').catch((err: Error) => {
+      this.log.error({ volume: v.exportName, err: err.message }, 'auto-rollback on disconnect failed');
+    });
+  }
+
+  /** Live clients of a volume's export right now. */
+  clientCount(exportName: string): number {
+    return this.clients.get(exportName) ?? 0;
+  }
+
   private assertOpen(): void {
     if (this.state === 'closing' || this.state === 'closed') throw new NbdError('SERVER_CLOSED', 'server is closed');
   }
@@ -250,9 +267,15 @@ export class NbdServer extends EventEmitter {
     switch (ev.type) {
       case 'connect':
         this.log.info({ ...fields, mode: ev.message }, 'client connected');
+        if (this.volumes.has(ev.export)) this.clients.set(ev.export, (this.clients.get(ev.export) ?? 0) + 1);
         break;
       case 'disconnect':
         this.log.info({ ...fields, reason: ev.message }, 'client disconnected');
+        if (this.volumes.has(ev.export)) {
+          const n = (this.clients.get(ev.export) ?? 1) - 1;
+          this.clients.set(ev.export, n);
+          if (n === 0 && this.state === 'serving') this.onLastDisconnect(this.volumes.get(ev.export)!);
+        }
         break;
       case 'device-detached':
       case 'device-error': {

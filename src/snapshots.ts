@@ -15,36 +15,107 @@
 //           removed. No write can preserve into the snapshot between its last
 //           hand-down and the manifest, so a crash leaves it listed and intact
 //           or gone with every chunk its older neighbour needs.
+//   rollback: native writes the merge job file (pending set, synced) with
+//           writes paused -> manifest records the job -> native activates it
+//           (live reads show the snapshot from here) -> writes resume ->
+//           history line -> background merge (MergeRunner below) copies the
+//           pending chunks, then the job is dropped from the manifest and its
+//           file removed. A crash before the manifest leaves an orphan job
+//           file (removed at open) and the volume as it was; after it, the
+//           next open resumes the job (native/core/merge_job.hh). A rollback
+//           while a merge runs replaces it; snapshot create and delete are
+//           refused until the merge finishes.
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import { fromNative, NbdError } from './errors';
+import { appendHistory } from './history';
 import type { Logger } from './logger';
-import type { NativeServer, NativeSnapshotStatus } from './native';
+import type { NativeMergeStatus, NativeServer, NativeSnapshotStatus } from './native';
 import {
+  AUTO_ROLLBACK_POLICIES,
   lockVolume,
   newManifest,
   readManifest,
   removeOrphans,
+  rollbackJobPath,
   snapshotPaths,
   validateSnapshotName,
   writeManifest,
+  type AutoRollbackPolicy,
   type Manifest,
+  type RollbackJob,
+  type RollbackTrigger,
   type SnapshotRecord,
 } from './volume-meta';
 
-export interface SnapshotInfo extends SnapshotRecord {
+export interface SnapshotInfo extends Omit<SnapshotRecord, 'autoRollback'> {
   export: string;
   preservedChunks?: number;
   preservedBytes?: number;
   chunkSize: number;
+  autoRollback: AutoRollbackPolicy | 'off';
+  /** Snapshot -> volume: the image this snapshot belongs to. */
+  volume: string;
+  /** Volumes whose content was last rolled back to this snapshot. */
+  basisOf: string[];
+  /** Present while a rollback to this snapshot is merging. */
+  merge?: MergeProgress;
+}
+
+export interface MergeProgress {
+  done: number;
+  total: number;
+  percent: number;
+}
+
+/** A running background job of a volume (today: rollback merges). */
+export interface JobInfo extends MergeProgress {
+  type: 'rollback-merge';
+  volume: string;
+  snapshot: string;
+  snapshotId: number;
+  startedAt: string;
+  trigger: string;
+  by: string;
+  /** The last merge error, if the merge is retrying. */
+  error?: string;
+}
+
+export interface RollbackResult extends JobInfo {
+  /** From the request to the snapshot being visible on the live export. */
+  visibleMs: number;
+}
+
+/** Who runs a command, for the history. */
+export function commandTrigger(): RollbackTrigger {
+  let user = 'unknown';
+  try {
+    user = os.userInfo().username;
+  } catch {
+    /* no passwd entry */
+  }
+  return { trigger: 'command', by: `${user}@${os.hostname()} pid ${process.pid}` };
+}
+
+export function parseAutoRollback(text: string): AutoRollbackPolicy | 'off' {
+  if (text === 'off' || (AUTO_ROLLBACK_POLICIES as readonly string[]).includes(text)) return text as AutoRollbackPolicy | 'off';
+  throw new NbdError('BAD_ARGUMENT', `unknown auto-rollback policy "${text}": use ${AUTO_ROLLBACK_POLICIES.join(', ')} or off`);
 }
 
 /** Chunks handed down per native call when deleting (bounded work per step). */
 const HAND_DOWN_STEP = 16384;
+/** Bytes merged per native step: one flush and one job commit each. */
+const MERGE_STEP_BYTES = 64 * 1024 * 1024;
 
 export class VolumeSnapshots {
   private manifest: Manifest;
   private unlock: () => void;
   private queue: Promise<unknown> = Promise.resolve();
+  private mergeLoop?: Promise<void>;
+  private stopping = false;
+  private mergeError?: string;
+  /** Served read-only: a rollback would have to write, so it is refused. */
+  private readOnly = false;
 
   private constructor(
     private readonly native: NativeServer,
@@ -73,17 +144,33 @@ export class VolumeSnapshots {
       const orphans = removeOrphans(image, m);
       if (orphans.length) log.warn({ image, files: orphans }, 'removed orphan snapshot files left by an interrupted operation');
       const snapshots = m.snapshots.map((s) => ({ id: s.id, ...snapshotPaths(image, s.id) }));
-      return { manifest: m, unlock, chunkSize: m.chunkSize, snapshots };
+      const rollbackJob = m.rollback ? rollbackJobPath(image, m.rollback.jobId) : undefined;
+      return { manifest: m, unlock, chunkSize: m.chunkSize, snapshots, rollbackJob };
     } catch (err) {
       unlock();
       throw err;
     }
   }
 
-  static attach(native: NativeServer, image: string, exportName: string, prepared: ReturnType<typeof VolumeSnapshots.prepare>, log: Logger) {
+  static attach(
+    native: NativeServer,
+    image: string,
+    exportName: string,
+    prepared: ReturnType<typeof VolumeSnapshots.prepare>,
+    log: Logger,
+    readOnly = false,
+  ) {
     const v = new VolumeSnapshots(native, image, exportName, prepared.manifest, prepared.unlock, log.child({ volume: exportName }));
+    v.readOnly = readOnly;
     for (const s of v.manifest.snapshots) v.exportView(s);
     return v;
+  }
+
+  /** Resumes an unfinished rollback merge (serving, or an offline command that waits for it). */
+  resumeJobs(): void {
+    if (!this.manifest.rollback || this.readOnly || this.mergeLoop) return;
+    this.log.info({ snapshot: this.nameOf(this.manifest.rollback.snapshotId) }, 'resuming an unfinished rollback merge');
+    this.kickMerge();
   }
 
   get chunkSize(): number {
@@ -91,7 +178,14 @@ export class VolumeSnapshots {
   }
 
   close(): void {
+    this.stopping = true;
     this.unlock();
+  }
+
+  /** Stops the background merge after its current step (it resumes at the next open). */
+  async stopJobs(): Promise<void> {
+    this.stopping = true;
+    await this.mergeLoop;
   }
 
   /** Serialises control operations on this volume. */
@@ -124,12 +218,15 @@ export class VolumeSnapshots {
     this.manifest = m;
   }
 
-  create(name: string): Promise<SnapshotInfo> {
+  create(name: string, opts: { autoRollback?: AutoRollbackPolicy | 'off' } = {}): Promise<SnapshotInfo> {
     validateSnapshotName(name);
     return this.serial(async () => {
+      this.refuseWhileMerging('create a snapshot');
       if (this.manifest.snapshots.some((s) => s.name === name)) {
         throw new NbdError('SNAPSHOT_EXISTS', `volume ${this.image} already has a snapshot named "${name}"`);
       }
+      const policy = opts.autoRollback && opts.autoRollback !== 'off' ? opts.autoRollback : undefined;
+      if (policy) this.refusePolicyConflict(undefined);
       const id = this.manifest.nextId;
       const files = snapshotPaths(this.image, id);
       const started = process.hrtime.bigint();
@@ -142,7 +239,7 @@ export class VolumeSnapshots {
         removeFiles();
         throw fromNative(err);
       }
-      const rec: SnapshotRecord = { id, name, createdAt: new Date().toISOString(), state: 'active' };
+      const rec: SnapshotRecord = { id, name, createdAt: new Date().toISOString(), state: 'active', ...(policy ? { autoRollback: policy } : {}) };
       const before = this.manifest;
       try {
         this.save({ ...before, nextId: id + 1, snapshots: [...before.snapshots, rec] });
@@ -173,6 +270,7 @@ export class VolumeSnapshots {
   delete(name: string, onProgress?: (done: number, total: number) => void): Promise<void> {
     return this.serial(async () => {
       const s = this.find(name);
+      this.refuseWhileMerging('delete a snapshot');
       let from = 0;
       for (;;) {
         let r;
@@ -188,7 +286,9 @@ export class VolumeSnapshots {
       this.native.removeExport(this.viewName(s));
       try {
         await this.native.removeSnapshot(this.exportName, s.id); // writes are paused from here...
-        this.save({ ...this.manifest, snapshots: this.manifest.snapshots.filter((x) => x.id !== s.id) });
+        const { basedOn, ...m } = this.manifest;
+        const keepBasis = basedOn && basedOn.snapshotId !== s.id ? { basedOn } : {};
+        this.save({ ...m, ...keepBasis, snapshots: this.manifest.snapshots.filter((x) => x.id !== s.id) });
       } catch (err) {
         if (this.manifest.snapshots.some((x) => x.id === s.id)) this.exportView(s);
         throw fromNative(err);
@@ -224,6 +324,235 @@ export class VolumeSnapshots {
     }
   }
 
+  // ---- rollback ------------------------------------------------------------
+
+  private nameOf(id: number): string {
+    return this.manifest.snapshots.find((x) => x.id === id)?.name ?? `#${id}`;
+  }
+
+  private refuseWhileMerging(what: string): void {
+    const job = this.jobs()[0];
+    if (job) {
+      throw new NbdError(
+        'ROLLBACK_RUNNING',
+        `cannot ${what} while the rollback to "${job.snapshot}" is merging (${job.percent}% done); ` +
+          `wait for it: node-nbd-server jobs ${this.image} --wait`,
+      );
+    }
+  }
+
+  private refusePolicyConflict(exceptId: number | undefined): void {
+    const other = this.manifest.snapshots.find((x) => x.autoRollback && x.id !== exceptId);
+    if (other) {
+      throw new NbdError(
+        'AUTO_ROLLBACK_CONFLICT',
+        `snapshot "${other.name}" already carries auto-rollback=${other.autoRollback}; at most one snapshot per volume can: ` +
+          `node-nbd-server snapshot set ${this.image} ${other.name} auto-rollback=off`,
+      );
+    }
+  }
+
+  /**
+   * Rolls the volume back to snapshot `name`: visible on the live export when
+   * this resolves; the merge continues in the background.
+   */
+  rollback(name: string, who: RollbackTrigger): Promise<RollbackResult> {
+    return this.serial(async () => {
+      const started = process.hrtime.bigint();
+      const s = this.find(name);
+      if (this.readOnly) throw new NbdError('BAD_ARGUMENT', `${this.image} is served read-only: a rollback would write to it`);
+      const info = this.describe(s);
+      if (info.state === 'failed') {
+        throw new NbdError('SNAPSHOT_FAILED', `snapshot "${name}" failed and cannot be rolled back to: ${info.failure?.reason ?? 'unknown reason'}`);
+      }
+      const prior = this.manifest.rollback;
+      const jobId = this.manifest.nextJobId ?? 1;
+      const file = rollbackJobPath(this.image, jobId);
+      fs.rmSync(file, { force: true });
+      try {
+        await this.native.prepareRollback(this.exportName, s.id, file); // writes are paused from here...
+      } catch (err) {
+        fs.rmSync(file, { force: true });
+        throw fromNative(err);
+      }
+      const job: RollbackJob = { jobId, snapshotId: s.id, startedAt: new Date().toISOString(), ...who };
+      try {
+        this.save({ ...this.manifest, rollback: job, basedOn: { snapshotId: s.id, since: job.startedAt }, nextJobId: jobId + 1 });
+      } catch (err) {
+        this.native.abortRollback(this.exportName);
+        fs.rmSync(file, { force: true });
+        throw new NbdError('ROLLBACK_FAILED', `cannot record the rollback: ${(err as Error).message}`);
+      }
+      this.native.activateRollback(this.exportName); // ...to here; live reads show the snapshot
+      const visibleMs = Number(process.hrtime.bigint() - started) / 1e6;
+      if (prior) fs.rmSync(rollbackJobPath(this.image, prior.jobId), { force: true });
+      const st = this.native.mergeStatus(this.exportName);
+      this.history({
+        at: job.startedAt,
+        event: 'rollback',
+        snapshot: name,
+        snapshotId: s.id,
+        trigger: who.trigger,
+        by: who.by,
+        ...(prior ? { replaced: this.nameOf(prior.snapshotId) } : {}),
+        chunks: st?.total ?? 0,
+      });
+      this.log.info({ snapshot: name, id: s.id, trigger: who.trigger, by: who.by, chunks: st?.total, ms: visibleMs }, 'rolled back (merging in the background)');
+      this.mergeError = undefined;
+      this.kickMerge();
+      const j = this.jobs()[0];
+      return { ...(j ?? this.jobOf(job, st)), visibleMs };
+    });
+  }
+
+  private history(e: Parameters<typeof appendHistory>[1]): void {
+    try {
+      appendHistory(this.image, e);
+    } catch (err) {
+      this.log.error({ err, entry: e }, 'could not append to the volume history');
+    }
+  }
+
+  private jobOf(job: RollbackJob, st: NativeMergeStatus | null): JobInfo {
+    const total = st?.total ?? 0;
+    const done = st ? st.total - st.remaining : 0;
+    return {
+      type: 'rollback-merge',
+      volume: this.image,
+      snapshot: this.nameOf(job.snapshotId),
+      snapshotId: job.snapshotId,
+      startedAt: job.startedAt,
+      trigger: job.trigger,
+      by: job.by,
+      done,
+      total,
+      percent: total ? Math.floor((1000 * done) / total) / 10 : 100,
+      ...(this.mergeError ? { error: this.mergeError } : {}),
+    };
+  }
+
+  /** Running jobs: the rollback merge, if one runs. */
+  jobs(): JobInfo[] {
+    const job = this.manifest.rollback;
+    if (!job) return [];
+    let st: NativeMergeStatus | null = null;
+    try {
+      st = this.native.mergeStatus(this.exportName);
+    } catch {
+      st = null;
+    }
+    return [this.jobOf(job, st)];
+  }
+
+  /** Resolves when no job runs; calls onProgress about every `everyMs`. */
+  async waitJobs(onProgress?: (jobs: JobInfo[]) => void, everyMs = 200): Promise<void> {
+    for (;;) {
+      const j = this.jobs();
+      onProgress?.(j);
+      if (j.length === 0) return;
+      if (this.stopping) throw new NbdError('SERVER_CLOSED', 'the volume was closed before its jobs finished');
+      await new Promise((r) => setTimeout(r, everyMs));
+    }
+  }
+
+  private kickMerge(): void {
+    if (this.mergeLoop || this.stopping) return;
+    this.mergeLoop = this.runMerge().finally(() => {
+      this.mergeLoop = undefined;
+    });
+  }
+
+  private async runMerge(): Promise<void> {
+    const step = Math.max(16, Math.floor(MERGE_STEP_BYTES / this.manifest.chunkSize));
+    let from = 0;
+    while (!this.stopping) {
+      const st = this.native.mergeStatus(this.exportName);
+      if (!st) return;
+      if (st.remaining === 0) {
+        await this.serial(() => this.finishMerge());
+        continue;
+      }
+      try {
+        const r = await this.native.mergeStep(this.exportName, from, step);
+        from = r.next >= r.chunks ? 0 : r.next;
+        this.mergeError = undefined;
+      } catch (err) {
+        this.mergeError = (err as Error).message;
+        this.log.error({ err: this.mergeError }, 'rollback merge step failed; retrying in 1 s');
+        await new Promise((r) => setTimeout(r, 1000));
+      }
+    }
+  }
+
+  private async finishMerge(): Promise<void> {
+    const st = this.native.mergeStatus(this.exportName);
+    const job = this.manifest.rollback;
+    if (!st || st.remaining > 0 || !job) return;
+    try {
+      await this.native.finishRollback(this.exportName);
+    } catch (err) {
+      throw fromNative(err);
+    }
+    const { rollback: _done, ...rest } = this.manifest;
+    this.save(rest);
+    fs.rmSync(rollbackJobPath(this.image, job.jobId), { force: true });
+    const ms = Date.now() - Date.parse(job.startedAt);
+    this.history({ at: new Date().toISOString(), event: 'merge-finished', snapshot: this.nameOf(job.snapshotId), snapshotId: job.snapshotId, chunks: st.total, ms });
+    this.log.info({ snapshot: this.nameOf(job.snapshotId), chunks: st.total, ms }, 'rollback merge finished');
+  }
+
+  // ---- auto-rollback policy ---------------------------------------------------
+
+  setAutoRollback(name: string, policy: AutoRollbackPolicy | 'off'): Promise<SnapshotInfo> {
+    return this.serial(async () => {
+      const s = this.find(name);
+      if (policy !== 'off') {
+        this.refusePolicyConflict(s.id);
+        if (this.describe(s).state === 'failed') {
+          throw new NbdError('SNAPSHOT_FAILED', `snapshot "${name}" failed and cannot carry an auto-rollback policy: ${s.failure?.reason ?? ''}`);
+        }
+      }
+      const next: SnapshotRecord = { ...s };
+      if (policy === 'off') delete next.autoRollback;
+      else next.autoRollback = policy;
+      this.save({ ...this.manifest, snapshots: this.manifest.snapshots.map((x) => (x.id === s.id ? next : x)) });
+      this.log.info({ snapshot: name, autoRollback: policy }, 'auto-rollback policy set');
+      return this.describe(next);
+    });
+  }
+
+  getAutoRollback(name: string): AutoRollbackPolicy | 'off' {
+    return this.find(name).autoRollback ?? 'off';
+  }
+
+  /** The snapshot carrying `policy`, if any. */
+  policySnapshot(policy: AutoRollbackPolicy): string | undefined {
+    return this.manifest.snapshots.find((x) => x.autoRollback === policy)?.name;
+  }
+
+  /** Runs the volume's auto-rollback for `policy`, if a snapshot carries it. */
+  async applyPolicy(policy: AutoRollbackPolicy): Promise<RollbackResult | undefined> {
+    const name = this.policySnapshot(policy);
+    if (!name) return undefined;
+    return this.rollback(name, { trigger: `policy:${policy}`, by: `snapshot ${name}` });
+  }
+
+  /** Volume -> snapshot mapping and the volume's state. */
+  volumeInfo() {
+    const based = this.manifest.basedOn;
+    const policy = this.manifest.snapshots.find((x) => x.autoRollback);
+    return {
+      volume: this.image,
+      export: this.exportName,
+      size: this.manifest.size,
+      chunkSize: this.manifest.chunkSize,
+      snapshots: this.manifest.snapshots.length,
+      basedOn: based ? { snapshot: this.nameOf(based.snapshotId), snapshotId: based.snapshotId, since: based.since } : null,
+      autoRollback: policy ? { snapshot: policy.name, policy: policy.autoRollback } : null,
+      jobs: this.jobs(),
+    };
+  }
+
   private describe(s: SnapshotRecord): SnapshotInfo {
     let st: NativeSnapshotStatus | undefined;
     try {
@@ -232,8 +561,14 @@ export class VolumeSnapshots {
       st = undefined;
     }
     const failed = s.state === 'failed' || st?.failed === true;
+    const job = this.jobs()[0];
+    const { autoRollback, ...rest } = s;
     return {
-      ...s,
+      ...rest,
+      autoRollback: autoRollback ?? 'off',
+      volume: this.image,
+      basisOf: this.manifest.basedOn?.snapshotId === s.id ? [this.image] : [],
+      ...(job && job.snapshotId === s.id ? { merge: { done: job.done, total: job.total, percent: job.percent } } : {}),
       state: failed ? 'failed' : 'active',
       failure: s.failure ?? (st?.failed ? { reason: st.failure, at: st.failedAt ? new Date(st.failedAt).toISOString() : '' } : undefined),
       export: this.viewName(s),

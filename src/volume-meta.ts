@@ -3,8 +3,11 @@
 //   manifest.json   which snapshots exist, in order, with their names and state;
 //                   versioned, with a SHA-256 over its content; replaced atomically
 //                   (write temp, fsync, rename, fsync dir).
-//   snap-<id>.data  preserved chunk data of snapshot <id> (sparse)
-//   snap-<id>.map   its checksummed preservation log (native/core/snapshot_store.cc)
+//   snap-<id>.snap  snapshot <id>: preserved chunk data (sparse) and its
+//                   checksummed log (native/core/snapshot_store.cc, format 2)
+//   rollback-<n>.merge  the running rollback merge's pending set and progress
+//                   (native/core/merge_job.hh)
+//   history.jsonl   every rollback and finished merge, one JSON line each (src/history.ts)
 //   lock            the PID of the process that owns the volume
 //   control.sock    the serving server's control socket
 import * as crypto from 'node:crypto';
@@ -14,8 +17,14 @@ import * as path from 'node:path';
 import { NbdError } from './errors';
 
 export const MANIFEST_FORMAT = 'node-nbd-server-volume';
-export const MANIFEST_VERSION = 1;
+// 2: snapshots in one file each (snap-<id>.snap, store format 2). A version 1
+// manifest without snapshots is read as version 2; one with snapshots names
+// files of store format 1, which this build does not read.
+export const MANIFEST_VERSION = 2;
 export const DEFAULT_CHUNK_SIZE = 64 * 1024;
+
+export const AUTO_ROLLBACK_POLICIES = ['on-disconnect', 'on-start'] as const;
+export type AutoRollbackPolicy = (typeof AUTO_ROLLBACK_POLICIES)[number];
 
 export interface SnapshotRecord {
   id: number;
@@ -23,6 +32,23 @@ export interface SnapshotRecord {
   createdAt: string;
   state: 'active' | 'failed';
   failure?: { reason: string; at: string };
+  /** Rolls the volume back to this snapshot automatically (at most one snapshot per volume). */
+  autoRollback?: AutoRollbackPolicy;
+}
+
+/** Who or what started a rollback. */
+export interface RollbackTrigger {
+  /** 'command' (rollback CLI or API) or 'policy:on-disconnect' / 'policy:on-start' */
+  trigger: string;
+  /** user@host and PID of a command; the policy's snapshot for a policy */
+  by: string;
+}
+
+/** A rollback whose background merge has not finished. */
+export interface RollbackJob extends RollbackTrigger {
+  jobId: number;
+  snapshotId: number;
+  startedAt: string;
 }
 
 export interface Manifest {
@@ -32,6 +58,11 @@ export interface Manifest {
   size: number;
   nextId: number;
   snapshots: SnapshotRecord[];
+  /** The running rollback merge, if any. */
+  rollback?: RollbackJob;
+  /** Volume -> snapshot: the snapshot the volume's content was last rolled back to. */
+  basedOn?: { snapshotId: number; since: string };
+  nextJobId?: number;
 }
 
 /**
@@ -52,9 +83,12 @@ export function controlSocketPath(image: string): string {
   return path.join(metaDir(image), 'control.sock');
 }
 
-export function snapshotPaths(image: string, id: number): { data: string; map: string } {
-  const dir = metaDir(image);
-  return { data: path.join(dir, `snap-${id}.data`), map: path.join(dir, `snap-${id}.map`) };
+export function snapshotPaths(image: string, id: number): { file: string } {
+  return { file: path.join(metaDir(image), `snap-${id}.snap`) };
+}
+
+export function rollbackJobPath(image: string, jobId: number): string {
+  return path.join(metaDir(image), `rollback-${jobId}.merge`);
 }
 
 function digest(m: Manifest): string {
@@ -82,6 +116,7 @@ export function readManifest(image: string): Manifest | null {
     throw new NbdError('METADATA_CORRUPT', `${file} fails its checksum (corrupt metadata)`);
   }
   if (m.format !== MANIFEST_FORMAT) throw new NbdError('METADATA_CORRUPT', `${file} is not a ${MANIFEST_FORMAT} manifest`);
+  if (m.version === 1 && Array.isArray(m.snapshots) && m.snapshots.length === 0) m.version = MANIFEST_VERSION;
   if (m.version !== MANIFEST_VERSION) {
     throw new NbdError('METADATA_CORRUPT', `${file} has format version ${m.version}; this build reads version ${MANIFEST_VERSION}`);
   }
@@ -130,8 +165,9 @@ export function removeOrphans(image: string, m: Manifest): string[] {
   const keep = new Set(m.snapshots.map((s) => s.id));
   const removed: string[] = [];
   for (const n of names) {
-    const mm = /^snap-(\d+)\.(data|map)$/.exec(n);
-    if ((mm && !keep.has(Number(mm[1]))) || /^manifest\.json\.tmp-\d+$/.test(n)) {
+    const mm = /^snap-(\d+)\.(snap|data|map)$/.exec(n);
+    const job = /^rollback-(\d+)\.merge$/.exec(n);
+    if ((mm && !keep.has(Number(mm[1]))) || (job && Number(job[1]) !== m.rollback?.jobId) || /^manifest\.json\.tmp-\d+$/.test(n)) {
       fs.rmSync(path.join(dir, n), { force: true });
       removed.push(n);
     }

@@ -215,11 +215,11 @@ interface MapRecord {
   length: number;
 }
 
-/** Parses the record log of a snapshot map file (header 4 KiB, 16-byte record headers). */
+/** Parses the record log of a snapshot file (16-byte record headers from log_base, header offset 40). */
 function mapRecords(file: string): MapRecord[] {
   const b = fs.readFileSync(file);
   const out: MapRecord[] = [];
-  let off = 4096;
+  let off = Number(b.readBigUInt64LE(40));
   while (off + 16 <= b.length) {
     if (b.readUInt32LE(off) !== 0x5245434e) break;
     const len = b.readUInt32LE(off + 8);
@@ -231,8 +231,10 @@ function mapRecords(file: string): MapRecord[] {
 }
 
 const manifestFile = (img: string) => path.join(`${img}.nbd`, 'manifest.json');
-const mapFile = (img: string, id: number) => path.join(`${img}.nbd`, `snap-${id}.map`);
-const dataFile = (img: string, id: number) => path.join(`${img}.nbd`, `snap-${id}.data`);
+const snapFile = (img: string, id: number) => path.join(`${img}.nbd`, `snap-${id}.snap`);
+/** Where a snapshot file's data region starts (format 2: 1 MiB) and its log (past the data region). */
+const DATA_BASE = MiB;
+const logBase = (volumeSize: number) => DATA_BASE + Math.ceil(volumeSize / MiB) * MiB;
 
 // ---- offline ---------------------------------------------------------------------
 
@@ -248,22 +250,24 @@ t.test('offline: create, list, info, delete (text and --json), on-disk files, id
   const c1 = await cli(['snapshot', 'create', img, 's1']);
   expectOk(t, c1, 'create s1');
   t.equal(c1.stdout, 'created snapshot s1 (export disk@s1)\n', 'create prints the snapshot and its export');
-  for (const f of ['manifest.json', 'snap-1.data', 'snap-1.map']) t.ok(fs.existsSync(path.join(meta, f)), `${f} exists`);
+  for (const f of ['manifest.json', 'snap-1.snap']) t.ok(fs.existsSync(path.join(meta, f)), `${f} exists`);
   t.notOk(fs.existsSync(path.join(meta, 'lock')), 'no lock left behind by an offline command');
   t.notOk(fs.existsSync(path.join(meta, 'control.sock')), 'no control socket from an offline command');
-  t.equal(fs.statSync(dataFile(img, 1)).size, 4 * MiB, 'snap-1.data has the volume size');
-  t.ok(fs.statSync(dataFile(img, 1)).blocks * 512 < 64 * KiB, 'snap-1.data is sparse (nothing preserved yet)');
-  const map = fs.readFileSync(mapFile(img, 1));
-  t.equal(map.length, 4096, 'snap-1.map is a 4 KiB header and no records');
-  t.equal(map.subarray(0, 8).toString('latin1'), 'NBDSNAP1', 'map magic NBDSNAP1');
-  t.equal(map.readUInt32LE(8), 1, 'map version 1');
-  t.equal(map.readUInt32LE(12), CHUNK, 'map chunk size');
-  t.equal(map.readBigUInt64LE(16), BigInt(4 * MiB), 'map volume size');
-  t.equal(map.readBigUInt64LE(24), 1n, 'map snapshot id');
+  t.equal(fs.statSync(snapFile(img, 1)).size, logBase(4 * MiB), 'snap-1.snap ends at its log base (header, data region, no records)');
+  t.ok(fs.statSync(snapFile(img, 1)).blocks * 512 < 64 * KiB, 'snap-1.snap is sparse (nothing preserved yet)');
+  const map = fs.readFileSync(snapFile(img, 1));
+  t.equal(map.subarray(0, 8).toString('latin1'), 'NBDSNAP2', 'magic NBDSNAP2');
+  t.equal(map.readUInt32LE(8), 2, 'format version 2');
+  t.equal(map.readUInt32LE(12), CHUNK, 'chunk size');
+  t.equal(map.readBigUInt64LE(16), BigInt(4 * MiB), 'volume size');
+  t.equal(map.readBigUInt64LE(24), 1n, 'snapshot id');
+  t.equal(map.readBigUInt64LE(32), BigInt(DATA_BASE), 'data base');
+  t.equal(map.readBigUInt64LE(40), BigInt(logBase(4 * MiB)), 'log base');
+  t.ok(map.subarray(52, 4096).every((b) => b === 0), 'the rest of the header is zero (no failure marker)');
 
   const m = JSON.parse(fs.readFileSync(manifestFile(img), 'utf8')) as { manifest: Record<string, unknown>; sha256: string };
   t.equal(m.sha256, crypto.createHash('sha256').update(JSON.stringify(m.manifest)).digest('hex'), 'manifest sha256 is over JSON.stringify(manifest)');
-  t.match(m.manifest, { format: 'node-nbd-server-volume', version: 1, chunkSize: CHUNK, size: 4 * MiB, nextId: 2 }, 'manifest fields');
+  t.match(m.manifest, { format: 'node-nbd-server-volume', version: 2, chunkSize: CHUNK, size: 4 * MiB, nextId: 2 }, 'manifest fields');
 
   const c2 = await cli(['snapshot', 'create', img, 's2']);
   expectOk(t, c2, 'create s2');
@@ -295,7 +299,7 @@ t.test('offline: create, list, info, delete (text and --json), on-disk files, id
   const d = await cli(['snapshot', 'delete', img, 's1']);
   expectOk(t, d, 'delete s1');
   t.equal(d.stdout, 'deleted snapshot s1\n', 'delete prints what it deleted');
-  t.notOk(fs.existsSync(dataFile(img, 1)) || fs.existsSync(mapFile(img, 1)), 'snap-1 files removed');
+  t.notOk(fs.existsSync(snapFile(img, 1)), 'snap-1.snap removed');
   t.same((await listJson(t, img, 'after delete')).map((s) => s.name), ['s2'], 'only s2 is left');
 
   expectOk(t, await cli(['snapshot', 'create', img, 's1']), 'create s1 again');
@@ -359,7 +363,7 @@ t.test('online: the commands go through the running server; exports appear and g
     const del = await cli(['snapshot', 'delete', img, 'on1']);
     expectOk(t, del, 'online delete');
     t.same(await exportNames(srv.socket), ['disk', 'disk@offline1'], 'disk@on1 no longer exported');
-    t.notOk(fs.existsSync(dataFile(img, 2)) || fs.existsSync(mapFile(img, 2)), 'snap-2 files removed');
+    t.notOk(fs.existsSync(snapFile(img, 2)), 'snap-2.snap removed');
     const r1 = await readExport(srv.socket, 'disk@offline1', 0, 4 * MiB);
     t.ok(r1.data?.equals(content!), 'offline1 is still exact after deleting the newer snapshot (chunks handed down)');
     t.equal((await listJson(t, img, 'after online delete'))[0]?.preservedChunks, 2, 'offline1 now holds the 2 handed-down chunks');
@@ -712,8 +716,8 @@ async function imageWithRecords(t: Test): Promise<{ dir: string; img: string; co
   } finally {
     t.equal(await srv.stop(), 0, 'setup: server exits 0');
   }
-  const recs = mapRecords(mapFile(img, 1));
-  t.same(recs.map((r) => [r.type, r.length]), [[1, 8], [1, 8], [1, 8]], 'setup: the map log holds 3 CHUNKS records of one chunk each');
+  const recs = mapRecords(snapFile(img, 1));
+  t.same(recs.map((r) => [r.type, r.length]), [[1, 16], [1, 16], [1, 16]], 'setup: the log holds 3 CHUNKS records of one chunk each');
   return { dir, img, content: content! };
 }
 
@@ -755,7 +759,7 @@ t.test('corrupt manifest.json: METADATA_CORRUPT, exit 6; not served, nothing mod
 
 t.test('corrupt map header: SNAPSHOT_CORRUPT, exit 6; not served, nothing modified', async (t) => {
   const { dir, img } = await imageWithRecords(t);
-  const file = mapFile(img, 1);
+  const file = snapFile(img, 1);
   const good = fs.readFileSync(file);
   for (const [what, offset] of [
     ['magic', 0],
@@ -763,7 +767,9 @@ t.test('corrupt map header: SNAPSHOT_CORRUPT, exit 6; not served, nothing modifi
     ['chunk size', 13],
     ['volume size', 18],
     ['id', 24],
-    ['header CRC', 33],
+    ['data base', 33],
+    ['log base', 41],
+    ['header CRC', 49],
   ] as const) {
     const bad = Buffer.from(good);
     bad[offset] ^= 0x01;
@@ -771,14 +777,16 @@ t.test('corrupt map header: SNAPSHOT_CORRUPT, exit 6; not served, nothing modifi
     await expectRefused(t, dir, img, 'SNAPSHOT_CORRUPT', `map header ${what} byte flipped`);
   }
   fs.writeFileSync(file, good.subarray(0, 20));
-  await expectRefused(t, dir, img, 'SNAPSHOT_CORRUPT', 'map shorter than its header');
+  await expectRefused(t, dir, img, 'SNAPSHOT_CORRUPT', 'file shorter than its header');
+  fs.writeFileSync(file, good.subarray(0, 8192));
+  await expectRefused(t, dir, img, 'SNAPSHOT_CORRUPT', 'file cut short inside its data region');
   fs.writeFileSync(file, good);
   expectOk(t, await cli(['snapshot', 'list', img]), 'the restored map works again');
 });
 
 t.test('corrupt map log record in the middle: SNAPSHOT_CORRUPT, exit 6; nothing modified', async (t) => {
   const { dir, img } = await imageWithRecords(t);
-  const file = mapFile(img, 1);
+  const file = snapFile(img, 1);
   const good = fs.readFileSync(file);
   const recs = mapRecords(file);
   if (recs.length !== 3) return;
@@ -800,7 +808,7 @@ t.test('corrupt map log record in the middle: SNAPSHOT_CORRUPT, exit 6; nothing 
 
 t.test('a torn last map record (a few bytes cut off) is dropped and the volume is accepted', async (t) => {
   const { dir, img, content } = await imageWithRecords(t);
-  const file = mapFile(img, 1);
+  const file = snapFile(img, 1);
   const good = fs.readFileSync(file);
   const recs = mapRecords(file);
   for (const cut of [3, 16, 20]) {
@@ -825,6 +833,24 @@ t.test('a torn last map record (a few bytes cut off) is dropped and the volume i
   } finally {
     t.equal(await srv.stop(), 0, 'exits 0');
   }
+});
+
+t.test('the newest record whose chunk data fails its CRC (its sync never completed) is dropped; older records are kept', async (t) => {
+  const { img } = await imageWithRecords(t);
+  const file = snapFile(img, 1);
+  const recs = mapRecords(file);
+  const fd = fs.openSync(file, 'r+');
+  try {
+    const b = Buffer.alloc(1);
+    fs.readSync(fd, b, 0, 1, DATA_BASE + 9 * CHUNK + 100);
+    b[0] ^= 0xff;
+    fs.writeSync(fd, b, 0, 1, DATA_BASE + 9 * CHUNK + 100); // chunk 9: the newest record's data
+  } finally {
+    fs.closeSync(fd);
+  }
+  const list = await listJson(t, img, 'after damaging the newest record\'s data');
+  t.same(list.map((s) => [s.name, s.state, s.preservedChunks]), [['one', 'active', 2]], 'chunks 0 and 5 stay preserved; chunk 9 is not');
+  if (recs.length === 3) t.equal(fs.statSync(file).size, recs[2]!.offset, 'the log is cut back to before the dropped record');
 });
 
 // ---- scale and interop ------------------------------------------------------------
@@ -852,7 +878,7 @@ t.test('snapshot create on a 1 TiB sparse image is cheap (offline and online)', 
       if (st.isFile()) allocated += st.blocks * 512;
     }
     t.ok(allocated < MiB, `the metadata of two 1 TiB snapshots allocates ${allocated} bytes (< 1 MiB)`);
-    t.equal(fs.statSync(dataFile(img, 2)).size, 1024 * 1024 * MiB, 'snap-2.data is 1 TiB, sparse');
+    t.equal(fs.statSync(snapFile(img, 2)).size, logBase(1024 * 1024 * MiB), 'snap-2.snap spans 1 TiB of data region, sparse');
     const c = await RawClient.connect(srv.socket);
     const go = await c.go('disk@tera-online');
     t.equal(go.size, BigInt(1024 * 1024 * MiB), 'the snapshot export is 1 TiB');

@@ -237,7 +237,7 @@ t.test('store fills up while the newest snapshot copies: it fails, and the older
     }
 
     // Give the room back: failed snapshots get no more copies.
-    const before = { A: allocated(path.join(meta, 'snap-1.data')), B: allocated(path.join(meta, 'snap-2.data')) };
+    const before = { A: allocated(path.join(meta, 'snap-1.snap')), B: allocated(path.join(meta, 'snap-2.snap')) };
     const chunks = { A: l.get('A')?.preservedChunks, B: l.get('B')?.preservedChunks };
     fs.rmSync(ball);
     const p3 = crypto.randomBytes(size);
@@ -248,7 +248,7 @@ t.test('store fills up while the newest snapshot copies: it fails, and the older
       chunks,
       `failed snapshots preserve nothing more (chunks A ${chunks.A}, B ${chunks.B})`,
     );
-    t.same({ A: allocated(path.join(meta, 'snap-1.data')), B: allocated(path.join(meta, 'snap-2.data')) }, before, 'their data files did not grow');
+    t.same({ A: allocated(path.join(meta, 'snap-1.snap')), B: allocated(path.join(meta, 'snap-2.snap')) }, before, 'their data files did not grow');
     t.equal(l2.get('A')?.state, 'failed', 'A stays failed');
     t.equal(l2.get('B')?.state, 'failed', 'B stays failed');
 
@@ -329,7 +329,7 @@ t.test('a snapshot that holds every chunk stays healthy and exact while a newer 
     }
 
     // Room again: nothing copies into the failed snapshots; A needs nothing.
-    const files = ['snap-1.data', 'snap-2.data', 'snap-3.data'];
+    const files = ['snap-1.snap', 'snap-2.snap', 'snap-3.snap'];
     const before = files.map((f) => allocated(path.join(meta, f)));
     const counts = ['A', 'B', 'C'].map((n) => l.get(n)?.preservedChunks);
     fs.rmSync(ball);
@@ -404,20 +404,20 @@ t.test('the failure is durable when the disk is completely full (no room for a n
   const live = Buffer.from(p0);
   try {
     t.equal((await cli(['snapshot', 'create', img, 'S'])).code, 0, 'create S');
-    // 170 single-chunk commits: the map log ends at 4096 + 170 * 24 = 8176,
-    // 16 bytes before the end of its second page.
+    // 127 single-chunk commits of 32 bytes each: the log (from log_base =
+    // 1 MiB + 16 MiB, page-aligned) ends 32 bytes before a page boundary.
     const c = await RawClient.connect(srv.socket);
     await c.go('disk');
     const errs: number[] = [];
-    for (let k = 0; k < 170; k++) {
+    for (let k = 0; k < 127; k++) {
       const d = crypto.randomBytes(4096);
       d.copy(live, k * CHUNK);
       errs.push((await c.write(k * CHUNK, d)).error);
     }
-    t.same(errs.filter((e) => e !== 0), [], '170 first writes, one chunk each, succeed');
-    const mapSize = fs.statSync(path.join(meta, 'snap-1.map')).size;
-    t.comment(`snap-1.map is ${mapSize} bytes before the disk fills up`);
-    t.equal(mapSize, 8176, 'setup: the map log ends 16 bytes before a page boundary');
+    t.same(errs.filter((e) => e !== 0), [], '127 first writes, one chunk each, succeed');
+    const fileSize = fs.statSync(path.join(meta, 'snap-1.snap')).size;
+    t.comment(`snap-1.snap is ${fileSize} bytes before the disk fills up`);
+    t.equal(fileSize, 17 * MiB + 127 * 32, 'setup: the log ends 32 bytes before a page boundary');
     fill = fillUp(mnt.dir);
     t.comment(`free after filling: ${freeBytes(mnt.dir)} bytes`);
     // The next first write cannot be preserved: S fails. A record appended to
@@ -433,7 +433,7 @@ t.test('the failure is durable when the disk is completely full (no room for a n
     t.equal(await srv.stop(), 0, 'server exits 0 with the disk full');
     srv = undefined;
     const stoppedAt = Date.now();
-    t.comment(`snap-1.map is ${fs.statSync(path.join(meta, 'snap-1.map')).size} bytes after the failure`);
+    t.comment(`snap-1.snap is ${fs.statSync(path.join(meta, 'snap-1.snap')).size} bytes after the failure`);
 
     fs.rmSync(fill);
     fill = '';

@@ -21,7 +21,7 @@
 //   steady@32  after that overwrite
 // node-nbd-server serves a raw image (snapshots taken online with
 // `node-nbd-server snapshot create`); qemu-nbd serves a qcow2 converted from
-// the same raw image (cluster size 64 KiB = node-nbd-server's default chunk
+// the same raw image (cluster size = node-nbd-server's chunk size, --chunk-size
 // size; `qemu-img snapshot -c` while qemu-nbd is stopped, then restarted).
 //
 // Part "create" (node-nbd-server; qemu-img as a reference): a sparse 1 TiB
@@ -37,6 +37,8 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { canConnect, exited, firstLine, killTree, log, median, sleep, tail, unixUri, verifyExport, waitExit, which } from './bench-common';
+import { DEFAULT_CHUNK_SIZE } from '../src/volume-meta';
+import { parseSize as parseAnySize } from '../src/size';
 
 const ROOT = path.resolve(__dirname, '..', '..');
 const NODE_CLI = path.join(ROOT, 'bin', 'node-nbd-server.js');
@@ -44,8 +46,11 @@ const KiB = 1024;
 const MiB = 1024 * KiB;
 const GiB = 1024 * MiB;
 const TiB = 1024 * GiB;
-/** node-nbd-server's default chunk size (`serve --chunk-size` does not exist yet) and qcow2's default cluster size. */
-const CHUNK = 64 * KiB;
+/**
+ * Chunk size of node-nbd-server (`serve --chunk-size`) and cluster size of the
+ * qcow2: --chunk-size, default node-nbd-server's default. Set once by parseArgs.
+ */
+let CHUNK = DEFAULT_CHUNK_SIZE;
 
 // ---------------------------------------------------------------- options
 
@@ -104,7 +109,9 @@ other load on the machine changes how long those take.
   --between-writes N      random 4k writes before each of snapshots 2..N (default 1024)
   --min-first-writes F    cap first-writes runs at the number of random 4k writes
                           for which the expected share of writes that hit a not
-                          yet preserved 64 KiB chunk is >= F (default 0.9)
+                          yet preserved chunk is >= F (default 0.9)
+  --chunk-size SIZE       node-nbd-server chunk size and qcow2 cluster size
+                          (default: node-nbd-server's default chunk size)
   --creates N             snapshots created on the big volume (default 10)
   --big-size SIZE         size of the sparse volume of part "create" (default 1T)
   --parts LIST            comma list of ${PARTS.join(',')} (default both)
@@ -199,6 +206,10 @@ function parseArgs(argv: string[]): Options {
         o.minFirstWrites = v;
         break;
       }
+      case '--chunk-size':
+        CHUNK = parseAnySize(next());
+        if (CHUNK < 4 * KiB || CHUNK > MiB || (CHUNK & (CHUNK - 1)) !== 0) throw new Error('--chunk-size must be a power of two from 4K to 1M');
+        break;
       case '--creates':
         o.creates = integer('--creates', next(), 1);
         break;
@@ -226,7 +237,7 @@ function parseArgs(argv: string[]): Options {
   }
   if (o.servers.length === 0) throw new Error('--servers selects nothing');
   if (o.parts.length === 0) throw new Error('--parts selects nothing');
-  if (o.size % CHUNK !== 0) throw new Error('--size must be a multiple of 64 KiB');
+  if (o.size % CHUNK !== 0) throw new Error(`--size must be a multiple of the chunk size (${CHUNK})`);
   return o;
 }
 
@@ -423,7 +434,7 @@ class NodeServer {
     const sock = path.join(work, `${tag}.sock`);
     const logFile = path.join(work, `${tag}.log`);
     // info level: the server logs `snapshot created` with its own ms there.
-    const args = [NODE_CLI, 'serve', image, '--socket', sock, '--log-level', 'info'];
+    const args = [NODE_CLI, 'serve', image, '--socket', sock, '--log-level', 'info', '--chunk-size', String(CHUNK)];
     if (opts.nodeThreads) args.push('--threads', String(opts.nodeThreads));
     const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
     live.add(child);
@@ -1184,7 +1195,7 @@ async function main(): Promise<void> {
     ensureImage(image, opts.size);
     // A leftover .nbd from an interrupted run is reset by setUp.
     log(
-      `bench-snapshots: ${fmtBytes(opts.size)} volume = ${chunks} chunks of 64 KiB; first-writes runs stop after ` +
+      `bench-snapshots: ${fmtBytes(opts.size)} volume = ${chunks} chunks of ${fmtBytes(CHUNK)}; first-writes runs stop after ` +
         `${budget} random 4k writes (expected first-write share ${(100 * expectedFirstShare(budget, chunks)).toFixed(1)}%) or ${opts.runtime} s`,
     );
   }
@@ -1253,7 +1264,7 @@ async function main(): Promise<void> {
   if (opts.parts.includes('randwrite')) {
     out.push('');
     out.push(
-      `4k randwrite QD32 on a ${fmtBytes(opts.size)} volume (${chunks} chunks of 64 KiB), timed runs ${opts.runtime} s + ${opts.ramp} s ramp; ` +
+      `4k randwrite QD32 on a ${fmtBytes(opts.size)} volume (${chunks} chunks of ${fmtBytes(CHUNK)}), timed runs ${opts.runtime} s + ${opts.ramp} s ramp; ` +
         `first-writes runs: no ramp, at most ${budget} writes or ${opts.runtime} s; ${opts.betweenWrites} random 4k writes before each of snapshots 2..${N}`,
     );
     out.push('');

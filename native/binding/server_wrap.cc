@@ -65,6 +65,12 @@ Napi::Function ServerWrap::Init(Napi::Env env) {
                          InstanceMethod<&ServerWrap::HandDown>("handDown"),
                          InstanceMethod<&ServerWrap::SnapshotStatus>("snapshotStatus"),
                          InstanceMethod<&ServerWrap::AddSnapshotExport>("addSnapshotExport"),
+                         InstanceMethod<&ServerWrap::PrepareRollback>("prepareRollback"),
+                         InstanceMethod<&ServerWrap::ActivateRollback>("activateRollback"),
+                         InstanceMethod<&ServerWrap::AbortRollback>("abortRollback"),
+                         InstanceMethod<&ServerWrap::MergeStep>("mergeStep"),
+                         InstanceMethod<&ServerWrap::FinishRollback>("finishRollback"),
+                         InstanceMethod<&ServerWrap::MergeStatus>("mergeStatus"),
                      });
 }
 

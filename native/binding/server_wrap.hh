@@ -44,6 +44,13 @@ class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
   Napi::Value HandDown(const Napi::CallbackInfo& info);
   Napi::Value SnapshotStatus(const Napi::CallbackInfo& info);
   Napi::Value AddSnapshotExport(const Napi::CallbackInfo& info);
+  // rollback_methods.cc
+  Napi::Value PrepareRollback(const Napi::CallbackInfo& info);
+  Napi::Value ActivateRollback(const Napi::CallbackInfo& info);
+  Napi::Value AbortRollback(const Napi::CallbackInfo& info);
+  Napi::Value MergeStep(const Napi::CallbackInfo& info);
+  Napi::Value FinishRollback(const Napi::CallbackInfo& info);
+  Napi::Value MergeStatus(const Napi::CallbackInfo& info);
   std::shared_ptr<nbd::CowDevice> volume(Napi::Env env, const Napi::Value& name);
   // Opens the snapshot chain of a volume export (addExport with chunkSize).
   std::shared_ptr<nbd::Device> open_volume(Napi::Env env, const std::string& name, std::shared_ptr<nbd::Device> live,

@@ -10,47 +10,16 @@
 #include "../core/cow_device.hh"
 #include "errors.hh"
 #include "server_wrap.hh"
+#include "task.hh"
 
 namespace nbd::binding {
 
 namespace {
 
-nbd::SnapshotPaths paths_of(const Napi::Object& o) {
-  Napi::Env env = o.Env();
-  if (!o.Get("data").IsString() || !o.Get("map").IsString())
-    throw Napi::TypeError::New(env, "snapshot needs data and map paths");
-  return {o.Get("data").As<Napi::String>().Utf8Value(), o.Get("map").As<Napi::String>().Utf8Value()};
+std::string path_of(const Napi::Object& o) {
+  if (!o.Get("file").IsString()) throw Napi::TypeError::New(o.Env(), "snapshot needs a file path");
+  return o.Get("file").As<Napi::String>().Utf8Value();
 }
-
-uint64_t id_of(const Napi::Value& v) {
-  if (!v.IsNumber()) throw Napi::TypeError::New(v.Env(), "snapshot id must be a number");
-  double d = v.As<Napi::Number>().DoubleValue();
-  if (d < 1 || d > 9007199254740991.0 || d != static_cast<double>(static_cast<uint64_t>(d)))
-    throw Napi::RangeError::New(v.Env(), "snapshot id must be a positive integer");
-  return static_cast<uint64_t>(d);
-}
-
-// Runs `fn` on a libuv worker; resolves with `result(env)` or rejects with a coded error.
-class Task : public Napi::AsyncWorker {
- public:
-  Task(Napi::Env env, std::function<int(std::string&)> fn, std::function<Napi::Value(Napi::Env)> result, const char* code)
-      : Napi::AsyncWorker(env), fn_(std::move(fn)), result_(std::move(result)), code_(code),
-        deferred_(Napi::Promise::Deferred::New(env)) {}
-  void Execute() override { err_ = fn_(what_); }
-  void OnOK() override {
-    if (err_) deferred_.Reject(coded_error(Env(), code_, what_, err_).Value());
-    else deferred_.Resolve(result_ ? result_(Env()) : Env().Undefined());
-  }
-  Napi::Promise Promise() { return deferred_.Promise(); }
-
- private:
-  std::function<int(std::string&)> fn_;
-  std::function<Napi::Value(Napi::Env)> result_;
-  const char* code_;
-  int err_ = 0;
-  std::string what_;
-  Napi::Promise::Deferred deferred_;
-};
 
 }  // namespace
 
@@ -70,7 +39,7 @@ std::shared_ptr<nbd::Device> ServerWrap::open_volume(Napi::Env env, const std::s
       Napi::Object so = arr.Get(i).As<Napi::Object>();
       uint64_t id = id_of(so.Get("id"));
       std::string err;
-      auto store = nbd::SnapshotStore::open(id, paths_of(so), live->size(), cs, err);
+      auto store = nbd::SnapshotStore::open(id, path_of(so), live->size(), cs, err);
       if (!store) throw coded_error(env, "SNAPSHOT_CORRUPT", "snapshot " + std::to_string(id) + ": " + err);
       Napi::Object st = Napi::Object::New(env);
       st.Set("id", Napi::Number::New(env, static_cast<double>(id)));
@@ -80,6 +49,11 @@ std::shared_ptr<nbd::Device> ServerWrap::open_volume(Napi::Env env, const std::s
       info.Set(i, st);
       cow->load_snapshot(std::shared_ptr<nbd::SnapshotStore>(std::move(store)));
     }
+  }
+  if (o.Has("rollbackJob") && o.Get("rollbackJob").IsString()) {
+    std::string err;
+    if (cow->resume_rollback(o.Get("rollbackJob").As<Napi::String>().Utf8Value(), err) != 0)
+      throw coded_error(env, "METADATA_CORRUPT", "rollback merge: " + err);
   }
   volumes_[name] = cow;
   return cow;
@@ -96,16 +70,16 @@ std::shared_ptr<nbd::CowDevice> ServerWrap::volume(Napi::Env env, const Napi::Va
 Napi::Value ServerWrap::PrepareSnapshot(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto cow = volume(env, info[0]);
-  if (info.Length() < 2 || !info[1].IsObject()) throw Napi::TypeError::New(env, "snapshot {id, data, map} required");
+  if (info.Length() < 2 || !info[1].IsObject()) throw Napi::TypeError::New(env, "snapshot {id, file} required");
   Napi::Object so = info[1].As<Napi::Object>();
   uint64_t id = id_of(so.Get("id"));
-  nbd::SnapshotPaths paths = paths_of(so);
+  std::string path = path_of(so);
   uint64_t size = cow->size();
   auto made = std::make_shared<std::shared_ptr<nbd::SnapshotStore>>();
   auto* t = new Task(
       env,
-      [cow, id, paths, size, made](std::string& what) {
-        auto store = nbd::SnapshotStore::create(id, paths, size, cow->chunk_size(), what);
+      [cow, id, path, size, made](std::string& what) {
+        auto store = nbd::SnapshotStore::create(id, path, size, cow->chunk_size(), what);
         if (!store) return EIO;
         *made = std::move(store);
         return 0;
@@ -115,9 +89,7 @@ Napi::Value ServerWrap::PrepareSnapshot(const Napi::CallbackInfo& info) {
         return e.Undefined();
       },
       "SNAPSHOT_CREATE_FAILED");
-  auto p = t->Promise();
-  t->Queue();
-  return p;
+  return queue(t);
 }
 
 Napi::Value ServerWrap::AddSnapshot(const Napi::CallbackInfo& info) {
@@ -136,9 +108,7 @@ Napi::Value ServerWrap::AddSnapshot(const Napi::CallbackInfo& info) {
         return e;
       },
       nullptr, "SNAPSHOT_CREATE_FAILED");
-  auto p = t->Promise();
-  t->Queue();
-  return p;
+  return queue(t);
 }
 
 Napi::Value ServerWrap::DiscardSnapshot(const Napi::CallbackInfo& info) {
@@ -156,9 +126,7 @@ Napi::Value ServerWrap::RemoveSnapshot(const Napi::CallbackInfo& info) {
   uint64_t id = id_of(info[1]);
   auto* t = new Task(
       env, [cow, id](std::string& what) { return cow->finish_remove(id, what); }, nullptr, "SNAPSHOT_DELETE_FAILED");
-  auto p = t->Promise();
-  t->Queue();
-  return p;
+  return queue(t);
 }
 
 Napi::Value ServerWrap::HandDown(const Napi::CallbackInfo& info) {
@@ -183,9 +151,7 @@ Napi::Value ServerWrap::HandDown(const Napi::CallbackInfo& info) {
         return r;
       },
       "SNAPSHOT_DELETE_FAILED");
-  auto p = t->Promise();
-  t->Queue();
-  return p;
+  return queue(t);
 }
 
 Napi::Value ServerWrap::SnapshotStatus(const Napi::CallbackInfo& info) {

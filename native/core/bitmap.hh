@@ -1,9 +1,9 @@
 // bitmap.hh — a fixed-size bitmap of 64-bit words, one bit per chunk.
 //
-// Set bits are never cleared while the bitmap is in use (a chunk, once
-// preserved in a snapshot, stays preserved), so readers need no lock: test()
-// is an acquire load and set() a release fetch_or. Words are C++-owned and
-// can be exposed to JavaScript without copying.
+// Readers need no lock: test() is an acquire load, set() a release fetch_or
+// and clear() a release fetch_and. A snapshot's bitmap only ever gains bits
+// (a chunk, once preserved, stays preserved); a merge job's pending bitmap
+// only ever loses them. Words are C++-owned.
 #pragma once
 
 #include <atomic>
@@ -23,6 +23,7 @@ class Bitmap {
 
   bool test(uint64_t i) const { return (w_[i >> 6].load(std::memory_order_acquire) >> (i & 63)) & 1; }
   void set(uint64_t i) { w_[i >> 6].fetch_or(uint64_t{1} << (i & 63), std::memory_order_release); }
+  void clear(uint64_t i) { w_[i >> 6].fetch_and(~(uint64_t{1} << (i & 63)), std::memory_order_release); }
 
   uint64_t count() const {
     uint64_t n = 0;

@@ -77,6 +77,10 @@ void CowDevice::load_snapshot(std::shared_ptr<SnapshotStore> s) {
 
 int CowDevice::add_snapshot(std::shared_ptr<SnapshotStore> s) {
   gate_.close();  // in-flight writes drain; new ones wait
+  if (merge_job()) {  // snapshot views read raw live, which a merge is still changing
+    gate_.open();
+    return EBUSY;
+  }
   int e = next_->flush();
   if (e == 0) load_snapshot(std::move(s));
   gate_.open();
@@ -104,6 +108,10 @@ bool CowDevice::remove_snapshot(uint64_t id) {
 
 int CowDevice::finish_remove(uint64_t id, std::string& err) {
   gate_.close();
+  if (merge_job()) {
+    err = "a rollback merge is running";
+    return EBUSY;  // writes stay paused until resume_writes(), as on every return
+  }
   auto s = find(id);
   if (!s) {
     err = "no snapshot with id " + std::to_string(id);
@@ -150,29 +158,49 @@ void CowDevice::fail(const Chain& chain, size_t t, const std::vector<uint64_t>& 
   }
 }
 
+std::vector<size_t> CowDevice::stripes_of(const std::vector<uint64_t>& chunks) {
+  std::vector<size_t> stripes;
+  for (uint64_t c : chunks) stripes.push_back(c % kStripes);
+  std::sort(stripes.begin(), stripes.end());
+  stripes.erase(std::unique(stripes.begin(), stripes.end()), stripes.end());
+  return stripes;
+}
+
+void CowDevice::lock_stripes(const std::vector<size_t>& s) {
+  for (size_t i : s) stripes_[i].lock();  // ascending: the lock order
+}
+
+void CowDevice::unlock_stripes(const std::vector<size_t>& s) {
+  for (size_t i : s) stripes_[i].unlock();
+}
+
 int CowDevice::preserve(uint64_t offset, uint64_t count) {
   auto chain_ptr = chain();
   const Chain& chain = *chain_ptr;
   if (chain.empty() || count == 0) return 0;
   const size_t t = target_of(chain);
   if (t == chain.size()) return 0;  // every snapshot failed: nothing to protect
-  const uint64_t c0 = offset / chunk_size_, c1 = (offset + count - 1) / chunk_size_;
-  auto needed_now = [&](uint64_t c) { return source_of(chain, t, c) == chain.size(); };
   std::vector<uint64_t> needed;
-  for (uint64_t c = c0; c <= c1; ++c)
-    if (needed_now(c)) needed.push_back(c);
+  for (uint64_t c = offset / chunk_size_; c <= (offset + count - 1) / chunk_size_; ++c)
+    if (source_of(chain, t, c) == chain.size()) needed.push_back(c);
   if (needed.empty()) return 0;  // the hot path: every chunk already preserved
+  auto stripes = stripes_of(needed);
+  lock_stripes(stripes);
+  preserve_locked(chain, std::move(needed));
+  unlock_stripes(stripes);
+  return 0;  // the host write proceeds whatever happened to the snapshot
+}
 
-  std::vector<size_t> stripes;
-  for (uint64_t c : needed) stripes.push_back(c % kStripes);
-  std::sort(stripes.begin(), stripes.end());
-  stripes.erase(std::unique(stripes.begin(), stripes.end()), stripes.end());
-  for (size_t s : stripes) stripes_[s].lock();
-  needed.erase(std::remove_if(needed.begin(), needed.end(), [&](uint64_t c) { return !needed_now(c); }), needed.end());
-
+void CowDevice::preserve_locked(const Chain& chain, std::vector<uint64_t> needed) {
+  const size_t t = target_of(chain);
+  if (t == chain.size()) return;
+  needed.erase(std::remove_if(needed.begin(), needed.end(), [&](uint64_t c) { return source_of(chain, t, c) != chain.size(); }),
+               needed.end());
+  if (needed.empty()) return;
   std::string reason;
   const uint64_t vol = chain[t]->volume_size();
   std::vector<uint8_t> buf;
+  std::vector<ChunkSum> sums;
   for (size_t k = 0; k < needed.size() && reason.empty();) {
     // Coalesce consecutive chunks into one read and one write, 4 MiB at most.
     size_t e = k + 1;
@@ -184,26 +212,219 @@ int CowDevice::preserve(uint64_t offset, uint64_t count) {
     buf.resize(len);
     int err = next_->pread(buf.data(), static_cast<uint32_t>(len), off);
     if (err) reason = std::string("reading old data from the volume failed: ") + strerror(err);
-    else if ((err = chain[t]->write_data(buf.data(), static_cast<uint32_t>(len), off)))
+    else if ((err = chain[t]->write_chunks(buf.data(), needed[k], len, sums)))
       reason = std::string("writing to the snapshot store failed: ") + strerror(err);
     k = e;
   }
   if (reason.empty()) {
-    if (int err = chain[t]->commit(needed)) reason = std::string("committing to the snapshot store failed: ") + strerror(err);
+    if (int err = chain[t]->commit(sums)) reason = std::string("committing to the snapshot store failed: ") + strerror(err);
   }
   if (!reason.empty()) fail(chain, t, needed, reason);
-  for (size_t s : stripes) stripes_[s].unlock();
-  return 0;  // the host write proceeds whatever happened to the snapshot
 }
 
+namespace {
+size_t index_of(const CowDevice::Chain& chain, uint64_t id) {
+  for (size_t i = 0; i < chain.size(); ++i)
+    if (chain[i]->id() == id) return i;
+  return chain.size();
+}
+}  // namespace
+
+int CowDevice::merge_locked(MergeJob& job, const Chain& chain, std::vector<uint64_t> chunks, bool fua) {
+  chunks.erase(std::remove_if(chunks.begin(), chunks.end(), [&](uint64_t c) { return !job.pending(c); }), chunks.end());
+  if (chunks.empty()) return 0;
+  const size_t k = index_of(chain, job.snapshot_id());
+  if (k == chain.size()) return EIO;  // cannot happen: deletes are refused while a merge runs
+  preserve_locked(chain, chunks);  // the old live data, for the newer snapshots
+  const uint64_t vol = size();
+  std::vector<uint8_t> buf;
+  for (size_t i = 0; i < chunks.size();) {
+    size_t e = i + 1;
+    while (e < chunks.size() && chunks[e] == chunks[e - 1] + 1 && (e - i + 1) * static_cast<uint64_t>(chunk_size_) <= (4u << 20))
+      ++e;
+    uint64_t off = chunks[i] * chunk_size_;
+    uint32_t len = static_cast<uint32_t>(std::min<uint64_t>((chunks[e - 1] + 1) * chunk_size_, vol) - off);
+    buf.resize(len);
+    if (int err = read_snapshot(chain, k, buf.data(), len, off)) return err;
+    IoFlags f;
+    f.fua = fua;
+    if (int err = next_->pwrite(buf.data(), len, off, f)) return err;
+    i = e;
+  }
+  if (!fua)
+    if (int err = next_->flush()) return err;
+  return job.commit(chunks);  // durable "merged" only once live durably holds the data
+}
+
+int CowDevice::merge_range(uint64_t offset, uint64_t count) {
+  auto job = merge_job();
+  if (!job || count == 0) return 0;
+  std::vector<uint64_t> pending;
+  for (uint64_t c = offset / chunk_size_; c <= (offset + count - 1) / chunk_size_; ++c)
+    if (job->pending(c)) pending.push_back(c);
+  if (pending.empty()) return 0;
+  auto chain_ptr = chain();
+  auto stripes = stripes_of(pending);
+  lock_stripes(stripes);
+  int e = merge_locked(*job, *chain_ptr, std::move(pending), true);
+  unlock_stripes(stripes);
+  return e;
+}
+
+int CowDevice::merge_step(uint64_t from, uint64_t max, uint64_t& next, std::string& err) {
+  GateGuard g(gate_);
+  auto job = merge_job();
+  if (!job) {
+    err = "no rollback merge is running";
+    return ENOENT;
+  }
+  std::vector<uint64_t> batch;
+  uint64_t c = job->next_pending(from);
+  while (c < job->chunks() && batch.size() < max) {
+    batch.push_back(c);
+    c = job->next_pending(c + 1);
+  }
+  next = c;
+  if (batch.empty()) return 0;
+  auto chain_ptr = chain();
+  auto stripes = stripes_of(batch);
+  lock_stripes(stripes);
+  int e = merge_locked(*job, *chain_ptr, std::move(batch), false);
+  unlock_stripes(stripes);
+  if (e) err = std::string("merging chunks into the volume failed: ") + strerror(e);
+  return e;
+}
+
+int CowDevice::prepare_rollback(uint64_t snapshot_id, const std::string& job_path, std::string& err) {
+  gate_.close();
+  auto chain_ptr = chain();
+  const Chain& chain = *chain_ptr;
+  const size_t k = index_of(chain, snapshot_id);
+  int e = 0;
+  if (k == chain.size()) {
+    err = "no snapshot with id " + std::to_string(snapshot_id);
+    e = ENOENT;
+  } else if (chain[k]->failed()) {
+    err = "snapshot " + std::to_string(snapshot_id) + " failed: " + chain[k]->failure();
+    e = EIO;
+  } else {
+    // Every chunk changed since snapshot k was preserved into k or a newer one.
+    auto pending = std::make_unique<Bitmap>(chain[k]->chunks());
+    for (size_t j = k; j < chain.size(); ++j)
+      for (uint64_t w = 0; w < pending->words(); ++w)
+        if (uint64_t v = chain[j]->map().word(w)) pending->or_word(w, v);
+    auto job = MergeJob::create(job_path, snapshot_id, size(), chunk_size_, std::move(pending), err);
+    if (job) prepared_ = std::shared_ptr<MergeJob>(std::move(job));
+    else e = EIO;
+  }
+  if (e) gate_.open();
+  return e;  // on success writes stay paused until activate/abort
+}
+
+void CowDevice::activate_rollback() {
+  if (prepared_) std::atomic_store(&job_, std::move(prepared_));
+  prepared_.reset();
+  gate_.open();
+}
+
+void CowDevice::abort_rollback() {
+  prepared_.reset();
+  gate_.open();
+}
+
+int CowDevice::resume_rollback(const std::string& job_path, std::string& err) {
+  auto job = MergeJob::open(job_path, size(), chunk_size_, err);
+  if (!job) return EINVAL;
+  auto chain_ptr = chain();
+  if (index_of(*chain_ptr, job->snapshot_id()) == chain_ptr->size()) {
+    err = job_path + ": the merge names snapshot " + std::to_string(job->snapshot_id()) + ", which the volume does not have";
+    return EINVAL;
+  }
+  std::atomic_store(&job_, std::shared_ptr<MergeJob>(std::move(job)));
+  return 0;
+}
+
+int CowDevice::finish_rollback(std::string& err) {
+  gate_.close();
+  auto job = merge_job();
+  int e = 0;
+  if (job && job->remaining() > 0) {
+    err = std::to_string(job->remaining()) + " chunks are still to be merged";
+    e = EAGAIN;
+  } else {
+    std::atomic_store(&job_, std::shared_ptr<MergeJob>());
+  }
+  gate_.open();
+  return e;
+}
+
+namespace {
+// Splits [offset, offset+count) into runs of chunks for which pred(c) is the
+// same, and calls fn(run offset, run length, pred) for each until it fails.
+template <typename Pred, typename Fn>
+int for_runs(uint64_t offset, uint64_t count, uint32_t chunk, Pred pred, Fn fn) {
+  const uint64_t end = offset + count;
+  uint64_t pos = offset;
+  while (pos < end) {
+    const bool p = pred(pos / chunk);
+    uint64_t run_end = std::min<uint64_t>((pos / chunk + 1) * chunk, end);
+    while (run_end < end && pred(run_end / chunk) == p) run_end = std::min<uint64_t>(run_end + chunk, end);
+    if (int e = fn(pos, run_end - pos, p)) return e;
+    pos = run_end;
+  }
+  return 0;
+}
+}  // namespace
+
+int CowDevice::pread(void* buf, uint32_t count, uint64_t offset) {
+  auto job = merge_job();
+  if (!job) return next_->pread(buf, count, offset);
+  // A rollback is merging: pending chunks still read as its snapshot.
+  auto chain_ptr = chain();
+  const size_t k = index_of(*chain_ptr, job->snapshot_id());
+  auto* out = static_cast<uint8_t*>(buf);
+  return for_runs(offset, count, chunk_size_, [&](uint64_t c) { return job->pending(c); },
+                  [&](uint64_t off, uint64_t len, bool pending) {
+                    uint8_t* dst = out + (off - offset);
+                    if (pending && k < chain_ptr->size())
+                      return read_snapshot(*chain_ptr, k, dst, static_cast<uint32_t>(len), off);
+                    return next_->pread(dst, static_cast<uint32_t>(len), off);
+                  });
+}
+
+int CowDevice::extents(uint32_t count, uint64_t offset, uint32_t max, std::vector<Extent>& out) {
+  auto job = merge_job();
+  if (!job) return next_->extents(count, offset, max, out);
+  auto chain_ptr = chain();
+  const size_t k = index_of(*chain_ptr, job->snapshot_id());
+  int r = for_runs(offset, count, chunk_size_, [&](uint64_t c) { return job->pending(c); },
+                  [&](uint64_t off, uint64_t len, bool pending) {
+                    if (out.size() >= max) return -1;  // enough: stop (not an error)
+                    size_t before = out.size();
+                    int e = pending && k < chain_ptr->size()
+                                ? snapshot_extents(*chain_ptr, k, static_cast<uint32_t>(len), off,
+                                                   static_cast<uint32_t>(max - out.size()), out)
+                                : next_->extents(static_cast<uint32_t>(len), off, static_cast<uint32_t>(max - out.size()), out);
+                    if (e) return e;
+                    uint64_t covered = 0;
+                    for (size_t i = before; i < out.size(); ++i) covered += out[i].length;
+                    return covered < len ? -1 : 0;  // the lower layer stopped early: so do we
+                  });
+  return r > 0 ? r : 0;
+}
+
+// Writes: merge what a running rollback still has pending in the range (so
+// the write lands on the snapshot's data and wins), preserve, then write.
 int CowDevice::pwrite(const void* buf, uint32_t count, uint64_t offset, IoFlags flags) {
   GateGuard g(gate_);
+  if (int e = merge_range(offset, count)) return e;
   preserve(offset, count);
   return next_->pwrite(buf, count, offset, flags);
 }
 
 int CowDevice::trim(uint32_t count, uint64_t offset, IoFlags flags) {
   GateGuard g(gate_);
+  if (int e = merge_range(offset, count)) return e;
   preserve(offset, count);
   return next_->trim(count, offset, flags);
 }
@@ -211,9 +432,18 @@ int CowDevice::trim(uint32_t count, uint64_t offset, IoFlags flags) {
 int CowDevice::zero(uint32_t count, uint64_t offset, IoFlags flags) {
   GateGuard g(gate_);
   // A fast zero must not copy old data first: refuse at once if it would.
-  if (flags.fast_only && needs_preserving(offset, count)) return ENOTSUP;
+  if (flags.fast_only && (needs_preserving(offset, count) || needs_merging(offset, count))) return ENOTSUP;
+  if (int e = merge_range(offset, count)) return e;
   preserve(offset, count);
   return next_->zero(count, offset, flags);
+}
+
+bool CowDevice::needs_merging(uint64_t offset, uint64_t count) const {
+  auto job = merge_job();
+  if (!job || count == 0) return false;
+  for (uint64_t c = offset / chunk_size_; c <= (offset + count - 1) / chunk_size_; ++c)
+    if (job->pending(c)) return true;
+  return false;
 }
 
 bool CowDevice::needs_preserving(uint64_t offset, uint64_t count) const {
@@ -287,6 +517,10 @@ int CowDevice::snapshot_extents(const Chain& chain, size_t i, uint32_t count, ui
 }
 
 int CowDevice::hand_down(uint64_t id, uint64_t from, uint64_t max, uint64_t& next, std::string& err) {
+  if (merge_job()) {
+    err = "a rollback merge is running";
+    return EBUSY;
+  }
   auto chain_ptr = chain();
   const Chain& chain = *chain_ptr;
   size_t i = 0;
@@ -300,28 +534,31 @@ int CowDevice::hand_down(uint64_t id, uint64_t from, uint64_t max, uint64_t& nex
   if (i == 0 || chain[i - 1]->failed()) return 0;  // nobody older needs (or can use) its chunks
   SnapshotStore& src = *chain[i];
   SnapshotStore& dst = *chain[i - 1];
-  std::vector<uint64_t> moved;
+  std::vector<ChunkSum> moved;
   std::vector<uint8_t> buf(chunk_size_);
+  auto commit = [&]() {
+    int e = moved.empty() ? 0 : dst.commit(moved);
+    if (e) err = std::string("committing handed-down chunks failed: ") + strerror(e);
+    moved.clear();
+    return e;
+  };
   for (uint64_t c = from; c < next; ++c) {
     if (!src.map().test(c) || dst.map().test(c)) continue;
-    std::lock_guard<std::mutex> lk(stripes_[c % kStripes]);
-    uint64_t off = c * chunk_size_;
-    uint32_t len = static_cast<uint32_t>(std::min<uint64_t>(chunk_size_, src.volume_size() - off));
-    int e = src.read_data(buf.data(), len, off);
-    if (!e) e = dst.write_data(buf.data(), len, off);
-    if (e) {
-      err = std::string("copying chunk ") + std::to_string(c) + " to the older snapshot failed: " + strerror(e);
-      return e;
+    {
+      std::lock_guard<std::mutex> lk(stripes_[c % kStripes]);
+      uint64_t off = c * chunk_size_;
+      uint32_t len = static_cast<uint32_t>(std::min<uint64_t>(chunk_size_, src.volume_size() - off));
+      int e = src.read_data(buf.data(), len, off);
+      if (!e) e = dst.write_chunks(buf.data(), c, len, moved);
+      if (e) {
+        err = std::string("copying chunk ") + std::to_string(c) + " to the older snapshot failed: " + strerror(e);
+        return e;
+      }
     }
-    moved.push_back(c);
+    if (moved.size() >= kHandDownBatch)
+      if (int e = commit()) return e;
   }
-  if (!moved.empty()) {
-    if (int e = dst.commit(moved)) {
-      err = std::string("committing handed-down chunks failed: ") + strerror(e);
-      return e;
-    }
-  }
-  return 0;
+  return commit();
 }
 
 std::shared_ptr<Device> CowDevice::view(uint64_t id) {

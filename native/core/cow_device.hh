@@ -18,6 +18,19 @@
 // through the callback. Later writes preserve into the newest snapshot still
 // healthy, so healthy snapshots stay exact.
 //
+// Rollback to snapshot S (index k): the set of chunks where the live image
+// may differ from S is exactly the union of the bitmaps of S and every newer
+// snapshot (every change to live since S preserved its chunk into one of
+// them). prepare_rollback() computes it with writes drained into a MergeJob
+// (persisted); once activated, live reads of a pending chunk read S, and a
+// merge copies S's data into live through the normal write path (preserving
+// the old live data into the newest snapshot first, so every other snapshot
+// stays exact). A host write to a pending chunk merges that chunk first
+// (durably), then applies: writes during the merge win. Merges and host
+// writes run inside the WriteGate, so a new rollback, which replaces the
+// running one (its pending set includes the old one's), never races an old
+// merge. Snapshots cannot be created or deleted while a merge runs.
+//
 // Locking: the chain is an immutable vector swapped atomically (readers never
 // lock). Chain changes happen with the WriteGate closed, so every write sees
 // one chain from start to end. Chunk stripes (kStripes mutexes, chunk %
@@ -32,6 +45,7 @@
 #include <vector>
 
 #include "device.hh"
+#include "merge_job.hh"
 #include "snapshot_store.hh"
 #include "write_gate.hh"
 
@@ -47,6 +61,8 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
 
   uint32_t chunk_size() const { return chunk_size_; }
 
+  int pread(void* buf, uint32_t count, uint64_t offset) override;
+  int extents(uint32_t count, uint64_t offset, uint32_t max, std::vector<Extent>& out) override;
   int pwrite(const void* buf, uint32_t count, uint64_t offset, IoFlags flags) override;
   int trim(uint32_t count, uint64_t offset, IoFlags flags) override;
   int zero(uint32_t count, uint64_t offset, IoFlags flags) override;
@@ -72,6 +88,21 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   // hand_down over all chunks, then remove_snapshot.
   int hand_down(uint64_t id, uint64_t from, uint64_t max, uint64_t& next, std::string& err);
 
+  // Rollback (see the design note above). prepare closes the write gate,
+  // computes the pending set, writes the job file and keeps writes paused
+  // until activate_rollback() or abort_rollback().
+  int prepare_rollback(uint64_t snapshot_id, const std::string& job_path, std::string& err);
+  void activate_rollback();
+  void abort_rollback();
+  // At open: resumes a job recorded before a restart.
+  int resume_rollback(const std::string& job_path, std::string& err);
+  // Background merge: copies up to `max` pending chunks from `from` on; sets
+  // `next` (chunks() when the scan reached the end).
+  int merge_step(uint64_t from, uint64_t max, uint64_t& next, std::string& err);
+  // Drops a finished job (EAGAIN if chunks are still pending).
+  int finish_rollback(std::string& err);
+  std::shared_ptr<MergeJob> merge_job() const { return std::atomic_load(&job_); }
+
   // A read-only device showing snapshot `id` as it was created.
   std::shared_ptr<Device> view(uint64_t id);
 
@@ -82,9 +113,21 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
 
  private:
   static constexpr size_t kStripes = 1024;
+  static constexpr size_t kHandDownBatch = 65536;  // chunks per hand-down commit
   int preserve(uint64_t offset, uint64_t count);
+  // Preserves those of `chunks` the target still needs; stripes held.
+  void preserve_locked(const Chain& chain, std::vector<uint64_t> chunks);
+  // Merges the pending chunks among `chunks` (stripes held): preserve, copy
+  // from the job's snapshot into live, make it durable, commit the job.
+  int merge_locked(MergeJob& job, const Chain& chain, std::vector<uint64_t> chunks, bool fua);
+  // Host writes: merge whatever of [offset, offset+count) is still pending.
+  int merge_range(uint64_t offset, uint64_t count);
+  static std::vector<size_t> stripes_of(const std::vector<uint64_t>& chunks);
+  void lock_stripes(const std::vector<size_t>& s);
+  void unlock_stripes(const std::vector<size_t>& s);
   // True if some chunk of the range still has to be preserved (no locks taken).
   bool needs_preserving(uint64_t offset, uint64_t count) const;
+  bool needs_merging(uint64_t offset, uint64_t count) const;
   void fail(const Chain& chain, size_t t, const std::vector<uint64_t>& chunks, const std::string& reason);
   // Index of the snapshot a read of chunk c from snapshot i must use, or
   // chain.size() for the live volume.
@@ -97,6 +140,8 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   WriteGate gate_;
   mutable std::mutex chain_mu_;  // guards chain_ swaps (readers use atomic_load)
   std::shared_ptr<const Chain> chain_;
+  std::shared_ptr<MergeJob> job_;       // running merge (atomic_load/store)
+  std::shared_ptr<MergeJob> prepared_;  // between prepare and activate/abort (gate closed)
   std::mutex stripes_[kStripes];
 };
 

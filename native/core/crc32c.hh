@@ -1,4 +1,5 @@
-// crc32c.hh — CRC-32C (Castagnoli), the checksum of every metadata record.
+// crc32c.hh — CRC-32C (Castagnoli): the checksum of every metadata record and
+// of every preserved snapshot chunk.
 #pragma once
 
 #include <cstddef>

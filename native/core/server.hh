@@ -21,7 +21,7 @@ namespace nbd {
 class Connection;
 
 struct ServerConfig {
-  uint32_t threads_per_connection = 16;  // worker threads, spawned on demand
+  uint32_t threads_per_connection = 32;  // worker threads, spawned on demand
   uint32_t max_payload = proto::kDefaultMaxPayload;
   uint32_t handshake_timeout_ms = 30000;
   uint32_t max_connections = 4096;

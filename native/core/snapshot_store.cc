@@ -1,18 +1,21 @@
 // snapshot_store.cc — see snapshot_store.hh for the crash invariant.
 //
-// Map file layout (all integers little-endian):
-//   0     8  magic "NBDSNAP1"
-//   8     4  format version (1)
+// File layout, format 2 (all integers little-endian):
+//   0     8  magic "NBDSNAP2"
+//   8     4  format version (2)
 //   12    4  chunk size
 //   16    8  volume size
 //   24    8  snapshot id
-//   32    4  CRC-32C of bytes 0..31
-//   36..4095 zero
-//   4096  records, each: u32 magic 0x5245434e ("NCER"), u16 type, u16 zero,
-//         u32 payload length, u32 CRC-32C of (type, zero, length, payload),
-//         then the payload.
-// Record types: 1 CHUNKS (payload: u64 chunk numbers), 2 FAILED (payload:
-// u64 unix time in ms, then the reason in UTF-8; read for compatibility).
+//   32    8  data_base (1 MiB)
+//   40    8  log_base (data_base + volume size rounded up to 1 MiB)
+//   48    4  CRC-32C of bytes 0..47
+//   52..4095 zero, except the failure marker at 1024
+//   data_base + c * chunk size: the preserved data of chunk c
+//   log_base: records, each: u32 magic 0x5245434e ("NCER"), u16 type, u16
+//         zero, u32 payload length, u32 CRC-32C of (type, zero, length,
+//         payload), then the payload.
+// Record types: 1 CHUNKS (payload: entries of u64 chunk number, u32 CRC-32C
+// of the chunk's data, u32 zero). Unknown types are skipped.
 //
 // Failure marker: 1024 in the header page: u32 magic 0x4c494146 ("FAIL"),
 // u32 reason length (<= 2048), u64 unix time in ms, the reason, then a
@@ -26,80 +29,46 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
 
 #include "crc32c.hh"
+#include "file_io.hh"
 #include "io_hint.hh"
+#include "record_log.hh"
 
 namespace nbd {
 
 namespace {
 
-constexpr char kMagic[8] = {'N', 'B', 'D', 'S', 'N', 'A', 'P', '1'};
-constexpr uint32_t kVersion = 1;
+constexpr char kMagic[8] = {'N', 'B', 'D', 'S', 'N', 'A', 'P', '2'};
+constexpr uint32_t kVersion = 2;
 constexpr uint64_t kHeaderSize = 4096;
-constexpr uint32_t kRecordMagic = 0x5245434e;
+constexpr uint64_t kAlign = 1u << 20;  // data_base; the largest chunk size
 constexpr uint16_t kRecChunks = 1;
-constexpr uint16_t kRecFailed = 2;
-constexpr uint32_t kMaxRecord = 64u << 20;
+constexpr uint32_t kEntrySize = 16;
 constexpr uint64_t kFailOffset = 1024;
 constexpr uint32_t kFailMagic = 0x4c494146;
 constexpr uint32_t kMaxReason = 2048;
 
-struct RecordHeader {
-  uint32_t magic;
-  uint16_t type;
-  uint16_t zero;
-  uint32_t length;
-  uint32_t crc;
-};
-static_assert(sizeof(RecordHeader) == 16, "layout");
-
 std::string errstr(const std::string& what, int e) { return what + ": " + strerror(e); }
 
-int pwrite_all(int fd, const void* buf, size_t len, uint64_t off) {
-  const auto* p = static_cast<const char*>(buf);
-  while (len) {
-    ssize_t r = ::pwrite(fd, p, len, static_cast<off_t>(off));
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      return errno;
-    }
-    p += r;
-    len -= static_cast<size_t>(r);
-    off += static_cast<uint64_t>(r);
-  }
-  return 0;
+void put_chunk_entry(uint8_t* p, const ChunkSum& e) {
+  uint64_t c = htole64(e.chunk);
+  uint32_t crc = htole32(e.crc), zero = 0;
+  std::memcpy(p, &c, 8);
+  std::memcpy(p + 8, &crc, 4);
+  std::memcpy(p + 12, &zero, 4);
 }
 
-int pread_all(int fd, void* buf, size_t len, uint64_t off, size_t* got = nullptr) {
-  auto* p = static_cast<char*>(buf);
-  size_t total = 0;
-  while (len) {
-    ssize_t r = ::pread(fd, p, len, static_cast<off_t>(off));
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      return errno;
-    }
-    if (r == 0) break;
-    p += r;
-    len -= static_cast<size_t>(r);
-    off += static_cast<uint64_t>(r);
-    total += static_cast<size_t>(r);
-  }
-  if (got) *got = total;
-  else if (len) std::memset(p, 0, len);  // beyond EOF of a sparse file: zeroes
-  return 0;
-}
-
-uint32_t record_crc(const RecordHeader& h, const void* payload) {
-  RecordHeader c = h;
-  c.magic = 0;
-  c.crc = 0;
-  uint32_t crc = crc32c(0, reinterpret_cast<const uint8_t*>(&c) + 4, 8);
-  return crc32c(crc, payload, le32toh(h.length));
+ChunkSum get_chunk_entry(const uint8_t* p) {
+  uint64_t c;
+  uint32_t crc;
+  std::memcpy(&c, p, 8);
+  std::memcpy(&crc, p + 8, 4);
+  return {le64toh(c), le32toh(crc)};
 }
 
 uint64_t now_ms() {
@@ -110,46 +79,52 @@ uint64_t now_ms() {
 }  // namespace
 
 SnapshotStore::SnapshotStore(uint64_t id, uint64_t volume_size, uint32_t chunk_size)
-    : id_(id), volume_size_(volume_size), chunk_size_(chunk_size), map_((volume_size + chunk_size - 1) / chunk_size) {}
+    : id_(id),
+      volume_size_(volume_size),
+      chunk_size_(chunk_size),
+      data_base_(kAlign),
+      log_base_(kAlign + (volume_size + kAlign - 1) / kAlign * kAlign),
+      map_((volume_size + chunk_size - 1) / chunk_size) {}
 
 SnapshotStore::~SnapshotStore() {
-  if (data_fd_ >= 0) ::close(data_fd_);
-  if (map_fd_ >= 0) ::close(map_fd_);
+  if (fd_ >= 0) ::close(fd_);
 }
 
-std::unique_ptr<SnapshotStore> SnapshotStore::create(uint64_t id, const SnapshotPaths& paths, uint64_t volume_size,
+uint64_t SnapshotStore::chunk_len(uint64_t c) const {
+  return std::min<uint64_t>(chunk_size_, volume_size_ - c * chunk_size_);
+}
+
+std::unique_ptr<SnapshotStore> SnapshotStore::create(uint64_t id, const std::string& path, uint64_t volume_size,
                                                      uint32_t chunk_size, std::string& err) {
   std::unique_ptr<SnapshotStore> s(new SnapshotStore(id, volume_size, chunk_size));
-  s->data_fd_ = ::open(paths.data.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-  if (s->data_fd_ < 0) { err = errstr("create " + paths.data, errno); return nullptr; }
-  if (ftruncate(s->data_fd_, static_cast<off_t>(volume_size)) != 0) { err = errstr("size " + paths.data, errno); return nullptr; }
-  s->map_fd_ = ::open(paths.map.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-  if (s->map_fd_ < 0) { err = errstr("create " + paths.map, errno); return nullptr; }
+  s->fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  if (s->fd_ < 0) { err = errstr("create " + path, errno); return nullptr; }
   uint8_t h[kHeaderSize] = {};
   std::memcpy(h, kMagic, 8);
   uint32_t v = htole32(kVersion), cs = htole32(chunk_size), crc;
-  uint64_t vs = htole64(volume_size), sid = htole64(id);
+  uint64_t vs = htole64(volume_size), sid = htole64(id), db = htole64(s->data_base_), lb = htole64(s->log_base_);
   std::memcpy(h + 8, &v, 4);
   std::memcpy(h + 12, &cs, 4);
   std::memcpy(h + 16, &vs, 8);
   std::memcpy(h + 24, &sid, 8);
-  crc = htole32(crc32c(0, h, 32));
-  std::memcpy(h + 32, &crc, 4);
-  if (int e = pwrite_all(s->map_fd_, h, sizeof h, 0)) { err = errstr("write " + paths.map, e); return nullptr; }
-  if (fdatasync(s->map_fd_) != 0 || fdatasync(s->data_fd_) != 0) { err = errstr("sync snapshot files", errno); return nullptr; }
-  s->log_end_ = kHeaderSize;
+  std::memcpy(h + 32, &db, 8);
+  std::memcpy(h + 40, &lb, 8);
+  crc = htole32(crc32c(0, h, 48));
+  std::memcpy(h + 48, &crc, 4);
+  if (int e = pwrite_all(s->fd_, h, sizeof h, 0)) { err = errstr("write " + path, e); return nullptr; }
+  if (ftruncate(s->fd_, static_cast<off_t>(s->log_base_)) != 0) { err = errstr("size " + path, errno); return nullptr; }
+  if (fdatasync(s->fd_) != 0) { err = errstr("sync " + path, errno); return nullptr; }
+  s->log_end_ = s->log_base_;
   return s;
 }
 
-std::unique_ptr<SnapshotStore> SnapshotStore::open(uint64_t id, const SnapshotPaths& paths, uint64_t volume_size,
+std::unique_ptr<SnapshotStore> SnapshotStore::open(uint64_t id, const std::string& path, uint64_t volume_size,
                                                    uint32_t chunk_size, std::string& err) {
   std::unique_ptr<SnapshotStore> s(new SnapshotStore(id, volume_size, chunk_size));
-  s->data_fd_ = ::open(paths.data.c_str(), O_RDWR | O_CLOEXEC);
-  if (s->data_fd_ < 0) { err = errstr("open " + paths.data, errno); return nullptr; }
-  s->map_fd_ = ::open(paths.map.c_str(), O_RDWR | O_CLOEXEC);
-  if (s->map_fd_ < 0) { err = errstr("open " + paths.map, errno); return nullptr; }
+  s->fd_ = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (s->fd_ < 0) { err = errstr("open " + path, errno); return nullptr; }
   if (s->load(err) != 0) {
-    err = paths.map + ": " + err;
+    err = path + ": " + err;
     return nullptr;
   }
   return s;
@@ -158,21 +133,28 @@ std::unique_ptr<SnapshotStore> SnapshotStore::open(uint64_t id, const SnapshotPa
 int SnapshotStore::load(std::string& err) {
   uint8_t h[kHeaderSize];
   size_t got = 0;
-  if (int e = pread_all(map_fd_, h, sizeof h, 0, &got)) { err = strerror(e); return e; }
-  if (got < 36 || std::memcmp(h, kMagic, 8) != 0) { err = "not a snapshot map (bad magic)"; return EINVAL; }
+  if (int e = pread_all(fd_, h, sizeof h, 0, &got)) { err = strerror(e); return e; }
+  if (got >= 8 && std::memcmp(h, "NBDSNAP1", 8) == 0) {
+    err = "snapshot format 1 (from a development build) is not supported; delete the snapshot with that build";
+    return EINVAL;
+  }
+  if (got < 52 || std::memcmp(h, kMagic, 8) != 0) { err = "not a snapshot file (bad magic)"; return EINVAL; }
   uint32_t v, cs, crc;
-  uint64_t vs, sid;
+  uint64_t vs, sid, db, lb;
   std::memcpy(&v, h + 8, 4);
   std::memcpy(&cs, h + 12, 4);
   std::memcpy(&vs, h + 16, 8);
   std::memcpy(&sid, h + 24, 8);
-  std::memcpy(&crc, h + 32, 4);
-  if (le32toh(crc) != crc32c(0, h, 32)) { err = "header checksum mismatch (corrupt metadata)"; return EINVAL; }
+  std::memcpy(&db, h + 32, 8);
+  std::memcpy(&lb, h + 40, 8);
+  std::memcpy(&crc, h + 48, 4);
+  if (le32toh(crc) != crc32c(0, h, 48)) { err = "header checksum mismatch (corrupt metadata)"; return EINVAL; }
   if (le32toh(v) != kVersion) { err = "unsupported snapshot format version " + std::to_string(le32toh(v)); return EINVAL; }
   if (le32toh(cs) != chunk_size_ || le64toh(vs) != volume_size_ || le64toh(sid) != id_) {
     err = "header does not match the volume (chunk size, size or id differ)";
     return EINVAL;
   }
+  if (le64toh(db) != data_base_ || le64toh(lb) != log_base_) { err = "header has an unexpected layout (corrupt metadata)"; return EINVAL; }
   uint32_t fmagic, flen;
   std::memcpy(&fmagic, h + kFailOffset, 4);
   std::memcpy(&flen, h + kFailOffset + 4, 4);
@@ -188,75 +170,49 @@ int SnapshotStore::load(std::string& err) {
     failed_at_ms_ = le64toh(at);
   }
   struct stat st;
-  if (fstat(map_fd_, &st) != 0) { err = strerror(errno); return errno; }
+  if (fstat(fd_, &st) != 0) { err = strerror(errno); return errno; }
   const uint64_t file_end = static_cast<uint64_t>(st.st_size);
-  uint64_t off = kHeaderSize;
-  std::vector<uint8_t> payload;
-  for (;;) {
-    if (off >= file_end) break;
-    RecordHeader r;
-    bool ok = file_end - off >= sizeof r;
-    if (ok && pread_all(map_fd_, &r, sizeof r, off) != 0) ok = false;
-    uint32_t len = ok ? le32toh(r.length) : 0;
-    ok = ok && le32toh(r.magic) == kRecordMagic && len <= kMaxRecord && file_end - off - sizeof r >= len;
-    if (ok) {
-      payload.resize(len);
-      ok = pread_all(map_fd_, payload.data(), len, off + sizeof r) == 0 && record_crc(r, payload.data()) == le32toh(r.crc);
-    }
-    if (!ok) {
-      // Torn tail (the last append did not complete) or corruption? Only the
-      // last record can be torn: if any valid record magic follows, the log
-      // is damaged in the middle, which we refuse to guess about.
-      std::vector<uint8_t> rest(file_end - off > (64u << 20) ? (64u << 20) : file_end - off);
-      pread_all(map_fd_, rest.data(), rest.size(), off);
-      for (size_t i = 1; i + sizeof(RecordHeader) <= rest.size(); ++i) {
-        RecordHeader c;
-        std::memcpy(&c, rest.data() + i, sizeof c);
-        uint32_t clen = le32toh(c.length);
-        if (le32toh(c.magic) == kRecordMagic && clen <= rest.size() - i - sizeof c &&
-            record_crc(c, rest.data() + i + sizeof c) == le32toh(c.crc)) {
-          err = "log record at offset " + std::to_string(off) + " fails its checksum (corrupt metadata)";
-          return EINVAL;
-        }
-      }
-      if (ftruncate(map_fd_, static_cast<off_t>(off)) != 0) { err = strerror(errno); return errno; }
-      break;
-    }
-    uint16_t type = le16toh(r.type);
-    if (type == kRecChunks) {
-      if (len % 8) { err = "CHUNKS record of odd length"; return EINVAL; }
-      for (uint32_t i = 0; i < len; i += 8) {
-        uint64_t c;
-        std::memcpy(&c, payload.data() + i, 8);
-        c = le64toh(c);
-        if (c >= map_.size()) { err = "chunk number beyond the volume (corrupt metadata)"; return EINVAL; }
-        map_.set(c);
-      }
-    } else if (type == kRecFailed) {
-      failed_ = true;
-      failure_ = len > 8 ? std::string(payload.begin() + 8, payload.end()) : "unknown";
-      if (len >= 8) {
-        uint64_t at;
-        std::memcpy(&at, payload.data(), 8);
-        failed_at_ms_ = le64toh(at);
-      }
-    }  // unknown record types from newer versions are skipped
-    off += sizeof r + len;
-  }
+  if (file_end < log_base_) { err = "snapshot file is truncated (corrupt metadata)"; return EINVAL; }
+  // The newest CHUNKS record is applied only once its data is verified (see
+  // the crash invariant in the header).
+  std::vector<uint8_t> last;
+  uint64_t last_off = 0, off = 0;
+  auto apply = [&](const std::vector<uint8_t>& p) {
+    for (size_t i = 0; i < p.size(); i += kEntrySize) map_.set(get_chunk_entry(p.data() + i).chunk);
+  };
+  int e = replay_records(
+      fd_, log_base_,
+      [&](uint16_t type, std::vector<uint8_t>& payload, uint64_t at) {
+        if (type != kRecChunks) return 0;  // unknown record types from newer versions are skipped
+        if (payload.size() % kEntrySize) { err = "CHUNKS record of odd length (corrupt metadata)"; return EINVAL; }
+        for (size_t i = 0; i < payload.size(); i += kEntrySize)
+          if (get_chunk_entry(payload.data() + i).chunk >= map_.size()) {
+            err = "chunk number beyond the volume (corrupt metadata)";
+            return EINVAL;
+          }
+        apply(last);
+        last.swap(payload);
+        last_off = at;
+        return 0;
+      },
+      off, err);
+  if (e) return e;
+  if (!last.empty() && !data_matches(last)) off = last_off;  // its sync never completed: drop it
+  else apply(last);
+  if (off < file_end && ftruncate(fd_, static_cast<off_t>(off)) != 0) { err = strerror(errno); return errno; }
   log_end_ = off;
   return 0;
 }
 
-int SnapshotStore::append_record(uint16_t type, const void* payload, uint32_t len) {
-  std::vector<uint8_t> buf(sizeof(RecordHeader) + len);
-  RecordHeader r{htole32(kRecordMagic), htole16(type), 0, htole32(len), 0};
-  r.crc = htole32(record_crc(r, payload));
-  std::memcpy(buf.data(), &r, sizeof r);
-  if (len) std::memcpy(buf.data() + sizeof r, payload, len);
-  if (int e = pwrite_all(map_fd_, buf.data(), buf.size(), log_end_)) return e;
-  if (fdatasync(map_fd_) != 0) return errno;
-  log_end_ += buf.size();
-  return 0;
+bool SnapshotStore::data_matches(const std::vector<uint8_t>& payload) {
+  std::vector<uint8_t> buf(chunk_size_);
+  for (size_t i = 0; i < payload.size(); i += kEntrySize) {
+    ChunkSum e = get_chunk_entry(payload.data() + i);
+    uint64_t len = chunk_len(e.chunk);
+    if (pread_all(fd_, buf.data(), len, data_base_ + e.chunk * chunk_size_) != 0) return false;
+    if (crc32c(0, buf.data(), len) != e.crc) return false;
+  }
+  return true;
 }
 
 bool SnapshotStore::failed() const {
@@ -291,18 +247,24 @@ void SnapshotStore::mark_failed(const std::string& reason) {
   std::memcpy(m + 16, failure_.data(), n);
   uint32_t crc = htole32(crc32c(0, m, 16 + n));
   std::memcpy(m + 16 + n, &crc, 4);
-  if (pwrite_all(map_fd_, m, 20 + n, kFailOffset) == 0) fdatasync(map_fd_);  // best effort: the disk may be failing
+  if (pwrite_all(fd_, m, 20 + n, kFailOffset) == 0) fdatasync(fd_);  // best effort: the disk may be failing
 }
 
-int SnapshotStore::write_data(const void* buf, uint32_t count, uint64_t offset) {
-  return pwrite_all(data_fd_, buf, count, offset);
+int SnapshotStore::write_chunks(const void* buf, uint64_t first, uint64_t len, std::vector<ChunkSum>& sums) {
+  const auto* p = static_cast<const uint8_t*>(buf);
+  for (uint64_t done = 0, c = first; done < len; ++c) {
+    uint64_t n = std::min<uint64_t>(chunk_len(c), len - done);
+    sums.push_back({c, crc32c(0, p + done, n)});
+    done += n;
+  }
+  return pwrite_all(fd_, buf, len, data_base_ + first * chunk_size_);
 }
 
 int SnapshotStore::read_data(void* buf, uint32_t count, uint64_t offset) const {
-  return pread_all(data_fd_, buf, count, offset);
+  return pread_all(fd_, buf, count, data_base_ + offset);
 }
 
-int SnapshotStore::commit(const std::vector<uint64_t>& chunks) {
+int SnapshotStore::commit(const std::vector<ChunkSum>& chunks) {
   // A commit waits for storage: let the connection run more threads, so more
   // first writes queue up and share each group commit.
   io_waited = true;
@@ -316,19 +278,27 @@ int SnapshotStore::commit(const std::vector<uint64_t>& chunks) {
       cv_.wait(lk);
       continue;
     }
-    // Lead one batch: everything queued so far shares the two syncs.
+    // Lead one batch: everything queued so far shares one record and one sync.
     leading_ = true;
     std::deque<std::shared_ptr<Pending>> batch;
-    batch.swap(queue_);
+    size_t n = 0;
+    while (!queue_.empty() && (batch.empty() || n + queue_.front()->chunks.size() <= kMaxRecord / kEntrySize)) {
+      n += queue_.front()->chunks.size();
+      batch.push_back(std::move(queue_.front()));
+      queue_.pop_front();
+    }
     lk.unlock();
-    std::vector<uint64_t> all;
+    std::vector<uint8_t> payload(n * kEntrySize);
+    size_t at = 0;
     for (auto& p : batch)
-      for (uint64_t c : p->chunks) all.push_back(htole64(c));
-    int r = fdatasync(data_fd_) == 0 ? 0 : errno;
-    if (!r) r = append_record(kRecChunks, all.data(), static_cast<uint32_t>(all.size() * 8));
+      for (const ChunkSum& e : p->chunks) put_chunk_entry(payload.data() + kEntrySize * at++, e);
+    const uint64_t start = log_end_;
+    int r = append_record(fd_, log_end_, kRecChunks, payload.data(), static_cast<uint32_t>(payload.size()));
+    if (!r && fdatasync(fd_) != 0) r = errno;
+    if (r) log_end_ = start;  // a failed record is overwritten by the next one (if any)
     if (!r)
       for (auto& p : batch)
-        for (uint64_t c : p->chunks) map_.set(c);
+        for (const ChunkSum& e : p->chunks) map_.set(e.chunk);
     lk.lock();
     for (auto& p : batch) {
       p->result = r;
@@ -342,7 +312,7 @@ int SnapshotStore::commit(const std::vector<uint64_t>& chunks) {
 
 uint64_t SnapshotStore::map_bytes() const {
   struct stat st;
-  return fstat(map_fd_, &st) == 0 ? static_cast<uint64_t>(st.st_size) : 0;
+  return fstat(fd_, &st) == 0 && static_cast<uint64_t>(st.st_size) > log_base_ ? static_cast<uint64_t>(st.st_size) - log_base_ : 0;
 }
 
 }  // namespace nbd

@@ -5,6 +5,7 @@ import { EXIT_CODES, NbdError } from '../errors';
 import { packageVersion } from '../package-root';
 import { registerAttach } from './attach';
 import { registerServe } from './serve';
+import { registerRollback } from './rollback';
 import { registerSnapshot } from './snapshot';
 
 export function buildProgram(): Command {
@@ -19,6 +20,7 @@ export function buildProgram(): Command {
   registerServe(program);
   registerAttach(program);
   registerSnapshot(program);
+  registerRollback(program);
   return program;
 }
 

@@ -1,27 +1,11 @@
 // `node-nbd-server snapshot create|list|info|delete IMAGE ...`. Online, the
 // server serving IMAGE does the work (through IMAGE.nbd/control.sock);
 // offline, the command opens the volume itself under the volume lock.
-import * as fs from 'node:fs';
 import { Command } from 'commander';
-import { callControl, type ControlRequest } from '../control';
 import { NbdError } from '../errors';
-import { createLogger } from '../logger';
-import { NbdServer } from '../server';
-import type { SnapshotInfo, VolumeSnapshots } from '../snapshots';
+import { parseAutoRollback, type SnapshotInfo } from '../snapshots';
 import { formatSize } from '../size';
-
-async function run(image: string, req: ControlRequest, offline: (v: VolumeSnapshots) => Promise<unknown> | unknown): Promise<unknown> {
-  const online = await callControl(image, req);
-  if (online) return online.result;
-  if (!fs.existsSync(image)) throw new NbdError('IMAGE_NOT_FOUND', `image ${image} does not exist`);
-  const server = new NbdServer({ logger: createLogger('warn') });
-  try {
-    const exp = server.addImage({ path: image, snapshots: true });
-    return await offline(server.snapshots(exp.name));
-  } finally {
-    await server.close();
-  }
-}
+import { onVolume as run } from './volume-command';
 
 function printTable(list: SnapshotInfo[]): void {
   if (list.length === 0) {
@@ -34,12 +18,19 @@ function printTable(list: SnapshotInfo[]): void {
     s.createdAt,
     s.state + (s.failure ? ` (${s.failure.reason})` : ''),
     s.preservedBytes !== undefined ? formatSize(s.preservedBytes) : '-',
+    s.autoRollback,
     s.export,
   ]);
-  const head = ['NAME', 'ID', 'CREATED', 'STATE', 'PRESERVED', 'EXPORT'];
+  const head = ['NAME', 'ID', 'CREATED', 'STATE', 'PRESERVED', 'AUTO-ROLLBACK', 'EXPORT'];
   const w = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i]!.length)));
   for (const r of [head, ...rows]) process.stdout.write(r.map((c, i) => c.padEnd(w[i]!)).join('  ').trimEnd() + '\n');
+  for (const s of list) {
+    if (s.merge) process.stdout.write(`rollback to ${s.name}: merging, ${s.merge.percent}% (${s.merge.done}/${s.merge.total} chunks)\n`);
+    if (s.basisOf.length) process.stdout.write(`${s.basisOf.join(', ')} was last rolled back to ${s.name}\n`);
+  }
 }
+
+const AUTO_ROLLBACK_KEY = 'auto-rollback';
 
 export function registerSnapshot(program: Command): void {
   const snap = program.command('snapshot').description('Copy-on-write snapshots of an image (online or offline).');
@@ -48,9 +39,42 @@ export function registerSnapshot(program: Command): void {
     .description('Create a snapshot: O(1), holds every write acknowledged before it returns.')
     .argument('<image>', 'image file')
     .argument('<name>', 'snapshot name (letters, digits, . _ -)')
-    .action(async (image: string, name: string) => {
-      const r = (await run(image, { op: 'snapshot-create', name }, (v) => v.create(name))) as SnapshotInfo;
-      process.stdout.write(`created snapshot ${r.name} (export ${r.export})\n`);
+    .option('--auto-rollback <policy>', 'roll the volume back to this snapshot automatically: on-disconnect, on-start or off')
+    .action(async (image: string, name: string, o: { autoRollback?: string }) => {
+      const policy = o.autoRollback !== undefined ? parseAutoRollback(o.autoRollback) : undefined;
+      const r = (await run(image, { op: 'snapshot-create', name, autoRollback: policy }, (v) =>
+        v.create(name, { autoRollback: policy }),
+      )) as SnapshotInfo;
+      process.stdout.write(`created snapshot ${r.name} (export ${r.export})${r.autoRollback !== 'off' ? `, auto-rollback=${r.autoRollback}` : ''}\n`);
+    });
+  snap
+    .command('set')
+    .description('Set a snapshot parameter: auto-rollback=on-disconnect|on-start|off.')
+    .argument('<image>', 'image file')
+    .argument('<name>', 'snapshot name')
+    .argument('<setting>', 'KEY=VALUE; keys: auto-rollback')
+    .action(async (image: string, name: string, setting: string) => {
+      const i = setting.indexOf('=');
+      const key = i < 0 ? setting : setting.slice(0, i);
+      if (key !== AUTO_ROLLBACK_KEY || i < 0) {
+        throw new NbdError('BAD_ARGUMENT', `unknown setting "${setting}": use ${AUTO_ROLLBACK_KEY}=on-disconnect|on-start|off`);
+      }
+      const policy = parseAutoRollback(setting.slice(i + 1));
+      await run(image, { op: 'snapshot-set', name, autoRollback: policy }, (v) => v.setAutoRollback(name, policy));
+      process.stdout.write(`${name}: ${AUTO_ROLLBACK_KEY}=${policy}\n`);
+    });
+  snap
+    .command('get')
+    .description('Print a snapshot parameter (auto-rollback).')
+    .argument('<image>', 'image file')
+    .argument('<name>', 'snapshot name')
+    .argument('<key>', 'auto-rollback')
+    .action(async (image: string, name: string, key: string) => {
+      if (key !== AUTO_ROLLBACK_KEY) throw new NbdError('BAD_ARGUMENT', `unknown key "${key}": use ${AUTO_ROLLBACK_KEY}`);
+      const r = (await run(image, { op: 'snapshot-get', name }, (v) => ({ autoRollback: v.getAutoRollback(name) }))) as {
+        autoRollback: string;
+      };
+      process.stdout.write(`${r.autoRollback}\n`);
     });
   snap
     .command('list')

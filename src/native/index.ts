@@ -23,8 +23,8 @@ export interface NativeEvent {
 
 export interface NativeSnapshotFiles {
   id: number;
-  data: string;
-  map: string;
+  /** snap-<id>.snap: the snapshot's data region and log (native/core/snapshot_store.hh) */
+  file: string;
 }
 
 export interface NativeExportOptions {
@@ -36,6 +36,8 @@ export interface NativeExportOptions {
   chunkSize?: number;
   /** Existing snapshots, oldest first. */
   snapshots?: NativeSnapshotFiles[];
+  /** A rollback merge to resume (its job file). */
+  rollbackJob?: string;
 }
 
 export interface NativeSnapshotState {
@@ -112,6 +114,24 @@ export interface NativeServer {
   handDown(exportName: string, id: number, from: number, max: number): Promise<{ next: number; total: number }>;
   snapshotStatus(exportName: string): NativeSnapshotStatus[];
   addSnapshotExport(exportName: string, id: number, viewName: string, description?: string): void;
+  /** Writes a rollback job file and pauses writes until activateRollback/abortRollback. */
+  prepareRollback(exportName: string, snapshotId: number, jobFile: string): Promise<void>;
+  activateRollback(exportName: string): void;
+  abortRollback(exportName: string): void;
+  /** Merges up to `max` pending chunks from chunk `from` on. */
+  mergeStep(exportName: string, from: number, max: number): Promise<NativeMergeStatus & { next: number }>;
+  /** Drops a finished merge (rejects with MERGE_FAILED if chunks are pending). */
+  finishRollback(exportName: string): Promise<void>;
+  mergeStatus(exportName: string): NativeMergeStatus | null;
+}
+
+export interface NativeMergeStatus {
+  snapshotId: number;
+  /** chunks pending when the rollback started */
+  total: number;
+  remaining: number;
+  /** chunks in the volume */
+  chunks: number;
 }
 
 export interface NativeAttachOptions {

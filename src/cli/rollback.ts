@@ -1,0 +1,173 @@
+// `node-nbd-server rollback IMAGE SNAPSHOT [--wait]`, `jobs IMAGE [--wait]`,
+// `history IMAGE` and `info IMAGE`. Online, the serving server rolls back and
+// merges in the background (the command returns once the snapshot is
+// visible); offline there is no server to merge later, so the command merges
+// to the end itself (a kill leaves the job recorded: the next serve or
+// `jobs IMAGE --wait` resumes it).
+import { Command } from 'commander';
+import { SingleBar } from 'cli-progress';
+import { callControl } from '../control';
+import { readHistory, type HistoryEntry } from '../history';
+import { commandTrigger, type JobInfo, type RollbackResult, type VolumeSnapshots } from '../snapshots';
+import { onVolume } from './volume-command';
+
+/** A progress bar on stderr for the merge of one volume. */
+function mergeBar(): { update(jobs: JobInfo[]): void; stop(): void } {
+  const bar = new SingleBar({
+    format: 'merging {snapshot} [{bar}] {percentage}% | {value}/{total} chunks | {duration_formatted}',
+    stream: process.stderr,
+    noTTYOutput: true,
+    notTTYSchedule: 2000,
+    hideCursor: true,
+  });
+  let started = false;
+  return {
+    update(jobs) {
+      const j = jobs[0];
+      if (!j) return;
+      if (!started) {
+        bar.start(Math.max(j.total, 1), j.done, { snapshot: j.snapshot });
+        started = true;
+      }
+      bar.setTotal(Math.max(j.total, 1));
+      bar.update(j.done, { snapshot: j.snapshot });
+    },
+    stop() {
+      if (started) bar.update(bar.getTotal());
+      bar.stop();
+    },
+  };
+}
+
+/** Waits until the volume has no running job; online by polling the server. */
+async function waitJobs(image: string, show: boolean): Promise<void> {
+  const bar = show ? mergeBar() : undefined;
+  try {
+    for (;;) {
+      const online = await callControl(image, { op: 'jobs' });
+      if (!online) {
+        // No server (or it stopped): finish the merge here.
+        await onVolume(image, { op: 'ping' }, async (v: VolumeSnapshots) => {
+          v.resumeJobs();
+          await v.waitJobs((j) => bar?.update(j));
+        });
+        return;
+      }
+      const jobs = online.result as JobInfo[];
+      bar?.update(jobs);
+      if (jobs.length === 0) return;
+      await new Promise((r) => setTimeout(r, 200));
+    }
+  } finally {
+    bar?.stop();
+  }
+}
+
+function printJobs(jobs: JobInfo[]): void {
+  if (jobs.length === 0) {
+    process.stdout.write('no jobs\n');
+    return;
+  }
+  for (const j of jobs) {
+    process.stdout.write(
+      `${j.type}: to snapshot ${j.snapshot}, ${j.percent}% (${j.done}/${j.total} chunks), started ${j.startedAt} by ${j.trigger} (${j.by})` +
+        (j.error ? `, retrying after: ${j.error}` : '') +
+        '\n',
+    );
+  }
+}
+
+function printHistory(list: HistoryEntry[]): void {
+  if (list.length === 0) {
+    process.stdout.write('no history\n');
+    return;
+  }
+  for (const e of list) {
+    if (e.event === 'rollback') {
+      process.stdout.write(
+        `${e.at}  rollback to ${e.snapshot} (id ${e.snapshotId}), ${e.trigger} by ${e.by}, ${e.chunks ?? 0} chunks to merge` +
+          (e.replaced ? `, replacing the rollback to ${e.replaced}` : '') +
+          '\n',
+      );
+    } else {
+      process.stdout.write(`${e.at}  merge to ${e.snapshot} finished: ${e.chunks ?? 0} chunks in ${((e.ms ?? 0) / 1000).toFixed(1)} s\n`);
+    }
+  }
+}
+
+export function registerRollback(program: Command): void {
+  program
+    .command('rollback')
+    .description('Roll the volume back to a snapshot, online: visible at once, merged in the background; every snapshot is kept.')
+    .argument('<image>', 'image file')
+    .argument('<snapshot>', 'snapshot name')
+    .option('--wait', 'show a progress bar and return when the merge has finished')
+    .option('--json', 'machine-readable output')
+    .action(async (image: string, snapshot: string, o: { wait?: boolean; json?: boolean }) => {
+      const who = commandTrigger();
+      let offline = false;
+      const r = (await onVolume(image, { op: 'rollback', name: snapshot, by: who.by }, async (v) => {
+        offline = true;
+        const res = await v.rollback(snapshot, who);
+        const bar = o.wait ? mergeBar() : undefined;
+        try {
+          await v.waitJobs((j) => bar?.update(j));
+        } finally {
+          bar?.stop();
+        }
+        return res;
+      })) as RollbackResult;
+      if (!offline && o.wait) await waitJobs(image, true);
+      if (o.json) process.stdout.write(JSON.stringify(r, null, 2) + '\n');
+      else {
+        process.stdout.write(
+          `rolled back ${image} to snapshot ${r.snapshot} (visible after ${r.visibleMs.toFixed(1)} ms); ` +
+            (offline || o.wait ? `merged ${r.total} chunks\n` : `merging ${r.total} chunks in the background (node-nbd-server jobs ${image})\n`),
+        );
+      }
+    });
+  program
+    .command('jobs')
+    .description("Show the volume's running jobs (rollback merges) and their progress.")
+    .argument('<image>', 'image file')
+    .option('--json', 'machine-readable output')
+    .option('--wait', 'wait until they finish (offline: run them here), with a progress bar')
+    .action(async (image: string, o: { json?: boolean; wait?: boolean }) => {
+      if (o.wait) await waitJobs(image, !o.json);
+      const jobs = (await onVolume(image, { op: 'jobs' }, (v) => v.jobs())) as JobInfo[];
+      if (o.json) process.stdout.write(JSON.stringify(jobs, null, 2) + '\n');
+      else printJobs(jobs);
+    });
+  program
+    .command('history')
+    .description("Show the volume's history: every rollback (when, to which snapshot, by whom or which policy) and finished merge.")
+    .argument('<image>', 'image file')
+    .option('--json', 'machine-readable output')
+    .action(async (image: string, o: { json?: boolean }) => {
+      // Validates the image and its metadata like every volume command, then reads the append-only file.
+      await onVolume(image, { op: 'ping' }, () => undefined);
+      const list = readHistory(image);
+      if (o.json) process.stdout.write(JSON.stringify(list, null, 2) + '\n');
+      else printHistory(list);
+    });
+  program
+    .command('info')
+    .description('Show a volume: size, chunk size, the snapshot it is based on, its auto-rollback policy, running jobs.')
+    .argument('<image>', 'image file')
+    .option('--json', 'machine-readable output')
+    .action(async (image: string, o: { json?: boolean }) => {
+      const i = (await onVolume(image, { op: 'info' }, (v) => v.volumeInfo())) as ReturnType<VolumeSnapshots['volumeInfo']>;
+      if (o.json) {
+        process.stdout.write(JSON.stringify(i, null, 2) + '\n');
+        return;
+      }
+      process.stdout.write(
+        `volume ${i.volume} (export ${i.export}): ${i.size} bytes, chunk size ${i.chunkSize}, ${i.snapshots} snapshot(s)\n` +
+          `based on: ${i.basedOn ? `snapshot ${i.basedOn.snapshot} (since ${i.basedOn.since})` : '-'}\n` +
+          `auto-rollback: ${i.autoRollback ? `${i.autoRollback.policy} to snapshot ${i.autoRollback.snapshot}` : 'off'}\n`,
+      );
+      printJobs(i.jobs);
+    });
+}
+
+

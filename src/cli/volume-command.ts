@@ -1,0 +1,22 @@
+// Runs a volume command online or offline: when a server serves IMAGE, it
+// does the work (through IMAGE.nbd/control.sock); otherwise the command opens
+// the volume itself, under the volume lock, and closes it again.
+import * as fs from 'node:fs';
+import { callControl, type ControlRequest } from '../control';
+import { NbdError } from '../errors';
+import { createLogger } from '../logger';
+import { NbdServer } from '../server';
+import type { VolumeSnapshots } from '../snapshots';
+
+export async function onVolume(image: string, req: ControlRequest, offline: (v: VolumeSnapshots) => Promise<unknown> | unknown): Promise<unknown> {
+  const online = await callControl(image, req);
+  if (online) return online.result;
+  if (!fs.existsSync(image)) throw new NbdError('IMAGE_NOT_FOUND', `image ${image} does not exist`);
+  const server = new NbdServer({ logger: createLogger('warn') });
+  try {
+    const exp = server.addImage({ path: image, snapshots: true });
+    return await offline(server.snapshots(exp.name));
+  } finally {
+    await server.close();
+  }
+}
