@@ -20,6 +20,8 @@ export interface ServerOptions {
   handshakeTimeoutMs?: number;
   /** Most simultaneous connections; more are refused. Default 4096. */
   maxConnections?: number;
+  /** Background rollback merge limit, bytes per second per volume. Default unlimited. */
+  mergeRate?: number;
 }
 
 export interface ExportInfo {
@@ -69,10 +71,12 @@ export class NbdServer extends EventEmitter {
   private readonly beforeClose: (() => Promise<void>)[] = [];
   /** Live clients per volume export, for the on-disconnect auto-rollback. */
   private readonly clients = new Map<string, number>();
+  private readonly mergeRate?: number;
 
   constructor(options: ServerOptions = {}) {
     super();
     this.log = (options.logger ?? silentLogger()).child({ component: 'server' });
+    this.mergeRate = options.mergeRate;
     try {
       this.native = new native.NativeServer({
         threadsPerConnection: options.threadsPerConnection,
@@ -119,7 +123,10 @@ export class NbdServer extends EventEmitter {
       throw fromNative(err);
     }
     if (vol) {
-      const v = VolumeSnapshots.attach(this.native, prepared.path, info.name, vol, this.log, prepared.readOnly);
+      const v = VolumeSnapshots.attach(this.native, prepared.path, info.name, vol, this.log, {
+        readOnly: prepared.readOnly,
+        mergeRate: this.mergeRate,
+      });
       for (const st of info.snapshots) if (st.failed) v.recordFailure(st.id, st.failure, st.failedAt);
       this.volumes.set(info.name, v);
     }

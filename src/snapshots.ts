@@ -116,6 +116,8 @@ export class VolumeSnapshots {
   private mergeError?: string;
   /** Served read-only: a rollback would have to write, so it is refused. */
   private readOnly = false;
+  /** Merge bandwidth limit, bytes/s (undefined: as fast as the disk goes). */
+  private mergeRate?: number;
 
   private constructor(
     private readonly native: NativeServer,
@@ -158,10 +160,11 @@ export class VolumeSnapshots {
     exportName: string,
     prepared: ReturnType<typeof VolumeSnapshots.prepare>,
     log: Logger,
-    readOnly = false,
+    opts: { readOnly?: boolean; mergeRate?: number } = {},
   ) {
     const v = new VolumeSnapshots(native, image, exportName, prepared.manifest, prepared.unlock, log.child({ volume: exportName }));
-    v.readOnly = readOnly;
+    v.readOnly = opts.readOnly ?? false;
+    v.mergeRate = opts.mergeRate;
     for (const s of v.manifest.snapshots) v.exportView(s);
     return v;
   }
@@ -463,7 +466,12 @@ export class VolumeSnapshots {
   }
 
   private async runMerge(): Promise<void> {
-    const step = Math.max(16, Math.floor(MERGE_STEP_BYTES / this.manifest.chunkSize));
+    const cs = this.manifest.chunkSize;
+    // A step is one native call: copy, flush, record progress. With a rate
+    // limit, steps shrink to about a tenth of a second's worth and sleep off
+    // what they ran ahead.
+    const stepBytes = this.mergeRate ? Math.min(MERGE_STEP_BYTES, Math.max(cs, Math.floor(this.mergeRate / 10))) : MERGE_STEP_BYTES;
+    const step = Math.max(1, Math.floor(stepBytes / cs));
     let from = 0;
     while (!this.stopping) {
       const st = this.native.mergeStatus(this.exportName);
@@ -472,10 +480,16 @@ export class VolumeSnapshots {
         await this.serial(() => this.finishMerge());
         continue;
       }
+      const began = Date.now();
       try {
         const r = await this.native.mergeStep(this.exportName, from, step);
         from = r.next >= r.chunks ? 0 : r.next;
         this.mergeError = undefined;
+        if (this.mergeRate) {
+          const merged = st.remaining - r.remaining;
+          const due = (merged * cs * 1000) / this.mergeRate - (Date.now() - began);
+          if (due > 0) await new Promise((res) => setTimeout(res, due));
+        }
       } catch (err) {
         this.mergeError = (err as Error).message;
         this.log.error({ err: this.mergeError }, 'rollback merge step failed; retrying in 1 s');

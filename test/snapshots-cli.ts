@@ -12,6 +12,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { exec, type ExecResult } from './fixtures/exec';
 import { isAlive, waitFor } from './fixtures/proc';
+import { readExport, writeExport } from './fixtures/export-io';
 import { NBD, RawClient } from './fixtures/raw-client';
 import { CLI, makeTempDir as makeDir, removeDir, startServer, type RunningServer } from './fixtures/server';
 import { requireTools } from './fixtures/tools';
@@ -138,9 +139,13 @@ function checkShape(tt: Test, s: SnapJson, want: { id?: number; name: string; ex
   const keys = Object.keys(s).sort();
   tt.same(
     keys,
-    ['chunkSize', 'createdAt', 'export', 'id', 'name', 'preservedBytes', 'preservedChunks', 'state'],
-    `${what}: exactly the documented keys (no failure key while active)`,
+    ['autoRollback', 'basisOf', 'chunkSize', 'createdAt', 'export', 'id', 'name', 'preservedBytes', 'preservedChunks', 'state', 'volume'],
+    `${what}: exactly the documented keys (no failure or merge key while active and not merging)`,
   );
+  const extra = s as unknown as { autoRollback: unknown; basisOf: unknown; volume: unknown };
+  tt.equal(extra.autoRollback, 'off', `${what}: autoRollback off`);
+  tt.same(extra.basisOf, [], `${what}: basisOf [] (no rollback yet)`);
+  tt.ok(typeof extra.volume === 'string' && path.isAbsolute(extra.volume as string), `${what}: volume is the image's absolute path`);
   if (want.id !== undefined) tt.equal(s.id, want.id, `${what}: id ${want.id}`);
   tt.ok(Number.isInteger(s.id) && s.id > 0, `${what}: id is a positive integer`);
   tt.equal(s.name, want.name, `${what}: name`);
@@ -151,36 +156,6 @@ function checkShape(tt: Test, s: SnapJson, want: { id?: number; name: string; ex
   tt.equal(s.preservedBytes, s.preservedChunks * s.chunkSize, `${what}: preservedBytes = preservedChunks * chunkSize`);
   const at = Date.parse(s.createdAt);
   tt.ok(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$/.test(s.createdAt) && Math.abs(Date.now() - at) < 3600_000, `${what}: createdAt is a recent ISO time (${s.createdAt})`);
-}
-
-/** Reads [offset, offset+length) of an export through a fresh connection. */
-async function readExport(socket: string, name: string, offset: number, length: number): Promise<{ error: number; data?: Buffer }> {
-  const c = await RawClient.connect(socket);
-  try {
-    await c.go(name);
-    const parts: Buffer[] = [];
-    for (let off = offset; off < offset + length; off += 4 * MiB) {
-      const r = await c.read(off, Math.min(4 * MiB, offset + length - off));
-      if (r.error) return { error: r.error };
-      parts.push(r.data!);
-    }
-    return { error: 0, data: Buffer.concat(parts) };
-  } finally {
-    await c.disconnect();
-  }
-}
-
-async function writeExport(socket: string, name: string, writes: [number, Buffer][]): Promise<number[]> {
-  const c = await RawClient.connect(socket);
-  const errors: number[] = [];
-  try {
-    await c.go(name);
-    for (const [off, data] of writes) errors.push((await c.write(off, data)).error);
-    await c.cmd(NBD.CMD_FLUSH, 0, 0, 0);
-  } finally {
-    await c.disconnect();
-  }
-  return errors;
 }
 
 async function exportNames(socket: string): Promise<string[]> {
@@ -289,9 +264,9 @@ t.test('offline: create, list, info, delete (text and --json), on-disk files, id
   const text = await cli(['snapshot', 'list', img]);
   expectOk(t, text, 'list (text)');
   const rows = text.stdout.trimEnd().split('\n');
-  t.match(rows[0] ?? '', /^NAME\s+ID\s+CREATED\s+STATE\s+PRESERVED\s+EXPORT$/, 'text list header');
+  t.match(rows[0] ?? '', /^NAME\s+ID\s+CREATED\s+STATE\s+PRESERVED\s+AUTO-ROLLBACK\s+EXPORT$/, 'text list header');
   t.equal(rows.length, 3, 'header and one row per snapshot');
-  t.match(rows[1] ?? '', /^s1\s+1\s+\S+\s+active\s+0 B\s+disk@s1$/, 'row for s1');
+  t.match(rows[1] ?? '', /^s1\s+1\s+\S+\s+active\s+0 B\s+off\s+disk@s1$/, 'row for s1');
   const infoText = await cli(['snapshot', 'info', img, 's1']);
   expectOk(t, infoText, 'info (text)');
   t.match(infoText.stdout, /^NAME.*\ns1\s+1\s+.*disk@s1\n$/, 'info (text): header and the row');

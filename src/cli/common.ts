@@ -38,7 +38,8 @@ export function addServeOptions(cmd: Command, listenHelp: string): Command {
     .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS as string[]).default('info'))
     .option('--threads <n>', 'worker threads per connection', positiveInt('--threads', 256), 32)
     .option('--max-connections <n>', 'refuse connections beyond this many', positiveInt('--max-connections'), 4096)
-    .option('--chunk-size <size>', 'copy-on-write chunk size for images without snapshots yet: 4K..1M, a power of two (default 64K)');
+    .option('--chunk-size <size>', 'copy-on-write chunk size for images without snapshots yet: 4K..1M, a power of two (default 64K)')
+    .option('--merge-rate <size>', 'limit background rollback merges to this many bytes per second per volume (e.g. 50M; default unlimited)');
 }
 
 export function parseChunkSize(text: string): number {
@@ -58,6 +59,7 @@ export interface CommonServeOptions {
   threadsPerConnection: number;
   maxConnections: number;
   chunkSize?: number;
+  mergeRate?: number;
 }
 
 export function commonServeOptions(o: Record<string, unknown>): CommonServeOptions {
@@ -70,6 +72,7 @@ export function commonServeOptions(o: Record<string, unknown>): CommonServeOptio
     threadsPerConnection: o.threads as number,
     maxConnections: o.maxConnections as number,
     chunkSize: o.chunkSize !== undefined ? parseChunkSize(o.chunkSize as string) : undefined,
+    mergeRate: o.mergeRate !== undefined ? parseSize(o.mergeRate as string) : undefined,
   };
 }
 
