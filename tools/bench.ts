@@ -42,6 +42,7 @@ interface Options {
   nodeThreads?: number;
   removeImage: boolean;
   snapshots: boolean;
+  rollback: boolean;
   snapshotArgs: string[];
   serversGiven: boolean;
 }
@@ -76,6 +77,9 @@ const USAGE = `usage: node dist/tools/bench.js [options]
   --json FILE          also write machine-readable results to FILE
   --node-threads N     pass --threads N to node-nbd-server (default: its own default)
   --remove-image       delete the image at the end instead of keeping it for reuse
+  --rollback           after the serving table, also run the rollback benchmark
+                       (node dist/tools/bench-rollback.js: time-to-visible on 1 GiB and
+                       1 TiB sparse volumes, background merge throughput vs cp)
   --snapshots          after the serving table, also run the snapshot benchmark
                        (node dist/tools/bench-snapshots.js: 4k randwrite QD32 with no
                        snapshot, first writes after a snapshot, steady state, 32
@@ -118,6 +122,7 @@ function parseArgs(argv: string[]): Options {
     dir: path.join(os.tmpdir(), 'node-nbd-server-bench'),
     removeImage: false,
     snapshots: false,
+    rollback: false,
     snapshotArgs: [],
     serversGiven: false,
   };
@@ -191,6 +196,9 @@ function parseArgs(argv: string[]): Options {
         break;
       case '--snapshots':
         o.snapshots = true;
+        break;
+      case '--rollback':
+        o.rollback = true;
         break;
       case '--snapshot-args':
         o.snapshotArgs.push(...next().split(/\s+/).filter(Boolean));
@@ -909,6 +917,11 @@ async function main(): Promise<void> {
   }
   if (opts.removeImage) fs.rmSync(image, { force: true });
   if (opts.snapshots) await runSnapshotBench(opts);
+  if (opts.rollback) {
+    const args = [path.join(__dirname, 'bench-rollback.js'), '--repeat', String(opts.repeat)];
+    if (opts.json) args.push('--json', opts.json.replace(/(\.json)?$/, '.rollback.json'));
+    await runChildBench('rollback', args);
+  }
 }
 
 /** Runs dist/tools/bench-snapshots.js with this run's settings; its output goes straight to ours. */
@@ -922,19 +935,24 @@ async function runSnapshotBench(opts: Options): Promise<void> {
   }
   if (opts.json) args.push('--json', opts.json.replace(/(\.json)?$/, '.snapshots.json'));
   args.push(...opts.snapshotArgs); // later options win
-  log(`\nbench: snapshot benchmark: node ${path.relative(process.cwd(), script)} ${args.slice(1).join(' ')}`);
+  await runChildBench('snapshot', args);
+}
+
+/** Runs another benchmark script (args[0]); its output goes straight to ours. */
+async function runChildBench(what: string, args: string[]): Promise<void> {
+  log(`\nbench: ${what} benchmark: node ${path.relative(process.cwd(), args[0]!)} ${args.slice(1).join(' ')}`);
   const child = spawn(process.execPath, args, { stdio: 'inherit' });
   snapshotChild = child;
   const code = await new Promise<number | null>((resolve) => {
     child.once('error', (e) => {
-      log(`bench: cannot run the snapshot benchmark: ${e.message}`);
+      log(`bench: cannot run the ${what} benchmark: ${e.message}`);
       resolve(-1);
     });
     child.once('exit', (c, sig) => resolve(c ?? (sig ? 128 : null)));
   });
   snapshotChild = undefined;
   if (code !== 0) {
-    log(`bench: the snapshot benchmark failed (exit ${code})`);
+    log(`bench: the ${what} benchmark failed (exit ${code})`);
     process.exitCode = 1;
   }
 }
