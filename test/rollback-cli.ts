@@ -8,6 +8,7 @@ import t, { type Test } from 'tap';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import type { HistoryEntry } from '../src/history';
 import { exec, type ExecResult } from './fixtures/exec';
 import { readExport, writeExport } from './fixtures/export-io';
 import { RawClient } from './fixtures/raw-client';
@@ -41,17 +42,6 @@ async function json<T>(tt: Test, args: string[], what: string): Promise<T> {
   return JSON.parse(r.stdout) as T;
 }
 
-interface HistoryEntry {
-  at: string;
-  event: string;
-  snapshot: string;
-  snapshotId: number;
-  trigger?: string;
-  by?: string;
-  replaced?: string;
-  chunks?: number;
-  ms?: number;
-}
 
 interface Job {
   type: string;

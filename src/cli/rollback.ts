@@ -9,7 +9,7 @@ import { SingleBar } from 'cli-progress';
 import { callControl } from '../control';
 import { readHistory, type HistoryEntry } from '../history';
 import { commandTrigger, type JobInfo, type RollbackResult, type VolumeSnapshots } from '../snapshots';
-import { onVolume } from './volume-command';
+import { onVolume, output } from './volume-command';
 
 /** A progress bar on stderr for the merge of one volume. */
 function mergeBar(): { update(jobs: JobInfo[]): void; stop(): void } {
@@ -135,8 +135,7 @@ export function registerRollback(program: Command): void {
     .action(async (image: string, o: { json?: boolean; wait?: boolean }) => {
       if (o.wait) await waitJobs(image, !o.json);
       const jobs = (await onVolume(image, { op: 'jobs' }, (v) => v.jobs())) as JobInfo[];
-      if (o.json) process.stdout.write(JSON.stringify(jobs, null, 2) + '\n');
-      else printJobs(jobs);
+      output(o, jobs, printJobs);
     });
   program
     .command('history')
@@ -147,8 +146,7 @@ export function registerRollback(program: Command): void {
       // Validates the image and its metadata like every volume command, then reads the append-only file.
       await onVolume(image, { op: 'ping' }, () => undefined);
       const list = readHistory(image);
-      if (o.json) process.stdout.write(JSON.stringify(list, null, 2) + '\n');
-      else printHistory(list);
+      output(o, list, printHistory);
     });
   program
     .command('info')
@@ -157,16 +155,14 @@ export function registerRollback(program: Command): void {
     .option('--json', 'machine-readable output')
     .action(async (image: string, o: { json?: boolean }) => {
       const i = (await onVolume(image, { op: 'info' }, (v) => v.volumeInfo())) as ReturnType<VolumeSnapshots['volumeInfo']>;
-      if (o.json) {
-        process.stdout.write(JSON.stringify(i, null, 2) + '\n');
-        return;
-      }
-      process.stdout.write(
-        `volume ${i.volume} (export ${i.export}): ${i.size} bytes, chunk size ${i.chunkSize}, ${i.snapshots} snapshot(s)\n` +
-          `based on: ${i.basedOn ? `snapshot ${i.basedOn.snapshot} (since ${i.basedOn.since})` : '-'}\n` +
-          `auto-rollback: ${i.autoRollback ? `${i.autoRollback.policy} to snapshot ${i.autoRollback.snapshot}` : 'off'}\n`,
-      );
-      printJobs(i.jobs);
+      output(o, i, (i) => {
+        process.stdout.write(
+          `volume ${i.volume} (export ${i.export}): ${i.size} bytes, chunk size ${i.chunkSize}, ${i.snapshots} snapshot(s)\n` +
+            `based on: ${i.basedOn ? `snapshot ${i.basedOn.snapshot} (since ${i.basedOn.since})` : '-'}\n` +
+            `auto-rollback: ${i.autoRollback ? `${i.autoRollback.policy} to snapshot ${i.autoRollback.snapshot}` : 'off'}\n`,
+        );
+        printJobs(i.jobs);
+      });
     });
 }
 

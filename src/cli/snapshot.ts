@@ -5,7 +5,7 @@ import { Command } from 'commander';
 import { NbdError } from '../errors';
 import { parseAutoRollback, type SnapshotInfo } from '../snapshots';
 import { formatSize } from '../size';
-import { onVolume as run } from './volume-command';
+import { onVolume as run, output } from './volume-command';
 
 function printTable(list: SnapshotInfo[]): void {
   if (list.length === 0) {
@@ -83,8 +83,7 @@ export function registerSnapshot(program: Command): void {
     .option('--json', 'machine-readable output')
     .action(async (image: string, o: { json?: boolean }) => {
       const list = (await run(image, { op: 'snapshot-list' }, (v) => v.list())) as SnapshotInfo[];
-      if (o.json) process.stdout.write(JSON.stringify(list, null, 2) + '\n');
-      else printTable(list);
+      output(o, list, printTable);
     });
   snap
     .command('info')
@@ -94,8 +93,7 @@ export function registerSnapshot(program: Command): void {
     .option('--json', 'machine-readable output')
     .action(async (image: string, name: string, o: { json?: boolean }) => {
       const s = (await run(image, { op: 'snapshot-info', name }, (v) => v.info(name))) as SnapshotInfo;
-      if (o.json) process.stdout.write(JSON.stringify(s, null, 2) + '\n');
-      else printTable([s]);
+      output(o, s, (x) => printTable([x]));
     });
   snap
     .command('delete')

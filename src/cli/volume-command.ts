@@ -20,3 +20,9 @@ export async function onVolume(image: string, req: ControlRequest, offline: (v: 
     await server.close();
   }
 }
+
+/** Prints `value` as JSON with --json, else as text. */
+export function output<T>(o: { json?: boolean }, value: T, text: (v: T) => void): void {
+  if (o.json) process.stdout.write(JSON.stringify(value, null, 2) + '\n');
+  else text(value);
+}
