@@ -81,6 +81,13 @@ function scenarios() {
     timeout: 300,
   });
   list.push({
+    name: 'rollback',
+    description: 'ext4 on /dev/nbd0 (unix, -C 4): files, `snapshot create golden`, modify/delete/add, umount, online `rollback` (device stays attached), raw writes during the merge survive it, fsck, old files back, new files gone; history/jobs; auto-rollback=on-disconnect: detach rolls back (history policy:on-disconnect); auto-rollback=off: detach keeps the changes',
+    script: 'rollback.sh',
+    env: { KT_FS: 'ext4', KT_TRANSPORT: 'unix', KT_CONNS: 4, KT_SIZE: '1G' },
+    timeout: 300,
+  });
+  list.push({
     name: 'attach-cli',
     description: 'node-nbd-server attach IMAGE /dev/nbd0 (no nbd-client): mkfs, mount, fio verify, detach, attach exits 0; again with -C 4: fsck, checksums, SIGTERM, exits 0',
     script: 'attach.sh',
