@@ -69,8 +69,6 @@ export class NbdServer extends EventEmitter {
   private readonly devices = new Map<number, (result: { error?: string }) => void>();
   private readonly volumes = new Map<string, VolumeSnapshots>();
   private readonly beforeClose: (() => Promise<void>)[] = [];
-  /** Live clients per volume export, for the on-disconnect auto-rollback. */
-  private readonly clients = new Map<string, number>();
   private readonly mergeRate?: number;
 
   constructor(options: ServerOptions = {}) {
@@ -252,17 +250,23 @@ export class NbdServer extends EventEmitter {
     return this.closing;
   }
 
-  /** The volume's last client left: the on-disconnect auto-rollback, if one is set. */
-  private onLastDisconnect(v: VolumeSnapshots): void {
-    if (!v.policySnapshot('on-disconnect')) return;
-    v.applyPolicy('on-disconnect').catch((err: Error) => {
-      this.log.error({ volume: v.exportName, err: err.message }, 'auto-rollback on disconnect failed');
-    });
-  }
-
-  /** Live clients of a volume's export right now. */
-  clientCount(exportName: string): number {
-    return this.clients.get(exportName) ?? 0;
+  /**
+   * The volume's last client left while its on-disconnect hold is armed: new
+   * sessions wait (natively) until the auto-rollback is visible.
+   */
+  private onLastDisconnect(exportName: string): void {
+    const v = this.volumes.get(exportName);
+    const release = () => {
+      try {
+        this.native.releaseHold(exportName);
+      } catch {
+        /* the export is gone */
+      }
+    };
+    if (!v || this.state !== 'serving') return release();
+    v.applyPolicy('on-disconnect')
+      .catch((err: Error) => this.log.error({ volume: exportName, err: err.message }, 'auto-rollback on disconnect failed'))
+      .finally(release);
   }
 
   private assertOpen(): void {
@@ -274,15 +278,12 @@ export class NbdServer extends EventEmitter {
     switch (ev.type) {
       case 'connect':
         this.log.info({ ...fields, mode: ev.message }, 'client connected');
-        if (this.volumes.has(ev.export)) this.clients.set(ev.export, (this.clients.get(ev.export) ?? 0) + 1);
         break;
       case 'disconnect':
         this.log.info({ ...fields, reason: ev.message }, 'client disconnected');
-        if (this.volumes.has(ev.export)) {
-          const n = (this.clients.get(ev.export) ?? 1) - 1;
-          this.clients.set(ev.export, n);
-          if (n === 0 && this.state === 'serving') this.onLastDisconnect(this.volumes.get(ev.export)!);
-        }
+        break;
+      case 'last-disconnect':
+        this.onLastDisconnect(ev.export);
         break;
       case 'device-detached':
       case 'device-error': {

@@ -165,8 +165,18 @@ export class VolumeSnapshots {
     const v = new VolumeSnapshots(native, image, exportName, prepared.manifest, prepared.unlock, log.child({ volume: exportName }));
     v.readOnly = opts.readOnly ?? false;
     v.mergeRate = opts.mergeRate;
+    v.armHold();
     for (const s of v.manifest.snapshots) v.exportView(s);
     return v;
+  }
+
+  /** Arms the native admission hold while a snapshot carries the on-disconnect policy. */
+  private armHold(): void {
+    try {
+      this.native.setDisconnectHold(this.exportName, !this.readOnly && !!this.policySnapshot('on-disconnect'));
+    } catch (err) {
+      this.log.warn({ err: (err as Error).message }, 'cannot arm the on-disconnect hold');
+    }
   }
 
   /** Resumes an unfinished rollback merge (serving, or an offline command that waits for it). */
@@ -219,6 +229,7 @@ export class VolumeSnapshots {
   private save(m: Manifest): void {
     writeManifest(this.image, m);
     this.manifest = m;
+    this.armHold(); // the policy may have changed (set, create, delete)
   }
 
   create(name: string, opts: { autoRollback?: AutoRollbackPolicy | 'off' } = {}): Promise<SnapshotInfo> {

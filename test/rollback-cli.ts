@@ -370,6 +370,34 @@ t.test('auto-rollback on-disconnect: the last client leaving rolls the volume ba
   t.equal(await srv.stop(), 0, 'server exits 0');
 });
 
+t.test('auto-rollback on-disconnect: a client reconnecting at once never sees the session it follows (30 rounds)', async (t) => {
+  const size = 8 * MiB;
+  const { dir, img } = dirs();
+  const golden = pattern(size);
+  fs.writeFileSync(img, golden);
+  const srv = await serve(dir, img);
+  expectOk(t, await cli(['snapshot', 'create', img, 'golden', '--auto-rollback', 'on-disconnect']), 'create golden with the policy');
+  const stale: number[] = [];
+  for (let i = 0; i < 30; i++) {
+    const off = (i % 8) * MiB;
+    const w = await RawClient.connect(srv.socket);
+    await w.go('disk');
+    await w.write(off, crypto.randomBytes(256 * KiB));
+    await w.disconnect();
+    // Reconnect at once: the rollback starts after the disconnect, and this
+    // session must wait for it rather than read the previous session's data.
+    const r = await RawClient.connect(srv.socket);
+    await r.go('disk');
+    const got = await r.read(off, 256 * KiB);
+    if (!got.data?.equals(golden.subarray(off, off + 256 * KiB))) stale.push(i);
+    await r.disconnect();
+  }
+  t.same(stale, [], 'every reconnect read the golden content');
+  await waitNoJobs(t, img, 'after the rounds');
+  t.ok((await readAll(srv.socket, 'disk', size)).equals(golden), 'the volume is golden');
+  t.equal(await srv.stop(), 0, 'server exits 0');
+});
+
 t.test('auto-rollback on-start: every server start begins from the snapshot', async (t) => {
   const size = 4 * MiB;
   const { dir, img } = dirs();

@@ -9,6 +9,9 @@
 //   mergeStep(export, from, max) -> {next, chunks, total, remaining}  (async)
 //   finishRollback(export)                        drops a finished job (async)
 //   mergeStatus(export) -> {snapshotId, total, remaining} | null
+//   setDisconnectHold(export, on)  arms the admission hold for the
+//                                  on-disconnect auto-rollback (export_table.hh)
+//   releaseHold(export)            lets held sessions start
 #include <napi.h>
 
 #include <cerrno>
@@ -75,6 +78,23 @@ Napi::Value ServerWrap::FinishRollback(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto cow = volume(env, info[0]);
   return queue(new Task(env, [cow](std::string& what) { return cow->finish_rollback(what); }, nullptr, "MERGE_FAILED"));
+}
+
+Napi::Value ServerWrap::SetDisconnectHold(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsString()) throw Napi::TypeError::New(env, "export name must be a string");
+  auto e = server_->exports().find(info[0].As<Napi::String>().Utf8Value());
+  if (!e || info[0].As<Napi::String>().Utf8Value().empty()) throw coded_error(env, "EXPORT_NOT_FOUND", "no such export");
+  e->admission.arm(info[1].ToBoolean().Value());
+  return env.Undefined();
+}
+
+Napi::Value ServerWrap::ReleaseHold(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsString()) throw Napi::TypeError::New(env, "export name must be a string");
+  auto e = server_->exports().find(info[0].As<Napi::String>().Utf8Value());
+  if (e) e->admission.release();
+  return env.Undefined();
 }
 
 Napi::Value ServerWrap::MergeStatus(const Napi::CallbackInfo& info) {

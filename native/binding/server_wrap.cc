@@ -71,6 +71,8 @@ Napi::Function ServerWrap::Init(Napi::Env env) {
                          InstanceMethod<&ServerWrap::MergeStep>("mergeStep"),
                          InstanceMethod<&ServerWrap::FinishRollback>("finishRollback"),
                          InstanceMethod<&ServerWrap::MergeStatus>("mergeStatus"),
+                         InstanceMethod<&ServerWrap::SetDisconnectHold>("setDisconnectHold"),
+                         InstanceMethod<&ServerWrap::ReleaseHold>("releaseHold"),
                      });
 }
 

@@ -30,6 +30,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <ctime>
 #include <thread>
 
@@ -69,15 +70,23 @@ void Connection::start() {
   std::thread([self] { self->first_thread(); }).detach();
 }
 
+// A held export (export_table.hh, Admission) is released within
+// milliseconds; the limit only keeps a lost release from wedging a client.
+constexpr std::chrono::milliseconds kAdmissionLimit{60000};
+
 void Connection::start_negotiated(const Session& session) {
   session_ = session;
-  session_.exp->stats.connections_total.fetch_add(1, std::memory_order_relaxed);
-  session_.exp->stats.connections_active.fetch_add(1, std::memory_order_relaxed);
-  server_.emit({"connect", id_, session_.exp->name, peer_, "pre-negotiated (kernel device)"});
   threads_.fetch_add(1);
   spawned_.fetch_add(1);
   auto self = shared_from_this();
-  std::thread([self] { self->serve(); }).detach();
+  std::thread([self] {
+    // On our own thread: a held export must not block the caller.
+    self->session_.exp->admission.enter(kAdmissionLimit, [&] { return self->closing_.load(); });
+    self->session_.exp->stats.connections_total.fetch_add(1, std::memory_order_relaxed);
+    self->session_.exp->stats.connections_active.fetch_add(1, std::memory_order_relaxed);
+    self->server_.emit({"connect", self->id_, self->session_.exp->name, self->peer_, "pre-negotiated (kernel device)"});
+    self->serve();
+  }).detach();
 }
 
 void Connection::stop_reading() { ::shutdown(fd_, SHUT_RD); }
@@ -104,6 +113,7 @@ void Connection::first_thread() {
   }
   struct timeval zero = {0, 0};
   setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &zero, sizeof zero);
+  session_.exp->admission.enter(kAdmissionLimit, [this] { return closing_.load(); });
   session_.exp->stats.connections_total.fetch_add(1, std::memory_order_relaxed);
   session_.exp->stats.connections_active.fetch_add(1, std::memory_order_relaxed);
   server_.emit({"connect", id_, session_.exp->name, peer_,
@@ -175,7 +185,9 @@ void Connection::thread_done() {
   bool negotiated = session_.exp != nullptr;
   if (negotiated) {
     session_.exp->stats.connections_active.fetch_sub(1, std::memory_order_relaxed);
+    const bool last = session_.exp->admission.leave();
     server_.emit({"disconnect", id_, session_.exp->name, peer_, close_reason_});
+    if (last) server_.emit({"last-disconnect", id_, session_.exp->name, peer_, "new sessions wait for releaseExport()"});
   }
   ::close(fd_);
   server_.connection_done(id_, !negotiated);

@@ -308,11 +308,18 @@ int CowDevice::prepare_rollback(uint64_t snapshot_id, const std::string& job_pat
     err = "snapshot " + std::to_string(snapshot_id) + " failed: " + chain[k]->failure();
     e = EIO;
   } else {
-    // Every chunk changed since snapshot k was preserved into k or a newer one.
     auto pending = std::make_unique<Bitmap>(chain[k]->chunks());
-    for (size_t j = k; j < chain.size(); ++j)
+    if (clean_of_ == snapshot_id && dirty_) {
+      // Live was exactly this snapshot when its last merge finished (this
+      // run): only the chunks written since differ.
       for (uint64_t w = 0; w < pending->words(); ++w)
-        if (uint64_t v = chain[j]->map().word(w)) pending->or_word(w, v);
+        if (uint64_t v = dirty_->word(w)) pending->or_word(w, v);
+    } else {
+      // Every chunk changed since snapshot k was preserved into k or a newer one.
+      for (size_t j = k; j < chain.size(); ++j)
+        for (uint64_t w = 0; w < pending->words(); ++w)
+          if (uint64_t v = chain[j]->map().word(w)) pending->or_word(w, v);
+    }
     auto job = MergeJob::create(job_path, snapshot_id, size(), chunk_size_, std::move(pending), err);
     if (job) prepared_ = std::shared_ptr<MergeJob>(std::move(job));
     else e = EIO;
@@ -322,9 +329,21 @@ int CowDevice::prepare_rollback(uint64_t snapshot_id, const std::string& job_pat
 }
 
 void CowDevice::activate_rollback() {
-  if (prepared_) std::atomic_store(&job_, std::move(prepared_));
+  if (prepared_) {
+    // Writes from now on are what will differ from the snapshot once merged.
+    dirty_ = std::make_unique<Bitmap>(prepared_->chunks());
+    std::atomic_store(&job_, std::move(prepared_));
+    clean_of_ = 0;
+  }
   prepared_.reset();
   gate_.open();
+}
+
+void CowDevice::mark_dirty(uint64_t offset, uint64_t count) {
+  Bitmap* d = dirty_.get();  // replaced only with writes drained (gate closed)
+  if (!d || count == 0) return;
+  for (uint64_t c = offset / chunk_size_; c <= (offset + count - 1) / chunk_size_; ++c)
+    if (!d->test(c)) d->set(c);
 }
 
 void CowDevice::abort_rollback() {
@@ -353,6 +372,7 @@ int CowDevice::finish_rollback(std::string& err) {
     e = EAGAIN;
   } else {
     std::atomic_store(&job_, std::shared_ptr<MergeJob>());
+    if (job) clean_of_ = job->snapshot_id();  // live = that snapshot, except dirty_
   }
   gate_.open();
   return e;
@@ -419,6 +439,7 @@ int CowDevice::pwrite(const void* buf, uint32_t count, uint64_t offset, IoFlags 
   GateGuard g(gate_);
   if (int e = merge_range(offset, count)) return e;
   preserve(offset, count);
+  mark_dirty(offset, count);
   return next_->pwrite(buf, count, offset, flags);
 }
 
@@ -426,6 +447,7 @@ int CowDevice::trim(uint32_t count, uint64_t offset, IoFlags flags) {
   GateGuard g(gate_);
   if (int e = merge_range(offset, count)) return e;
   preserve(offset, count);
+  mark_dirty(offset, count);
   return next_->trim(count, offset, flags);
 }
 
@@ -435,6 +457,7 @@ int CowDevice::zero(uint32_t count, uint64_t offset, IoFlags flags) {
   if (flags.fast_only && (needs_preserving(offset, count) || needs_merging(offset, count))) return ENOTSUP;
   if (int e = merge_range(offset, count)) return e;
   preserve(offset, count);
+  mark_dirty(offset, count);
   return next_->zero(count, offset, flags);
 }
 

@@ -142,6 +142,13 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   std::shared_ptr<const Chain> chain_;
   std::shared_ptr<MergeJob> job_;       // running merge (atomic_load/store)
   std::shared_ptr<MergeJob> prepared_;  // between prepare and activate/abort (gate closed)
+  void mark_dirty(uint64_t offset, uint64_t count);
+  // Chunks written since the last rollback began; with clean_of_ (the
+  // snapshot live equalled when that rollback's merge finished, 0 if
+  // unknown) a repeated rollback to the same snapshot merges only these.
+  // In memory only: after a restart the full pending set is used.
+  std::unique_ptr<Bitmap> dirty_;
+  uint64_t clean_of_ = 0;  // changed with writes drained
   std::mutex stripes_[kStripes];
 };
 

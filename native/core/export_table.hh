@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -30,11 +32,56 @@ struct ExportStats {
   std::atomic<int64_t> connections_active{0};
 };
 
+// Session admission. With the hold armed (a volume whose snapshot carries
+// the on-disconnect auto-rollback), the last session to leave starts a hold:
+// new sessions finish negotiating but wait before their first request until
+// the control plane releases the export (after the rollback is visible), so
+// no session can see the volume between the disconnect and the rollback.
+class Admission {
+ public:
+  // Waits while held (at most `limit`, or until `give_up()`), then counts the session in.
+  template <typename GiveUp>
+  void enter(std::chrono::milliseconds limit, GiveUp give_up) {
+    std::unique_lock<std::mutex> lk(mu_);
+    const auto until = std::chrono::steady_clock::now() + limit;
+    while (held_ && !give_up() && std::chrono::steady_clock::now() < until) cv_.wait_for(lk, std::chrono::milliseconds(100));
+    ++sessions_;
+  }
+  // Counts a session out; true if it was the last one and a hold began.
+  bool leave() {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (--sessions_ > 0 || !armed_) return false;
+    held_ = true;
+    return true;
+  }
+  void release() {
+    std::lock_guard<std::mutex> lk(mu_);
+    held_ = false;
+    cv_.notify_all();
+  }
+  void arm(bool on) {
+    std::lock_guard<std::mutex> lk(mu_);
+    armed_ = on;
+    if (!on) {
+      held_ = false;
+      cv_.notify_all();
+    }
+  }
+
+ private:
+  std::mutex mu_;  // leaf
+  std::condition_variable cv_;
+  int64_t sessions_ = 0;
+  bool armed_ = false;
+  bool held_ = false;
+};
+
 struct Export {
   std::string name;
   std::string description;
   std::shared_ptr<Device> device;
   ExportStats stats;
+  Admission admission;
 };
 
 class ExportTable {

@@ -14,7 +14,15 @@ export interface NativeServerOptions {
 }
 
 export interface NativeEvent {
-  type: 'connect' | 'disconnect' | 'handshake-failed' | 'error' | 'device-detached' | 'device-error' | 'snapshot-failed';
+  type:
+    | 'connect'
+    | 'disconnect'
+    | 'last-disconnect'
+    | 'handshake-failed'
+    | 'error'
+    | 'device-detached'
+    | 'device-error'
+    | 'snapshot-failed';
   connection: number;
   export: string;
   peer: string;
@@ -123,6 +131,9 @@ export interface NativeServer {
   /** Drops a finished merge (rejects with MERGE_FAILED if chunks are pending). */
   finishRollback(exportName: string): Promise<void>;
   mergeStatus(exportName: string): NativeMergeStatus | null;
+  /** Arms the admission hold: the last session leaving holds new ones (event "last-disconnect") until releaseHold. */
+  setDisconnectHold(exportName: string, on: boolean): void;
+  releaseHold(exportName: string): void;
 }
 
 export interface NativeMergeStatus {
