@@ -3,6 +3,14 @@
 // by whom or by which policy) and every merge that finished. Append-only, so
 // a crash can only leave a torn last line, which reading skips; a bad line
 // before the end is corruption and an error.
+//
+// Crash consistency (src/snapshots.ts): entries carry the merge job's id. A
+// rollback's entry is appended after the manifest records the job; if a
+// crash comes between, the next open finds the job in the manifest without
+// its entry and appends it from the manifest's record. A merge's
+// "merge-finished" entry is appended before the manifest drops the job; if a
+// crash comes between, the resumed job finishes again and its entry is not
+// appended twice.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { NbdError } from './errors';
@@ -11,6 +19,8 @@ import { metaDir } from './volume-meta';
 export interface HistoryEntry {
   at: string;
   event: 'rollback' | 'merge-finished';
+  /** the merge job (rollback-<jobId>.merge) */
+  jobId?: number;
   snapshot: string;
   snapshotId: number;
   /** rollback: 'command', 'policy:on-disconnect' or 'policy:on-start' */
@@ -23,6 +33,8 @@ export interface HistoryEntry {
   chunks?: number;
   /** merge-finished: how long the merge ran */
   ms?: number;
+  /** rollback: appended at the next open, after a crash lost the original append */
+  recovered?: boolean;
 }
 
 export function historyPath(image: string): string {

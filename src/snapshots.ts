@@ -28,7 +28,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import { fromNative, NbdError } from './errors';
-import { appendHistory } from './history';
+import { appendHistory, readHistory, type HistoryEntry } from './history';
 import type { Logger } from './logger';
 import type { NativeMergeStatus, NativeServer, NativeSnapshotStatus } from './native';
 import {
@@ -166,6 +166,7 @@ export class VolumeSnapshots {
     v.readOnly = opts.readOnly ?? false;
     v.mergeRate = opts.mergeRate;
     v.armHold();
+    v.reconcileHistory();
     for (const s of v.manifest.snapshots) v.exportView(s);
     return v;
   }
@@ -389,7 +390,13 @@ export class VolumeSnapshots {
         fs.rmSync(file, { force: true });
         throw fromNative(err);
       }
-      const job: RollbackJob = { jobId, snapshotId: s.id, startedAt: new Date().toISOString(), ...who };
+      const job: RollbackJob = {
+        jobId,
+        snapshotId: s.id,
+        startedAt: new Date().toISOString(),
+        ...who,
+        ...(prior ? { replaced: this.nameOf(prior.snapshotId) } : {}),
+      };
       try {
         this.save({ ...this.manifest, rollback: job, basedOn: { snapshotId: s.id, since: job.startedAt }, nextJobId: jobId + 1 });
       } catch (err) {
@@ -401,22 +408,45 @@ export class VolumeSnapshots {
       const visibleMs = Number(process.hrtime.bigint() - started) / 1e6;
       if (prior) fs.rmSync(rollbackJobPath(this.image, prior.jobId), { force: true });
       const st = this.native.mergeStatus(this.exportName);
-      this.history({
-        at: job.startedAt,
-        event: 'rollback',
-        snapshot: name,
-        snapshotId: s.id,
-        trigger: who.trigger,
-        by: who.by,
-        ...(prior ? { replaced: this.nameOf(prior.snapshotId) } : {}),
-        chunks: st?.total ?? 0,
-      });
+      this.recordRollback(job, st?.total ?? 0);
       this.log.info({ snapshot: name, id: s.id, trigger: who.trigger, by: who.by, chunks: st?.total, ms: visibleMs }, 'rolled back (merging in the background)');
       this.mergeError = undefined;
       this.kickMerge();
       const j = this.jobs()[0];
       return { ...(j ?? this.jobOf(job, st)), visibleMs };
     });
+  }
+
+  private recordRollback(job: RollbackJob, chunks: number, recovered = false): void {
+    this.history({
+      at: job.startedAt,
+      event: 'rollback',
+      jobId: job.jobId,
+      snapshot: this.nameOf(job.snapshotId),
+      snapshotId: job.snapshotId,
+      trigger: job.trigger,
+      by: job.by,
+      ...(job.replaced ? { replaced: job.replaced } : {}),
+      chunks,
+      ...(recovered ? { recovered } : {}),
+    });
+  }
+
+  /** At open: the running job's history entry, if a crash lost it (see src/history.ts). */
+  private reconcileHistory(): void {
+    const job = this.manifest.rollback;
+    if (!job) return;
+    let entries: HistoryEntry[];
+    try {
+      entries = readHistory(this.image);
+    } catch (err) {
+      this.log.error({ err: (err as Error).message }, 'cannot read the volume history');
+      return;
+    }
+    if (entries.some((e) => e.event === 'rollback' && e.jobId === job.jobId)) return;
+    const st = this.native.mergeStatus(this.exportName);
+    this.log.warn({ jobId: job.jobId }, 'the history lacked the running rollback (a crash interrupted it): recording it now');
+    this.recordRollback(job, st?.total ?? 0, true);
   }
 
   private history(e: Parameters<typeof appendHistory>[1]): void {
@@ -518,11 +548,21 @@ export class VolumeSnapshots {
     } catch (err) {
       throw fromNative(err);
     }
+    // History first, then the manifest: a crash between them finishes the
+    // job again at the next open, which must not append a second entry.
+    const ms = Date.now() - Date.parse(job.startedAt);
+    let done = false;
+    try {
+      done = readHistory(this.image).some((e) => e.event === 'merge-finished' && e.jobId === job.jobId);
+    } catch {
+      done = false;
+    }
+    if (!done) {
+      this.history({ at: new Date().toISOString(), event: 'merge-finished', jobId: job.jobId, snapshot: this.nameOf(job.snapshotId), snapshotId: job.snapshotId, chunks: st.total, ms });
+    }
     const { rollback: _done, ...rest } = this.manifest;
     this.save(rest);
     fs.rmSync(rollbackJobPath(this.image, job.jobId), { force: true });
-    const ms = Date.now() - Date.parse(job.startedAt);
-    this.history({ at: new Date().toISOString(), event: 'merge-finished', snapshot: this.nameOf(job.snapshotId), snapshotId: job.snapshotId, chunks: st.total, ms });
     this.log.info({ snapshot: this.nameOf(job.snapshotId), chunks: st.total, ms }, 'rollback merge finished');
   }
 

@@ -49,6 +49,8 @@ export interface RollbackJob extends RollbackTrigger {
   jobId: number;
   snapshotId: number;
   startedAt: string;
+  /** The running rollback this one replaced (its snapshot's name), for the history. */
+  replaced?: string;
 }
 
 export interface Manifest {
