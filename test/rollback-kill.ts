@@ -80,6 +80,8 @@ import {
   type Candidate,
   type HistoryJson,
   type JobEntry,
+  opData,
+  describeOp,
 } from './fixtures/snapshot-model';
 
 plainCliProcesses();
@@ -122,13 +124,6 @@ interface DiskManifest {
   snapshots: { id: number; name: string }[];
 }
 
-function opData(op: BurstOp): Buffer {
-  return op.t === 'w' ? dataFor(op.tag!, op.len) : Buffer.alloc(op.len);
-}
-
-function describeOp(op: BurstOp): string {
-  return `${op.t === 'w' ? 'write' : op.t === 'z' ? `WRITE_ZEROES${op.nohole ? ' NO_HOLE' : ''}` : 'TRIM'} #${op.k} of ${op.len} bytes at ${op.off}`;
-}
 
 class KillRig {
   readonly rng: Rng;

@@ -37,7 +37,6 @@ import {
   cli,
   compareExport,
   controlRequest,
-  dataFor,
   describeDiff,
   monoNs,
   removeDir,
@@ -46,6 +45,8 @@ import {
   type BurstEvent,
   type BurstOp,
   type Candidate,
+  opData,
+  describeOp,
 } from './fixtures/snapshot-model';
 
 const SEED = baseSeed();
@@ -76,13 +77,6 @@ interface Pending {
   what: string;
 }
 
-function opData(op: BurstOp): Buffer {
-  return op.t === 'w' ? dataFor(op.tag!, op.len) : Buffer.alloc(op.len);
-}
-
-function describeOp(op: BurstOp): string {
-  return `${op.t === 'w' ? 'write' : op.t === 'z' ? `WRITE_ZEROES${op.nohole ? ' NO_HOLE' : ''}` : 'TRIM'} #${op.k} of ${op.len} bytes at ${op.off}`;
-}
 
 class KillRig {
   readonly rng: Rng;

@@ -41,6 +41,7 @@ import {
   type BurstEvent,
   type BurstOp,
   type Candidate,
+  randomRange,
 } from './fixtures/snapshot-model';
 
 const SEED = baseSeed();
@@ -175,49 +176,9 @@ class ModelRun {
 
   // ---- random ranges --------------------------------------------------------------
 
-  private length(kind: 'data' | 'zero'): number {
-    const r = this.rng;
-    if (kind === 'data') {
-      const c = r.weighted({ tiny: 15, small: 25, medium: 25, large: 35 });
-      if (c === 'tiny') return r.int(1, 16);
-      if (c === 'small') return r.int(17, 4096);
-      if (c === 'medium') return r.int(4097, 64 * KiB + 100);
-      return r.int(64 * KiB, 300 * KiB);
-    }
-    const c = r.weighted({ tiny: 10, small: 20, medium: 30, large: 35, whole: 5 });
-    if (c === 'tiny') return r.int(1, 512);
-    if (c === 'small') return r.int(513, 16 * KiB);
-    if (c === 'medium') return r.int(16 * KiB, 256 * KiB);
-    if (c === 'large') return r.int(256 * KiB, 2 * MiB);
-    return this.cfg.size;
-  }
-
-  /** A random [off, off+len) inside the volume: anywhere, around chunk boundaries, aligned, or at the end. */
+  /** A random [off, off+len) inside the volume (randomRange in the fixture). */
   range(kind: 'data' | 'zero'): { off: number; len: number } {
-    const r = this.rng;
-    const size = this.cfg.size;
-    let len = Math.min(this.length(kind), size);
-    const cs = this.cfg.chunkSize;
-    let off: number;
-    switch (r.weighted({ any: 45, boundary: 25, aligned: 15, end: 15 })) {
-      case 'any':
-        off = r.int(0, size - len);
-        break;
-      case 'boundary': {
-        const b = r.int(1, Math.floor((size - 1) / cs)) * cs;
-        off = b - r.int(1, Math.min(len, b));
-        if (len === 1) off = b - r.int(0, 1);
-        break;
-      }
-      case 'aligned':
-        off = r.int(0, Math.floor((size - len) / 4096)) * 4096;
-        break;
-      default:
-        off = size - len - (r.chance(0.5) ? 0 : r.int(0, Math.min(100, size - len)));
-    }
-    off = Math.max(0, Math.min(off, size - 1));
-    len = Math.max(1, Math.min(len, size - off));
-    return { off, len };
+    return randomRange(this.rng, this.cfg.size, this.cfg.chunkSize, kind, { whole: 5, straddle: true });
   }
 
   private newName(): string {
