@@ -230,7 +230,7 @@ size_t index_of(const CowDevice::Chain& chain, uint64_t id) {
 }
 }  // namespace
 
-int CowDevice::merge_locked(MergeJob& job, const Chain& chain, std::vector<uint64_t> chunks, bool fua) {
+int CowDevice::copy_locked(MergeJob& job, const Chain& chain, std::vector<uint64_t>& chunks, bool fua) {
   chunks.erase(std::remove_if(chunks.begin(), chunks.end(), [&](uint64_t c) { return !job.pending(c); }), chunks.end());
   if (chunks.empty()) return 0;
   const size_t k = index_of(chain, job.snapshot_id());
@@ -251,9 +251,12 @@ int CowDevice::merge_locked(MergeJob& job, const Chain& chain, std::vector<uint6
     if (int err = next_->pwrite(buf.data(), len, off, f)) return err;
     i = e;
   }
-  if (!fua)
-    if (int err = next_->flush()) return err;
-  return job.commit(chunks);  // durable "merged" only once live durably holds the data
+  return 0;
+}
+
+int CowDevice::merge_locked(MergeJob& job, const Chain& chain, std::vector<uint64_t> chunks) {
+  if (int err = copy_locked(job, chain, chunks, true)) return err;
+  return job.commit(chunks);  // durable "merged" only once live durably holds the data (FUA)
 }
 
 int CowDevice::merge_range(uint64_t offset, uint64_t count) {
@@ -266,7 +269,7 @@ int CowDevice::merge_range(uint64_t offset, uint64_t count) {
   auto chain_ptr = chain();
   auto stripes = stripes_of(pending);
   lock_stripes(stripes);
-  int e = merge_locked(*job, *chain_ptr, std::move(pending), true);
+  int e = merge_locked(*job, *chain_ptr, std::move(pending));
   unlock_stripes(stripes);
   return e;
 }
@@ -286,11 +289,24 @@ int CowDevice::merge_step(uint64_t from, uint64_t max, uint64_t& next, std::stri
   }
   next = c;
   if (batch.empty()) return 0;
+  // Copy in pieces of about 4 MiB, each under its chunks' stripe locks, so a
+  // host write waits for one piece, not the whole step. A chunk stays pending
+  // until the step's commit: a host write meanwhile merges it again on its own
+  // (same data) and commits it first, so nothing it writes is ever clobbered.
   auto chain_ptr = chain();
-  auto stripes = stripes_of(batch);
-  lock_stripes(stripes);
-  int e = merge_locked(*job, *chain_ptr, std::move(batch), false);
-  unlock_stripes(stripes);
+  const size_t piece = std::max<size_t>(1, (4u << 20) / chunk_size_);
+  std::vector<uint64_t> copied;
+  int e = 0;
+  for (size_t i = 0; i < batch.size() && !e; i += piece) {
+    std::vector<uint64_t> part(batch.begin() + i, batch.begin() + std::min(batch.size(), i + piece));
+    auto stripes = stripes_of(part);
+    lock_stripes(stripes);
+    e = copy_locked(*job, *chain_ptr, part, false);
+    unlock_stripes(stripes);
+    copied.insert(copied.end(), part.begin(), part.end());
+  }
+  if (!e) e = next_->flush();
+  if (!e) e = job->commit(copied);  // durable "merged" only once live durably holds the data
   if (e) err = std::string("merging chunks into the volume failed: ") + strerror(e);
   return e;
 }

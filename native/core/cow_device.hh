@@ -117,9 +117,11 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   int preserve(uint64_t offset, uint64_t count);
   // Preserves those of `chunks` the target still needs; stripes held.
   void preserve_locked(const Chain& chain, std::vector<uint64_t> chunks);
-  // Merges the pending chunks among `chunks` (stripes held): preserve, copy
-  // from the job's snapshot into live, make it durable, commit the job.
-  int merge_locked(MergeJob& job, const Chain& chain, std::vector<uint64_t> chunks, bool fua);
+  // Keeps the still-pending of `chunks` and, stripes held, preserves them and
+  // copies the job's snapshot data into live (with FUA if asked).
+  int copy_locked(MergeJob& job, const Chain& chain, std::vector<uint64_t>& chunks, bool fua);
+  // On-demand merge for a host write (stripes held): copy with FUA, commit.
+  int merge_locked(MergeJob& job, const Chain& chain, std::vector<uint64_t> chunks);
   // Host writes: merge whatever of [offset, offset+count) is still pending.
   int merge_range(uint64_t offset, uint64_t count);
   static std::vector<size_t> stripes_of(const std::vector<uint64_t>& chunks);
