@@ -19,7 +19,7 @@ import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
 import { parseSize } from '../src/size';
-import { canConnect, killTree, log, median, sleep, unixUri, waitExit, which } from './bench-common';
+import { killTree, log, median, sleep, unixUri, waitExit, waitSocket, which } from './bench-common';
 
 const MiB = 1024 * 1024;
 const CLI = path.join(__dirname, '..', 'src', 'cli', 'main.js');
@@ -79,7 +79,7 @@ async function startServer(image: string, sock: string, logFile: string): Promis
     stdio: ['ignore', fd, fd],
   });
   fs.closeSync(fd);
-  for (let i = 0; i < 300 && !(await canConnect(sock)); i++) await sleep(50);
+  await waitSocket(sock, child, logFile);
   return child;
 }
 
@@ -172,6 +172,7 @@ async function main(): Promise<void> {
       const samples: Sample[] = [];
       try {
         cli(['snapshot', 'create', image, 'base']);
+        const { chunkSize } = JSON.parse(cli(['info', image, '--json']).stdout) as { chunkSize: number };
         for (let rep = 0; rep < opts.repeat; rep++) {
           log(`${label}: writing ${opts.changed / MiB} MiB at random, then rollback (repeat ${rep + 1}/${opts.repeat})`);
           scatterWrites(sock, size, opts.changed);
@@ -179,7 +180,7 @@ async function main(): Promise<void> {
           const r = cli(['rollback', image, 'base', '--json']);
           const res = JSON.parse(r.stdout) as { visibleMs: number; total: number };
           const done = await waitMerged(image, before);
-          const mergedBytes = (done.chunks ?? res.total) * 65536;
+          const mergedBytes = (done.chunks ?? res.total) * chunkSize;
           const cp = cpBaseline(dir, mergedBytes);
           samples.push({ visibleMs: res.visibleMs, cliMs: r.ms, mergeMs: done.ms ?? NaN, mergedBytes, ...cp });
         }

@@ -32,11 +32,31 @@
 // under --dir: first writes wait for fdatasyncs, so their IOPS follow the
 // disk's sync latency, which other load on the machine changes a lot.
 import { spawn, ChildProcess } from 'child_process';
-import * as crypto from 'crypto';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { canConnect, exited, firstLine, killTree, log, median, sleep, tail, unixUri, verifyExport, waitExit, which } from './bench-common';
+import {
+  cleanupProcesses,
+  ensureImage,
+  exited,
+  firstLine,
+  fmtBytes,
+  fmtNum,
+  killTree,
+  live,
+  log,
+  median,
+  parseSize,
+  sleep,
+  stopChild,
+  table,
+  tail,
+  tempPaths,
+  unixUri,
+  verifyExport,
+  waitSocket,
+  which,
+} from './bench-common';
 import { DEFAULT_CHUNK_SIZE } from '../src/volume-meta';
 import { parseSize as parseAnySize } from '../src/size';
 
@@ -124,14 +144,6 @@ other load on the machine changes how long those take.
   -h, --help              this text
 `;
 
-function parseSize(s: string): number {
-  const m = /^(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?$/i.exec(s.trim());
-  if (!m) throw new Error(`bad size "${s}"`);
-  const mult: Record<string, number> = { '': 1, k: KiB, m: MiB, g: GiB, t: TiB };
-  const n = Math.floor(Number(m[1]) * mult[m[2].toLowerCase()]);
-  if (n < MiB || n % MiB !== 0) throw new Error(`size must be a positive multiple of 1 MiB, got "${s}"`);
-  return n;
-}
 
 function integer(name: string, s: string | undefined, min: number): number {
   const n = Number(s);
@@ -244,15 +256,10 @@ function parseArgs(argv: string[]): Options {
 // ---------------------------------------------------------- process hygiene
 
 // Every process we start is registered so that it is killed on any exit path.
-const live = new Set<ChildProcess>();
-const tempPaths = new Set<string>();
 
 
 function cleanupSync(): void {
-  for (const c of live) killTree(c, 'SIGKILL');
-  live.clear();
-  for (const p of tempPaths) fs.rmSync(p, { recursive: true, force: true });
-  tempPaths.clear();
+  cleanupProcesses();
 }
 
 process.on('exit', cleanupSync);
@@ -274,14 +281,6 @@ function nowMs(): number {
 
 
 
-async function stopChild(child: ChildProcess): Promise<void> {
-  killTree(child, 'SIGTERM');
-  if (!(await waitExit(child, 10_000))) {
-    killTree(child, 'SIGKILL');
-    await waitExit(child, 5000);
-  }
-  live.delete(child);
-}
 
 interface CmdResult {
   code: number | null;
@@ -320,15 +319,6 @@ async function mustRun(cmd: string, args: string[], timeoutMs?: number): Promise
 }
 
 
-async function waitSocket(sock: string, child: ChildProcess, logFile: string, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    if (exited(child)) throw new Error(`server exited early (code ${child.exitCode ?? child.signalCode}):\n${tail(logFile)}`);
-    if (fs.existsSync(sock) && (await canConnect(sock))) return;
-    await sleep(20);
-  }
-  throw new Error(`server did not listen on ${sock} within ${timeoutMs / 1000} s:\n${tail(logFile)}`);
-}
 
 
 
@@ -372,41 +362,6 @@ function buildStamp(): Record<string, string> {
 
 // ------------------------------------------------------------------- image
 
-/** A fully allocated raw image of non-zero pseudo-random data (as tools/bench.ts makes). */
-function ensureImage(file: string, size: number): void {
-  try {
-    const st = fs.statSync(file);
-    if (st.isFile() && st.size === size && st.blocks * 512 >= size) {
-      log(`image: reusing ${file} (${fmtBytes(size)})`);
-      return;
-    }
-    log(`image: ${file} has the wrong size or is sparse; recreating`);
-  } catch {
-    /* absent */
-  }
-  fs.mkdirSync(path.dirname(file), { recursive: true });
-  const tmp = `${file}.partial-${process.pid}`;
-  tempPaths.add(tmp);
-  const t0 = Date.now();
-  const block = crypto.randomBytes(MiB);
-  for (let i = 0; i < block.length; i++) if (block[i] === 0) block[i] = 0x5a;
-  const fd = fs.openSync(tmp, 'w');
-  try {
-    for (let off = 0, n = 0; off < size; off += MiB, n++) {
-      for (let s = 0; s < MiB; s += 4096) {
-        block.writeUInt32LE((n ^ 0xa5a5a5a5) >>> 0, s);
-        block.writeUInt32LE(((s / 4096 + 1) * 0x9e3779b1) >>> 0 || 1, s + 4);
-      }
-      fs.writeSync(fd, block, 0, MiB, off);
-    }
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-  fs.renameSync(tmp, file);
-  tempPaths.delete(tmp);
-  log(`image: wrote ${file} (${fmtBytes(size)}) in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
-}
 
 // ----------------------------------------------------------------- servers
 
@@ -1104,12 +1059,6 @@ async function runCreatePart(rep: number, opts: Options, work: string, servers: 
 // ------------------------------------------------------------------ output
 
 
-function fmtBytes(n: number | undefined): string {
-  if (n === undefined || !Number.isFinite(n)) return '-';
-  if (n >= TiB) return `${(n / TiB).toFixed(n % TiB ? 2 : 0)} TiB`;
-  if (n >= GiB) return `${(n / GiB).toFixed(n % GiB ? 2 : 0)} GiB`;
-  return `${(n / MiB).toFixed(n % MiB ? 1 : 0)} MiB`;
-}
 
 function fmtMs(n: number | undefined): string {
   if (n === undefined || !Number.isFinite(n)) return '-';
@@ -1117,10 +1066,6 @@ function fmtMs(n: number | undefined): string {
 }
 
 
-function fmtNum(n: number | undefined, digits = 0): string {
-  if (n === undefined || !Number.isFinite(n)) return '-';
-  return n.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits });
-}
 
 function fmtRange(xs: number[]): string {
   const s = xs.filter((x) => Number.isFinite(x));
@@ -1128,17 +1073,6 @@ function fmtRange(xs: number[]): string {
   return `${fmtMs(median(s))} (${fmtMs(Math.min(...s))}..${fmtMs(Math.max(...s))}, n=${s.length})`;
 }
 
-function table(rows: string[][], rightAlign: boolean[]): string {
-  const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
-  return rows
-    .map((r) =>
-      r
-        .map((v, c) => (rightAlign[c] ? (v ?? '').padStart(widths[c]) : (v ?? '').padEnd(widths[c])))
-        .join('  ')
-        .trimEnd(),
-    )
-    .join('\n');
-}
 
 interface RatioDef {
   phase: PhaseId;

@@ -17,11 +17,31 @@
 // also runnable alone as `node dist/tools/bench-snapshots.js`) runs after the
 // serving table; it is off by default because it takes several minutes.
 import { spawn, spawnSync, ChildProcess } from 'child_process';
-import * as crypto from 'crypto';
 import * as fs from 'fs';
 import * as os from 'os';
 import * as path from 'path';
-import { canConnect, exited, firstLine, killTree, log, median, sleep, tail, unixUri, verifyExport, waitExit, which } from './bench-common';
+import {
+  cleanupProcesses,
+  ensureImage,
+  firstLine,
+  fmtBytes,
+  fmtNum,
+  killTree,
+  live,
+  log,
+  median,
+  parseSize,
+  sleep,
+  stopChild,
+  table,
+  tail,
+  tempPaths,
+  unixUri,
+  verifyExport,
+  waitExit,
+  waitSocket,
+  which,
+} from './bench-common';
 
 const ROOT = path.resolve(__dirname, '..', '..');
 const NODE_CLI = path.join(ROOT, 'bin', 'node-nbd-server.js');
@@ -94,14 +114,6 @@ const USAGE = `usage: node dist/tools/bench.js [options]
   -h, --help           this text
 `;
 
-function parseSize(s: string): number {
-  const m = /^(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?$/i.exec(s.trim());
-  if (!m) throw new Error(`bad size "${s}"`);
-  const mult: Record<string, number> = { '': 1, k: 1024, m: MiB, g: GiB, t: 1024 * GiB };
-  const n = Math.floor(Number(m[1]) * mult[m[2].toLowerCase()]);
-  if (n < MiB || n % MiB !== 0) throw new Error(`--size must be a positive multiple of 1 MiB, got "${s}"`);
-  return n;
-}
 
 function positive(name: string, s: string | undefined, allowZero = false): number {
   const n = Number(s);
@@ -217,9 +229,7 @@ function parseArgs(argv: string[]): Options {
 
 // Every process we start is registered here so that it is killed on any exit
 // path: normal end, thrown error, SIGINT/SIGTERM/SIGHUP.
-const live = new Set<ChildProcess>();
 const pidFiles = new Set<string>(); // daemons that fork away (nbd-server)
-const tempPaths = new Set<string>();
 
 
 /** Pids of all descendants of pid (from /proc), deepest last. */
@@ -277,12 +287,9 @@ function killPidFile(file: string, signal: NodeJS.Signals): void {
 }
 
 function cleanupSync(): void {
-  for (const c of live) killTree(c, 'SIGKILL');
-  live.clear();
+  cleanupProcesses();
   for (const f of pidFiles) killPidFile(f, 'SIGKILL');
   pidFiles.clear();
-  for (const p of tempPaths) fs.rmSync(p, { recursive: true, force: true });
-  tempPaths.clear();
 }
 
 process.on('exit', cleanupSync);
@@ -304,42 +311,6 @@ for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
 
 // ------------------------------------------------------------------- image
 
-function ensureImage(file: string, size: number): void {
-  try {
-    const st = fs.statSync(file);
-    if (st.isFile() && st.size === size && st.blocks * 512 >= size) {
-      log(`image: reusing ${file} (${fmtBytes(size)})`);
-      return;
-    }
-    log(`image: ${file} has the wrong size or is sparse; recreating`);
-  } catch {
-    /* absent */
-  }
-  fs.mkdirSync(path.dirname(file), { recursive: true });
-  const tmp = `${file}.partial-${process.pid}`;
-  tempPaths.add(tmp);
-  const t0 = Date.now();
-  // One random MiB written over and over; each 4 KiB sector gets its MiB
-  // index and its own index stamped in so that no two sectors are equal.
-  const block = crypto.randomBytes(MiB);
-  for (let i = 0; i < block.length; i++) if (block[i] === 0) block[i] = 0x5a;
-  const fd = fs.openSync(tmp, 'w');
-  try {
-    for (let off = 0, n = 0; off < size; off += MiB, n++) {
-      for (let s = 0; s < MiB; s += 4096) {
-        block.writeUInt32LE((n ^ 0xa5a5a5a5) >>> 0, s);
-        block.writeUInt32LE(((s / 4096 + 1) * 0x9e3779b1) >>> 0 || 1, s + 4);
-      }
-      fs.writeSync(fd, block, 0, MiB, off);
-    }
-    fs.fsyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-  fs.renameSync(tmp, file);
-  tempPaths.delete(tmp);
-  log(`image: wrote ${file} (${fmtBytes(size)}) in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
-}
 
 /** Read the whole file once so every server starts from a warm page cache. */
 function warmCache(file: string): void {
@@ -416,25 +387,8 @@ function launch(cmd: string, args: string[], logFile: string): ChildProcess {
 
 
 
-async function stopChild(child: ChildProcess): Promise<void> {
-  killTree(child, 'SIGTERM');
-  if (!(await waitExit(child, 5000))) {
-    killTree(child, 'SIGKILL');
-    await waitExit(child, 2000);
-  }
-  live.delete(child);
-}
 
 
-async function waitSocket(sock: string, child: ChildProcess | undefined, logFile: string, timeoutMs = 20_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (Date.now() < deadline) {
-    if (child && exited(child)) throw new Error(`server exited early (code ${child.exitCode ?? child.signalCode}):\n${tail(logFile)}`);
-    if (fs.existsSync(sock) && (await canConnect(sock))) return;
-    await sleep(50);
-  }
-  throw new Error(`server did not listen on ${sock} within ${timeoutMs / 1000} s:\n${tail(logFile)}`);
-}
 
 
 /** Finish starting a server; if that fails, stop what was started before rethrowing. */
@@ -448,6 +402,25 @@ async function readyOrStop(running: Running, check: () => Promise<void> | void):
   }
 }
 
+/** Starts a peer server that listens on a unix socket given on its command line; ready when the socket answers. */
+async function startOnSocket(ctx: StartCtx, cmd: string, args: (sock: string) => string[]): Promise<Running> {
+  const sock = path.join(ctx.work, `${ctx.tag}.sock`);
+  const logFile = path.join(ctx.work, `${ctx.tag}.log`);
+  const child = launch(cmd, args(sock), logFile);
+  const uri = unixUri(sock);
+  const running: Running = {
+    uri,
+    transport: 'unix',
+    stop: async () => {
+      await stopChild(child, 5000);
+      fs.rmSync(sock, { force: true });
+    },
+  };
+  return readyOrStop(running, async () => {
+    await waitSocket(sock, child, logFile);
+    verifyExport(uri, ctx.size, logFile);
+  });
+}
 
 const SERVERS: ServerDef[] = [
   {
@@ -474,7 +447,7 @@ const SERVERS: ServerDef[] = [
         uri,
         transport: 'unix',
         stop: async () => {
-          await stopChild(child);
+          await stopChild(child, 5000);
           logStream.end();
           fs.rmSync(sock, { force: true });
         },
@@ -518,26 +491,9 @@ const SERVERS: ServerDef[] = [
     bin: 'nbdkit',
     available: () => which('nbdkit') !== undefined,
     version: () => firstLine('nbdkit', ['--version']),
-    async start(ctx) {
-      const sock = path.join(ctx.work, `${ctx.tag}.sock`);
-      const logFile = path.join(ctx.work, `${ctx.tag}.log`);
-      // -f: foreground; --exit-with-parent: dies with us even on SIGKILL.
-      // Thread count and file plugin options are nbdkit's defaults.
-      const child = launch('nbdkit', ['-f', '--exit-with-parent', '-U', sock, 'file', `file=${ctx.image}`], logFile);
-      const uri = unixUri(sock);
-      const running: Running = {
-        uri,
-        transport: 'unix',
-        stop: async () => {
-          await stopChild(child);
-          fs.rmSync(sock, { force: true });
-        },
-      };
-      return readyOrStop(running, async () => {
-        await waitSocket(sock, child, logFile);
-        verifyExport(uri, ctx.size, logFile);
-      });
-    },
+    // -f: foreground; --exit-with-parent: dies with us even on SIGKILL.
+    // Thread count and file plugin options are nbdkit's defaults.
+    start: (ctx) => startOnSocket(ctx, 'nbdkit', (sock) => ['-f', '--exit-with-parent', '-U', sock, 'file', `file=${ctx.image}`]),
   },
   {
     id: 'qemu',
@@ -545,25 +501,8 @@ const SERVERS: ServerDef[] = [
     bin: 'qemu-nbd',
     available: () => which('qemu-nbd') !== undefined,
     version: () => firstLine('qemu-nbd', ['--version']),
-    async start(ctx) {
-      const sock = path.join(ctx.work, `${ctx.tag}.sock`);
-      const logFile = path.join(ctx.work, `${ctx.tag}.log`);
-      // --shared=8 so the readiness probe, nbdinfo and fio may overlap.
-      const child = launch('qemu-nbd', ['-t', '-f', 'raw', '--cache=writeback', '--shared=8', '-k', sock, ctx.image], logFile);
-      const uri = unixUri(sock);
-      const running: Running = {
-        uri,
-        transport: 'unix',
-        stop: async () => {
-          await stopChild(child);
-          fs.rmSync(sock, { force: true });
-        },
-      };
-      return readyOrStop(running, async () => {
-        await waitSocket(sock, child, logFile);
-        verifyExport(uri, ctx.size, logFile);
-      });
-    },
+    // --shared=8 so the readiness probe, nbdinfo and fio may overlap.
+    start: (ctx) => startOnSocket(ctx, 'qemu-nbd', (sock) => ['-t', '-f', 'raw', '--cache=writeback', '--shared=8', '-k', sock, ctx.image]),
   },
   {
     id: 'nbd-server',
@@ -589,7 +528,7 @@ const SERVERS: ServerDef[] = [
       const child = launch('nbd-server', ['-C', conf, '-p', pidFile], logFile);
       await waitExit(child, 10_000); // the launcher returns once the daemon is forked off
       if (child.exitCode !== 0) {
-        await stopChild(child);
+        await stopChild(child, 5000);
         killPidFile(pidFile, 'SIGKILL');
         pidFiles.delete(pidFile);
         throw new Error(`nbd-server failed to start (exit ${child.exitCode ?? child.signalCode ?? 'timeout'}):\n${tail(logFile)}`);
@@ -724,32 +663,14 @@ interface FioDir {
 // ------------------------------------------------------------------ output
 
 
-function fmtBytes(n: number): string {
-  return n >= GiB ? `${(n / GiB).toFixed(n % GiB ? 2 : 0)} GiB` : `${(n / MiB).toFixed(0)} MiB`;
-}
 
 
-function fmtNum(n: number, digits = 0): string {
-  if (!Number.isFinite(n)) return '-';
-  return n.toLocaleString('en-US', { minimumFractionDigits: digits, maximumFractionDigits: digits });
-}
 
 interface Cell {
   samples: Sample[];
   errors: string[];
 }
 
-function table(rows: string[][], rightAlign: boolean[]): string {
-  const widths = rows[0].map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
-  return rows
-    .map((r) =>
-      r
-        .map((v, c) => (rightAlign[c] ? v.padStart(widths[c]) : v.padEnd(widths[c])))
-        .join('  ')
-        .trimEnd(),
-    )
-    .join('\n');
-}
 
 // -------------------------------------------------------------------- main
 
