@@ -185,7 +185,7 @@ class KillRig {
   }
 
   candidates(): Candidate[] {
-    return [{ label: 'live', data: this.model.live }, ...this.model.snaps.map((s) => ({ label: `snapshot ${s.name}`, data: s.data }))];
+    return this.model.candidates();
   }
 
   // ---- server lifecycle ------------------------------------------------------------------

@@ -221,7 +221,7 @@ class RollbackRun {
   // ---- verification ------------------------------------------------------------------------
 
   candidates(): Candidate[] {
-    return [{ label: 'live', data: this.model.live }, ...this.model.snaps.map((s) => ({ label: `snapshot ${s.name}`, data: s.data }))];
+    return this.model.candidates();
   }
 
   /** Reads the live export and every snapshot export in full and compares them with the model. */

@@ -125,7 +125,7 @@ class KillRig {
   }
 
   candidates(): Candidate[] {
-    return [{ label: 'live', data: this.model.live }, ...this.model.snaps.map((s) => ({ label: `snapshot ${s.name}`, data: s.data }))];
+    return this.model.candidates();
   }
 
   newName(): string {

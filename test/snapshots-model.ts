@@ -133,7 +133,7 @@ class ModelRun {
   }
 
   candidates(): Candidate[] {
-    return [{ label: 'live', data: this.model.live }, ...this.model.snaps.map((s) => ({ label: `snapshot ${s.name}`, data: s.data }))];
+    return this.model.candidates();
   }
 
   /** Reads the live export and every snapshot export in full and compares them with the model. */
@@ -579,7 +579,7 @@ async function concurrentRounds(t: Test, which: 'create' | 'delete', seed: numbe
       }
       model.addSnapshot(target, snapData, `round ${round}`);
     }
-    const candidates: Candidate[] = [{ label: 'live', data: model.live }, ...model.snaps.map((s) => ({ label: `snapshot ${s.name}`, data: s.data }))];
+    const candidates = model.candidates();
     const live = await compareExport(py, 'L0', model.live, model.crcs(), candidates);
     if (live) problems.push(`round ${round}: live export differs after ${kind} of ${target} with concurrent writes: ${live}`);
     const explain = (base: number, len: number) =>
