@@ -1,8 +1,11 @@
-// errors.hh — the one place host errno values become NBD wire errors.
+// errors.hh — the one place host errno values become NBD wire errors, and
+// the one way errno values become control-plane messages.
 #pragma once
 
 #include <cerrno>
 #include <cstdint>
+#include <cstring>
+#include <string>
 
 #include "nbd_protocol.hh"
 
@@ -21,5 +24,8 @@ inline uint32_t map_errno(int err) {
     default: return proto::kEIO;
   }
 }
+
+// "what: strerror(e)", for error messages that reach the control plane.
+inline std::string errstr(const std::string& what, int e) { return what + ": " + strerror(e); }
 
 }  // namespace nbd

@@ -17,13 +17,10 @@
 #include <cerrno>
 #include <cstring>
 
+#include "errors.hh"
 #include "server.hh"
 
 namespace nbd {
-
-namespace {
-std::string errstr(const std::string& what, int e) { return what + ": " + strerror(e); }
-}  // namespace
 
 std::unique_ptr<KernelDevice> KernelDevice::attach(Server& server, const AttachOptions& opts,
                                                    std::function<void(int, const std::string&)> on_exit, int& err,

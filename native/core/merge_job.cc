@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "errors.hh"
 #include "crc32c.hh"
 #include "file_io.hh"
 #include "io_hint.hh"
@@ -26,7 +27,6 @@ constexpr uint16_t kRecMerged = 1;
 uint64_t bitmap_bytes(uint64_t chunks) { return (chunks + 63) / 64 * 8; }
 uint64_t log_base_for(uint64_t chunks) { return kHeaderSize + (bitmap_bytes(chunks) + 4095) / 4096 * 4096; }
 
-std::string errstr(const std::string& what, int e) { return what + ": " + strerror(e); }
 
 void put64(uint8_t* p, uint64_t v) {
   v = htole64(v);

@@ -28,11 +28,11 @@
 #include <cstring>
 
 #include "connection.hh"
+#include "errors.hh"
 
 namespace nbd {
 
 namespace {
-std::string errstr(const std::string& what, int e) { return what + ": " + strerror(e); }
 
 std::string peer_name(const struct sockaddr_storage& ss) {
   char host[INET6_ADDRSTRLEN] = "?";

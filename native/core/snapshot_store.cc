@@ -34,6 +34,7 @@
 #include <chrono>
 #include <cstring>
 
+#include "errors.hh"
 #include "crc32c.hh"
 #include "file_io.hh"
 #include "io_hint.hh"
@@ -53,7 +54,6 @@ constexpr uint64_t kFailOffset = 1024;
 constexpr uint32_t kFailMagic = 0x4c494146;
 constexpr uint32_t kMaxReason = 2048;
 
-std::string errstr(const std::string& what, int e) { return what + ": " + strerror(e); }
 
 void put_chunk_entry(uint8_t* p, const ChunkSum& e) {
   uint64_t c = htole64(e.chunk);
