@@ -316,7 +316,8 @@ export class VolumeSnapshots {
   }
 
   list(): SnapshotInfo[] {
-    return this.manifest.snapshots.map((s) => this.describe(s));
+    const state = this.liveState();
+    return this.manifest.snapshots.map((s) => this.describe(s, state));
   }
 
   info(name: string): SnapshotInfo {
@@ -618,15 +619,21 @@ export class VolumeSnapshots {
     };
   }
 
-  private describe(s: SnapshotRecord): SnapshotInfo {
-    let st: NativeSnapshotStatus | undefined;
+  /** The native state every describe() needs, fetched once per call (status counts each bitmap). */
+  private liveState(): { status: NativeSnapshotStatus[]; job: JobInfo | undefined } {
+    let status: NativeSnapshotStatus[] = [];
     try {
-      st = this.native.snapshotStatus(this.exportName).find((x) => x.id === s.id);
+      status = this.native.snapshotStatus(this.exportName);
     } catch {
-      st = undefined;
+      status = [];
     }
+    return { status, job: this.jobs()[0] };
+  }
+
+  private describe(s: SnapshotRecord, state = this.liveState()): SnapshotInfo {
+    const st = state.status.find((x) => x.id === s.id);
     const failed = s.state === 'failed' || st?.failed === true;
-    const job = this.jobs()[0];
+    const job = state.job;
     const { autoRollback, ...rest } = s;
     return {
       ...rest,
