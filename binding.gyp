@@ -16,6 +16,8 @@
         "native/core/merge_job.cc",
         "native/core/snapshot_store.cc",
         "native/core/cow_device.cc",
+        "native/core/first_write_queue.cc",
+        "native/core/write_journal.cc",
         "native/binding/event_bridge.cc",
         "native/binding/server_wrap.cc",
         "native/binding/snapshot_methods.cc",

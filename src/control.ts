@@ -46,10 +46,13 @@ async function handle(v: VolumeSnapshots, req: ControlRequest): Promise<unknown>
     case 'jobs':
       return v.jobs();
     case 'info':
+      await v.settle();
       return v.volumeInfo();
     case 'snapshot-list':
+      await v.settle(); // queued first writes preserved: counts and failures are current
       return v.list();
     case 'snapshot-info':
+      await v.settle();
       return v.info(String(req.name ?? ''));
     case 'snapshot-delete':
       await v.delete(String(req.name ?? ''));

@@ -8,6 +8,7 @@ import { fromNative, NbdError } from './errors';
 import { silentLogger, type Logger } from './logger';
 import { native, type NativeEvent, type NativeServer, type NativeServerStats } from './native';
 import { VolumeSnapshots } from './snapshots';
+import { journalPath } from './volume-meta';
 import { prepareImage, type ImageSpec, type PreparedImage } from './volume';
 
 export interface ServerOptions {
@@ -22,6 +23,17 @@ export interface ServerOptions {
   maxConnections?: number;
   /** Background rollback merge limit, bytes per second per volume. Default unlimited. */
   mergeRate?: number;
+  /**
+   * Size of each volume's first-write journal (first_write_queue.hh): 0
+   * preserves first writes inline. Default defaultCowJournal(volume size).
+   */
+  cowJournal?: number;
+}
+
+/** Default first-write journal: 1/16 of the volume, from 4 MiB to 64 MiB. */
+export function defaultCowJournal(size: number): number {
+  const MiB = 1024 * 1024;
+  return Math.min(64 * MiB, Math.max(4 * MiB, Math.floor(size / 16 / 4096) * 4096));
 }
 
 export interface ExportInfo {
@@ -70,11 +82,13 @@ export class NbdServer extends EventEmitter {
   private readonly volumes = new Map<string, VolumeSnapshots>();
   private readonly beforeClose: (() => Promise<void>)[] = [];
   private readonly mergeRate?: number;
+  private readonly cowJournal?: number;
 
   constructor(options: ServerOptions = {}) {
     super();
     this.log = (options.logger ?? silentLogger()).child({ component: 'server' });
     this.mergeRate = options.mergeRate;
+    this.cowJournal = options.cowJournal;
     try {
       this.native = new native.NativeServer({
         threadsPerConnection: options.threadsPerConnection,
@@ -114,6 +128,8 @@ export class NbdServer extends EventEmitter {
         chunkSize: vol?.chunkSize,
         snapshots: vol?.snapshots,
         rollbackJob: vol?.rollbackJob,
+        journal: vol ? journalPath(prepared.path) : undefined,
+        journalSize: vol ? (this.cowJournal ?? defaultCowJournal(vol.manifest.size)) : undefined,
       });
     } catch (err) {
       vol?.unlock();
@@ -126,6 +142,11 @@ export class NbdServer extends EventEmitter {
         mergeRate: this.mergeRate,
       });
       for (const st of info.snapshots) if (st.failed) v.recordFailure(st.id, st.failure, st.failedAt);
+      const fw = v.firstWrites();
+      if (fw?.replayedAtOpen) {
+        this.log.info({ volume: prepared.path, entries: fw.replayedAtOpen }, 'applied first writes journalled before the last stop (preserved first)');
+      }
+      if (fw?.mode.startsWith('inline (')) this.log.warn({ volume: prepared.path, mode: fw.mode }, 'first writes after a snapshot are preserved inline');
       this.volumes.set(info.name, v);
     }
     const exp: ExportInfo = { name: info.name, path: prepared.path, size: info.size, readOnly: info.readOnly, created: prepared.created };

@@ -30,7 +30,7 @@ import * as os from 'node:os';
 import { fromNative, NbdError } from './errors';
 import { appendHistory, readHistory, type HistoryEntry } from './history';
 import type { Logger } from './logger';
-import type { NativeMergeStatus, NativeServer, NativeSnapshotStatus } from './native';
+import type { NativeFirstWrites, NativeMergeStatus, NativeServer, NativeSnapshotStatus } from './native';
 import {
   AUTO_ROLLBACK_POLICIES,
   lockVolume,
@@ -603,6 +603,20 @@ export class VolumeSnapshots {
     return this.rollback(name, { trigger: `policy:${policy}`, by: `snapshot ${name}` });
   }
 
+  /** Waits until first writes queued so far have been preserved and applied. */
+  async settle(): Promise<void> {
+    await this.native.settle(this.exportName);
+  }
+
+  /** How first writes after a snapshot are handled (native first_write_queue.hh). */
+  firstWrites(): NativeFirstWrites | undefined {
+    try {
+      return this.native.firstWrites(this.exportName);
+    } catch {
+      return undefined;
+    }
+  }
+
   /** Volume -> snapshot mapping and the volume's state. */
   volumeInfo() {
     const based = this.manifest.basedOn;
@@ -616,6 +630,7 @@ export class VolumeSnapshots {
       basedOn: based ? { snapshot: this.nameOf(based.snapshotId), snapshotId: based.snapshotId, since: based.since } : null,
       autoRollback: policy ? { snapshot: policy.name, policy: policy.autoRollback } : null,
       jobs: this.jobs(),
+      firstWrites: this.firstWrites(),
     };
   }
 

@@ -89,6 +89,41 @@ export function snapshotPaths(image: string, id: number): { file: string } {
   return { file: path.join(metaDir(image), `snap-${id}.snap`) };
 }
 
+/**
+ * Where first-write journals live: memory-backed by default (they protect
+ * acknowledged writes against a crash of the server process, and appends to
+ * a file on a disk filesystem stall while other files are fsynced).
+ * NBD_JOURNAL_DIR overrides it; it must be the same for every command on a
+ * volume (serve and the offline commands replay what it holds).
+ */
+export function journalDir(): string {
+  return process.env.NBD_JOURNAL_DIR || '/dev/shm/node-nbd-server';
+}
+
+/**
+ * The first-write journal of an image, named by the image file's identity
+ * (device, inode and birth time): it follows a rename, and a new file that
+ * reuses the inode number never sees an old journal. Falls back to
+ * IMAGE.nbd/journal when the journal directory cannot be used. Removes
+ * journals of earlier files with the same device and inode.
+ */
+export function journalPath(image: string): string {
+  const st = fs.statSync(image, { bigint: true });
+  const dir = journalDir();
+  try {
+    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+    fs.accessSync(dir, fs.constants.W_OK);
+  } catch {
+    return path.join(metaDir(image), 'journal');
+  }
+  const prefix = `${st.dev}-${st.ino}-`;
+  const name = `${prefix}${st.birthtimeNs}.journal`;
+  for (const n of fs.readdirSync(dir)) {
+    if (n.startsWith(prefix) && n !== name) fs.rmSync(path.join(dir, n), { force: true });
+  }
+  return path.join(dir, name);
+}
+
 export function rollbackJobPath(image: string, jobId: number): string {
   return path.join(metaDir(image), `rollback-${jobId}.merge`);
 }

@@ -687,7 +687,11 @@ async function imageWithRecords(t: Test): Promise<{ dir: string; img: string; co
   const srv = await serveImage(dir, img);
   try {
     expectOk(t, await cli(['snapshot', 'create', img, 'one']), 'setup: create "one"');
-    for (const c of [0, 5, 9]) t.same(await writeExport(srv.socket, 'disk', [[c * CHUNK, Buffer.alloc(4096, c + 1)]]), [0], `setup: first write to chunk ${c}`);
+    for (const c of [0, 5, 9]) {
+      t.same(await writeExport(srv.socket, 'disk', [[c * CHUNK, Buffer.alloc(4096, c + 1)]]), [0], `setup: first write to chunk ${c}`);
+      // First writes are preserved in the background; list waits for it, so each write gets its own record.
+      expectOk(t, await cli(['snapshot', 'list', img]), `setup: list after chunk ${c}`);
+    }
   } finally {
     t.equal(await srv.stop(), 0, 'setup: server exits 0');
   }

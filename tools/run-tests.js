@@ -23,10 +23,19 @@ if (files.length === 0) {
     .map((f) => path.join('test', f));
 }
 const tapBin = path.join(root, 'node_modules', 'tap', 'dist', 'esm', 'run.mjs');
+// First-write journals of this run's servers go to a directory of their own
+// (memory-backed like the default when /dev/shm exists), removed at the end:
+// tests that SIGKILL a server and delete its image would otherwise leave
+// journals in the shared default directory.
+const shm = fs.existsSync('/dev/shm') ? '/dev/shm' : require('node:os').tmpdir();
+const journalDir = process.env.NBD_JOURNAL_DIR || fs.mkdtempSync(path.join(shm, 'node-nbd-server-test-'));
+process.on('exit', () => {
+  if (!process.env.NBD_JOURNAL_DIR) fs.rmSync(journalDir, { recursive: true, force: true });
+});
 const child = spawn(
   process.execPath,
   [tapBin, '--disable-coverage', '--reporter=tap', '--timeout=900', '--jobs=2', ...files],
-  { cwd: root, stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, TAP_RCFILE: '/dev/null' } },
+  { cwd: root, stdio: ['ignore', 'pipe', 'inherit'], env: { ...process.env, TAP_RCFILE: '/dev/null', NBD_JOURNAL_DIR: journalDir } },
 );
 let tail = '';
 let passed = 0;

@@ -64,6 +64,8 @@ Napi::Function ServerWrap::Init(Napi::Env env) {
                          InstanceMethod<&ServerWrap::RemoveSnapshot>("removeSnapshot"),
                          InstanceMethod<&ServerWrap::HandDown>("handDown"),
                          InstanceMethod<&ServerWrap::SnapshotStatus>("snapshotStatus"),
+                         InstanceMethod<&ServerWrap::Settle>("settle"),
+                         InstanceMethod<&ServerWrap::FirstWrites>("firstWrites"),
                          InstanceMethod<&ServerWrap::AddSnapshotExport>("addSnapshotExport"),
                          InstanceMethod<&ServerWrap::PrepareRollback>("prepareRollback"),
                          InstanceMethod<&ServerWrap::ActivateRollback>("activateRollback"),

@@ -43,6 +43,8 @@ class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
   Napi::Value RemoveSnapshot(const Napi::CallbackInfo& info);
   Napi::Value HandDown(const Napi::CallbackInfo& info);
   Napi::Value SnapshotStatus(const Napi::CallbackInfo& info);
+  Napi::Value Settle(const Napi::CallbackInfo& info);
+  Napi::Value FirstWrites(const Napi::CallbackInfo& info);
   Napi::Value AddSnapshotExport(const Napi::CallbackInfo& info);
   // rollback_methods.cc
   Napi::Value PrepareRollback(const Napi::CallbackInfo& info);
@@ -73,6 +75,7 @@ class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
   std::map<std::string, std::shared_ptr<nbd::CowDevice>> volumes_;
   // Snapshot stores created but not yet in a chain, by id (main thread only).
   std::map<uint64_t, std::shared_ptr<nbd::SnapshotStore>> pending_;
+  std::map<std::string, uint64_t> journal_replayed_;  // journal entries replayed at open, per volume
 };
 
 }  // namespace nbd::binding

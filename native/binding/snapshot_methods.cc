@@ -50,6 +50,17 @@ std::shared_ptr<nbd::Device> ServerWrap::open_volume(Napi::Env env, const std::s
       cow->load_snapshot(std::shared_ptr<nbd::SnapshotStore>(std::move(store)));
     }
   }
+  if (o.Has("journal") && o.Get("journal").IsString()) {
+    // Before a merge resumes: queued first writes are older than anything it does.
+    uint64_t ring = o.Has("journalSize") && o.Get("journalSize").IsNumber()
+                        ? static_cast<uint64_t>(o.Get("journalSize").As<Napi::Number>().DoubleValue())
+                        : 0;
+    uint64_t replayed = 0;
+    std::string err;
+    if (cow->open_journal(o.Get("journal").As<Napi::String>().Utf8Value(), ring, replayed, err) != 0)
+      throw coded_error(env, "METADATA_CORRUPT", "first-write journal: " + err);
+    journal_replayed_[name] = replayed;
+  }
   if (o.Has("rollbackJob") && o.Get("rollbackJob").IsString()) {
     std::string err;
     if (cow->resume_rollback(o.Get("rollbackJob").As<Napi::String>().Utf8Value(), err) != 0)
@@ -172,6 +183,30 @@ Napi::Value ServerWrap::SnapshotStatus(const Napi::CallbackInfo& info) {
     out.Set(static_cast<uint32_t>(i), o);
   }
   return out;
+}
+
+Napi::Value ServerWrap::Settle(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto cow = volume(env, info[0]);
+  auto* t = new Task(
+      env,
+      [cow](std::string&) {
+        cow->settle();
+        return 0;
+      },
+      nullptr, "IO_ERROR");
+  return queue(t);
+}
+
+Napi::Value ServerWrap::FirstWrites(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto cow = volume(env, info[0]);
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("mode", cow->first_write_mode());
+  o.Set("queued", Napi::Number::New(env, static_cast<double>(cow->queued_writes())));
+  auto it = journal_replayed_.find(info[0].As<Napi::String>().Utf8Value());
+  o.Set("replayedAtOpen", Napi::Number::New(env, it == journal_replayed_.end() ? 0.0 : static_cast<double>(it->second)));
+  return o;
 }
 
 Napi::Value ServerWrap::AddSnapshotExport(const Napi::CallbackInfo& info) {

@@ -60,6 +60,12 @@ CowDevice::CowDevice(std::shared_ptr<Device> live, uint32_t chunk_size, FailureC
       on_failure_(std::move(on_failure)),
       chain_(std::make_shared<const Chain>()) {}
 
+CowDevice::~CowDevice() {
+  // Stop the queue's thread before the members its apply() uses go away;
+  // queued entries stay in the journal for the next open.
+  std::atomic_store(&queue_, std::shared_ptr<FirstWriteQueue>());
+}
+
 std::shared_ptr<const CowDevice::Chain> CowDevice::chain() const { return std::atomic_load(&chain_); }
 
 std::shared_ptr<SnapshotStore> CowDevice::find(uint64_t id) const {
@@ -77,12 +83,16 @@ void CowDevice::load_snapshot(std::shared_ptr<SnapshotStore> s) {
 
 int CowDevice::add_snapshot(std::shared_ptr<SnapshotStore> s) {
   gate_.close();  // in-flight writes drain; new ones wait
+  drain_queue();  // queued first writes reach live: the new snapshot holds them
   if (merge_job()) {  // snapshot views read raw live, which a merge is still changing
     gate_.open();
     return EBUSY;
   }
   int e = next_->flush();
-  if (e == 0) load_snapshot(std::move(s));
+  if (e == 0) {
+    load_snapshot(std::move(s));
+    if (!queue() && ring_size_ > 0) start_queue(nullptr);
+  }
   gate_.open();
   return e;
 }
@@ -101,6 +111,7 @@ bool CowDevice::drop_from_chain(uint64_t id) {
 
 bool CowDevice::remove_snapshot(uint64_t id) {
   gate_.close();
+  drain_queue();
   bool found = drop_from_chain(id);
   gate_.open();
   return found;
@@ -108,6 +119,7 @@ bool CowDevice::remove_snapshot(uint64_t id) {
 
 int CowDevice::finish_remove(uint64_t id, std::string& err) {
   gate_.close();
+  drain_queue();
   if (merge_job()) {
     err = "a rollback merge is running";
     return EBUSY;  // writes stay paused until resume_writes(), as on every return
@@ -313,6 +325,7 @@ int CowDevice::merge_step(uint64_t from, uint64_t max, uint64_t& next, std::stri
 
 int CowDevice::prepare_rollback(uint64_t snapshot_id, const std::string& job_path, std::string& err) {
   gate_.close();
+  drain_queue();  // live and the bitmaps must include every queued first write
   auto chain_ptr = chain();
   const Chain& chain = *chain_ptr;
   const size_t k = index_of(chain, snapshot_id);
@@ -412,9 +425,28 @@ int for_runs(uint64_t offset, uint64_t count, uint32_t chunk, Pred pred, Fn fn) 
 }
 }  // namespace
 
+void CowDevice::overlay(const FirstWriteQueue::Batch& entries, uint8_t* buf, uint32_t count, uint64_t offset) {
+  const uint64_t end = offset + count;
+  for (auto& q : entries) {  // oldest first: later entries win
+    uint64_t a = std::max<uint64_t>(offset, q->offset), b = std::min<uint64_t>(end, q->offset + q->length);
+    if (a >= b) continue;
+    if (q->type == WriteJournal::kWrite) std::memcpy(buf + (a - offset), q->data.data() + (a - q->offset), b - a);
+    else std::memset(buf + (a - offset), 0, b - a);
+  }
+}
+
 int CowDevice::pread(void* buf, uint32_t count, uint64_t offset) {
   auto job = merge_job();
-  if (!job) return next_->pread(buf, count, offset);
+  if (!job) {
+    auto q = queue();
+    if (!q || q->empty()) return next_->pread(buf, count, offset);
+    // Entries first, then live: an entry that leaves the queue meanwhile was
+    // applied to live before it left, and laying it over again is harmless.
+    auto entries = q->entries_in(offset, count);
+    int e = next_->pread(buf, count, offset);
+    if (e == 0 && !entries.empty()) overlay(entries, static_cast<uint8_t*>(buf), count, offset);
+    return e;
+  }
   // A rollback is merging: pending chunks still read as its snapshot.
   auto chain_ptr = chain();
   const size_t k = index_of(*chain_ptr, job->snapshot_id());
@@ -430,13 +462,26 @@ int CowDevice::pread(void* buf, uint32_t count, uint64_t offset) {
 
 int CowDevice::extents(uint32_t count, uint64_t offset, uint32_t max, std::vector<Extent>& out) {
   auto job = merge_job();
-  if (!job) return next_->extents(count, offset, max, out);
+  // Chunks with queued first writes are data, whatever live says yet.
+  std::vector<uint64_t> queued;
+  if (!job) {
+    auto q = queue();
+    if (q && !q->empty()) queued = q->chunks_in(offset / chunk_size_, (offset + count - 1) / chunk_size_);
+    if (queued.empty()) return next_->extents(count, offset, max, out);
+  }
   auto chain_ptr = chain();
-  const size_t k = index_of(*chain_ptr, job->snapshot_id());
-  int r = for_runs(offset, count, chunk_size_, [&](uint64_t c) { return job->pending(c); },
+  const size_t k = job ? index_of(*chain_ptr, job->snapshot_id()) : chain_ptr->size();
+  auto special = [&](uint64_t c) {
+    return job ? job->pending(c) : std::binary_search(queued.begin(), queued.end(), c);
+  };
+  int r = for_runs(offset, count, chunk_size_, special,
                   [&](uint64_t off, uint64_t len, bool pending) {
                     if (out.size() >= max) return -1;  // enough: stop (not an error)
                     size_t before = out.size();
+                    if (pending && !job) {
+                      out.push_back({len, 0});
+                      return 0;
+                    }
                     int e = pending && k < chain_ptr->size()
                                 ? snapshot_extents(*chain_ptr, k, static_cast<uint32_t>(len), off,
                                                    static_cast<uint32_t>(max - out.size()), out)
@@ -449,10 +494,29 @@ int CowDevice::extents(uint32_t count, uint64_t offset, uint32_t max, std::vecto
   return r > 0 ? r : 0;
 }
 
-// Writes: merge what a running rollback still has pending in the range (so
-// the write lands on the snapshot's data and wins), preserve, then write.
+// Writes: first writes (and writes to chunks with queued entries) go through
+// the queue when there is one. Otherwise: merge what a running rollback still
+// has pending in the range (so the write lands on the snapshot's data and
+// wins), preserve, then write.
+std::shared_ptr<FirstWriteQueue> CowDevice::queue_for(uint64_t offset, uint64_t count) {
+  auto q = queue();
+  if (!q || merge_job()) return nullptr;  // no queue during a merge: it was drained before it
+  if (!q->accepting()) {
+    q->drain();  // the journal failed: what it holds reaches live before anything writes inline
+    return nullptr;
+  }
+  // The lock-free bitmap test first: a first write needs no look at the queue.
+  if (needs_preserving(offset, count) || q->touches(offset, count)) return q;
+  return nullptr;
+}
+
 int CowDevice::pwrite(const void* buf, uint32_t count, uint64_t offset, IoFlags flags) {
   GateGuard g(gate_);
+  if (auto q = queue_for(offset, count)) {
+    mark_dirty(offset, count);
+    if (q->submit(static_cast<const uint8_t*>(buf), offset, count, false, flags.fua) == 0) return flags.fua ? next_->flush() : 0;
+    q->drain();  // the journal failed: fall back to the inline path
+  }
   if (int e = merge_range(offset, count)) return e;
   preserve(offset, count);
   mark_dirty(offset, count);
@@ -461,6 +525,12 @@ int CowDevice::pwrite(const void* buf, uint32_t count, uint64_t offset, IoFlags 
 
 int CowDevice::trim(uint32_t count, uint64_t offset, IoFlags flags) {
   GateGuard g(gate_);
+  if (auto q = queue_for(offset, count)) {
+    mark_dirty(offset, count);
+    // Queued as a zeroing that may punch a hole: what a trim does here.
+    if (q->submit(nullptr, offset, count, true, flags.fua) == 0) return flags.fua ? next_->flush() : 0;
+    q->drain();
+  }
   if (int e = merge_range(offset, count)) return e;
   preserve(offset, count);
   mark_dirty(offset, count);
@@ -470,11 +540,118 @@ int CowDevice::trim(uint32_t count, uint64_t offset, IoFlags flags) {
 int CowDevice::zero(uint32_t count, uint64_t offset, IoFlags flags) {
   GateGuard g(gate_);
   // A fast zero must not copy old data first: refuse at once if it would.
-  if (flags.fast_only && (needs_preserving(offset, count) || needs_merging(offset, count))) return ENOTSUP;
+  if (flags.fast_only) {
+    auto q = queue();
+    if (needs_preserving(offset, count) || needs_merging(offset, count) || (q && q->touches(offset, count)))
+      return ENOTSUP;
+  }
+  if (auto q = queue_for(offset, count)) {
+    mark_dirty(offset, count);
+    if (q->submit(nullptr, offset, count, flags.may_trim, flags.fua) == 0) return flags.fua ? next_->flush() : 0;
+    q->drain();
+  }
   if (int e = merge_range(offset, count)) return e;
   preserve(offset, count);
   mark_dirty(offset, count);
   return next_->zero(count, offset, flags);
+}
+
+int CowDevice::flush() {
+  // Durability comes from the live image, not the journal: apply what is
+  // queued (preserving first), then flush live.
+  if (auto q = queue())
+    if (int e = q->settle()) return e;
+  return next_->flush();
+}
+
+void CowDevice::drain() {
+  // The server is stopping: apply everything, then retire the queue (its
+  // empty journal file goes with it). Nothing writes after this.
+  if (auto q = queue()) {
+    q->drain();
+    std::atomic_store(&queue_, std::shared_ptr<FirstWriteQueue>());
+  }
+}
+
+void CowDevice::settle() {
+  if (auto q = queue()) q->settle();  // its error is FLUSH's to report
+}
+
+void CowDevice::drain_queue() {
+  if (auto q = queue()) q->drain();
+}
+
+uint64_t CowDevice::queued_writes() const {
+  auto q = queue();
+  return q ? q->queued() : 0;
+}
+
+std::string CowDevice::first_write_mode() const {
+  std::lock_guard<std::mutex> lk(mode_mu_);
+  auto q = queue();
+  if (q && q->accepting()) return "journal";
+  if (q) return "inline (the journal failed)";
+  if (!journal_error_.empty()) return "inline (journal unavailable: " + journal_error_ + ")";
+  return "inline";
+}
+
+// Background batch of queued first writes: preserve every chunk they touch
+// that the target still needs (one commit), then apply them in order (page
+// cache; FLUSH and FUA flush live). Preservation failure marks snapshots failed, as inline; the
+// writes are applied either way.
+int CowDevice::apply_queued(const FirstWriteQueue::Batch& batch) {
+  auto chain_ptr = chain();
+  const Chain& chain = *chain_ptr;
+  const size_t t = target_of(chain);
+  if (t < chain.size()) {
+    std::vector<uint64_t> needed;
+    for (auto& q : batch)
+      for (uint64_t c = q->first_chunk; c <= q->last_chunk; ++c)
+        if (source_of(chain, t, c) == chain.size()) needed.push_back(c);
+    std::sort(needed.begin(), needed.end());
+    needed.erase(std::unique(needed.begin(), needed.end()), needed.end());
+    if (!needed.empty()) {
+      auto stripes = stripes_of(needed);
+      lock_stripes(stripes);
+      preserve_locked(chain, std::move(needed));
+      unlock_stripes(stripes);
+    }
+  }
+  for (auto& q : batch) {
+    IoFlags f;
+    f.may_trim = q->may_trim;
+    int e = q->type == WriteJournal::kWrite ? next_->pwrite(q->data.data(), q->length, q->offset, IoFlags{})
+                                            : next_->zero(q->length, q->offset, f);
+    if (e) return e;
+  }
+  return 0;  // live is flushed by FLUSH (after settling) and FUA, not per batch
+}
+
+void CowDevice::start_queue(std::unique_ptr<WriteJournal> journal) {
+  std::string err;
+  if (!journal) journal = WriteJournal::open(journal_path_, size(), chunk_size_, ring_size_, true, err);
+  if (!journal) {
+    std::lock_guard<std::mutex> lk(mode_mu_);
+    journal_error_ = err;  // first writes are preserved inline
+    return;
+  }
+  const uint64_t max_chunks = std::max<uint64_t>(1024, (256u << 20) / chunk_size_);
+  std::atomic_store(&queue_, std::make_shared<FirstWriteQueue>(std::move(journal), chunk_size_, max_chunks,
+                                                               [this](const FirstWriteQueue::Batch& b) { return apply_queued(b); }));
+}
+
+int CowDevice::open_journal(const std::string& path, uint64_t ring_size, uint64_t& replayed, std::string& err) {
+  journal_path_ = path;
+  ring_size_ = ring_size;
+  replayed = 0;
+  auto journal = WriteJournal::open(path, size(), chunk_size_, ring_size, false, err);
+  if (!journal && !err.empty()) return EINVAL;
+  if (journal) {
+    auto apply = [this](const FirstWriteQueue::Batch& b) { return apply_queued(b); };
+    if (int e = FirstWriteQueue::replay(*journal, chunk_size_, apply, replayed, err)) return e;
+  }
+  if (!chain()->empty() && ring_size_ > 0) start_queue(std::move(journal));
+  return 0;
 }
 
 bool CowDevice::needs_merging(uint64_t offset, uint64_t count) const {

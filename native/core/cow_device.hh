@@ -31,6 +31,16 @@
 // running one (its pending set includes the old one's), never races an old
 // merge. Snapshots cannot be created or deleted while a merge runs.
 //
+// First writes (first_write_queue.hh): when the volume has a journal, a
+// write, TRIM or WRITE_ZEROES that would have to preserve a chunk, or that
+// touches a chunk with queued entries, is journalled and acknowledged at
+// once; a background thread preserves the old data in large batches and
+// then applies the entries to the live image (apply_queued). Reads lay the
+// queued entries over the live image. Every operation that changes the chain
+// or starts a rollback drains the queue with the gate closed, so the queue
+// always works against the chain it was filled under, and never runs during
+// a merge (writes then take the inline path above).
+//
 // Locking: the chain is an immutable vector swapped atomically (readers never
 // lock). Chain changes happen with the WriteGate closed, so every write sees
 // one chain from start to end. Chunk stripes (kStripes mutexes, chunk %
@@ -45,6 +55,7 @@
 #include <vector>
 
 #include "device.hh"
+#include "first_write_queue.hh"
 #include "merge_job.hh"
 #include "snapshot_store.hh"
 #include "write_gate.hh"
@@ -58,6 +69,7 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   using Chain = std::vector<std::shared_ptr<SnapshotStore>>;
 
   CowDevice(std::shared_ptr<Device> live, uint32_t chunk_size, FailureCallback on_failure);
+  ~CowDevice() override;
 
   uint32_t chunk_size() const { return chunk_size_; }
 
@@ -66,6 +78,20 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   int pwrite(const void* buf, uint32_t count, uint64_t offset, IoFlags flags) override;
   int trim(uint32_t count, uint64_t offset, IoFlags flags) override;
   int zero(uint32_t count, uint64_t offset, IoFlags flags) override;
+  int flush() override;
+  // Applies every queued first write to the live image (server stop).
+  void drain() override;
+
+  // At open, after the snapshots are loaded: replays what the journal at
+  // `path` holds (sets `replayed`), and starts the first-write queue if the
+  // volume has snapshots. ring_size 0: first writes are preserved inline.
+  int open_journal(const std::string& path, uint64_t ring_size, uint64_t& replayed, std::string& err);
+  // Waits until the first writes queued before the call are applied (so
+  // status shows their preservation and any failure).
+  void settle();
+  // "inline", "journal" or "inline (journal unavailable: ...)", and queued entries.
+  std::string first_write_mode() const;
+  uint64_t queued_writes() const;
 
   // Control plane (any thread). add() pauses writes, flushes the live
   // volume (so the snapshot holds every acknowledged write, durably) and
@@ -113,6 +139,14 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
 
  private:
   static constexpr size_t kStripes = 1024;
+  std::shared_ptr<FirstWriteQueue> queue() const { return std::atomic_load(&queue_); }
+  // The queue when a request on this range must go through it, else null
+  // (waits for a queue that stopped accepting to empty first).
+  std::shared_ptr<FirstWriteQueue> queue_for(uint64_t offset, uint64_t count);
+  int apply_queued(const FirstWriteQueue::Batch& batch);
+  void start_queue(std::unique_ptr<WriteJournal> journal);  // gate closed (or at open)
+  void drain_queue();  // gate closed: no new entries
+  static void overlay(const FirstWriteQueue::Batch& entries, uint8_t* buf, uint32_t count, uint64_t offset);
   static constexpr size_t kHandDownBatch = 65536;  // chunks per hand-down commit
   int preserve(uint64_t offset, uint64_t count);
   // Preserves those of `chunks` the target still needs; stripes held.
@@ -152,6 +186,11 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   std::unique_ptr<Bitmap> dirty_;
   uint64_t clean_of_ = 0;  // changed with writes drained
   std::mutex stripes_[kStripes];
+  std::shared_ptr<FirstWriteQueue> queue_;  // atomic_load/store; set with the gate closed
+  std::string journal_path_;
+  uint64_t ring_size_ = 0;
+  mutable std::mutex mode_mu_;
+  std::string journal_error_;  // guarded by mode_mu_
 };
 
 }  // namespace nbd

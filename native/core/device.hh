@@ -60,6 +60,10 @@ class Device {
   virtual int trim(uint32_t count, uint64_t offset, IoFlags flags) = 0;
   virtual int zero(uint32_t count, uint64_t offset, IoFlags flags) = 0;
   virtual int cache(uint32_t count, uint64_t offset) = 0;
+  // Finishes background work that writes to this device, for good (the
+  // server calls it once when stopping, before the final flush; no request
+  // follows). Default: nothing to do.
+  virtual void drain() {}
   // Appends extents covering [offset, offset + count) in order (at most
   // max_extents of them; the last may end early). Must append at least one.
   virtual int extents(uint32_t count, uint64_t offset, uint32_t max_extents, std::vector<Extent>& out) = 0;

@@ -243,7 +243,10 @@ void Server::stop() {
     for (auto& [id, c] : conns_) c->abort();
     cv_.wait(lk, [this] { return conns_.empty(); });
   }
-  for (auto& e : exports_.list()) e->device->flush();
+  for (auto& e : exports_.list()) {
+    e->device->drain();  // queued first writes reach the image: it is current once stopped
+    e->device->flush();
+  }
   stopped_.store(true);
 }
 

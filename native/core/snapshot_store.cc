@@ -215,10 +215,7 @@ bool SnapshotStore::data_matches(const std::vector<uint8_t>& payload) {
   return true;
 }
 
-bool SnapshotStore::failed() const {
-  std::lock_guard<std::mutex> lk(mu_);
-  return failed_;
-}
+bool SnapshotStore::failed() const { return failed_.load(); }
 
 uint64_t SnapshotStore::failed_at_ms() const {
   std::lock_guard<std::mutex> lk(mu_);

@@ -33,6 +33,7 @@
 // is held during I/O only by mark_failed(), which happens once per snapshot.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -111,7 +112,7 @@ class SnapshotStore {
     bool done = false;
   };
   std::deque<std::shared_ptr<Pending>> queue_;
-  bool failed_ = false;
+  std::atomic<bool> failed_{false};  // written under mu_; read lock-free on the write path
   std::string failure_;
   uint64_t failed_at_ms_ = 0;
 };

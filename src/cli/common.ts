@@ -39,7 +39,21 @@ export function addServeOptions(cmd: Command, listenHelp: string): Command {
     .option('--threads <n>', 'worker threads per connection', positiveInt('--threads', 256), 32)
     .option('--max-connections <n>', 'refuse connections beyond this many', positiveInt('--max-connections'), 4096)
     .option('--chunk-size <size>', 'copy-on-write chunk size for images without snapshots yet: 4K..1M, a power of two (default 64K)')
-    .option('--merge-rate <size>', 'limit background rollback merges to this many bytes per second per volume (e.g. 50M; default unlimited)');
+    .option('--merge-rate <size>', 'limit background rollback merges to this many bytes per second per volume (e.g. 50M; default unlimited)')
+    .option(
+      '--cow-journal <size>',
+      'journal for first writes after a snapshot: they are acknowledged at once and their chunks preserved in the background; ' +
+        '0 or off preserves inline (default: volume size / 16, 4M..64M)',
+    );
+}
+
+export function parseCowJournal(text: string): number {
+  if (/^\s*(0+|off)\s*$/i.test(text)) return 0;
+  const n = parseSize(text);
+  if (n !== 0 && (n < 4 * 1024 * 1024 || n > 4 * 1024 * 1024 * 1024)) {
+    throw new NbdError('BAD_ARGUMENT', `--cow-journal must be 0 (off) or from 4M to 4G, got "${text}"`);
+  }
+  return n;
 }
 
 export function parseChunkSize(text: string): number {
@@ -60,6 +74,7 @@ export interface CommonServeOptions {
   maxConnections: number;
   chunkSize?: number;
   mergeRate?: number;
+  cowJournal?: number;
 }
 
 export function commonServeOptions(o: Record<string, unknown>): CommonServeOptions {
@@ -73,6 +88,7 @@ export function commonServeOptions(o: Record<string, unknown>): CommonServeOptio
     maxConnections: o.maxConnections as number,
     chunkSize: o.chunkSize !== undefined ? parseChunkSize(o.chunkSize as string) : undefined,
     mergeRate: o.mergeRate !== undefined ? parseSize(o.mergeRate as string) : undefined,
+    cowJournal: o.cowJournal !== undefined ? parseCowJournal(o.cowJournal as string) : undefined,
   };
 }
 

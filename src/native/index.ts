@@ -46,6 +46,19 @@ export interface NativeExportOptions {
   snapshots?: NativeSnapshotFiles[];
   /** A rollback merge to resume (its job file). */
   rollbackJob?: string;
+  /** The first-write journal (replayed at open if it holds entries). */
+  journal?: string;
+  /** Its ring size in bytes when it is created; 0: first writes are preserved inline. */
+  journalSize?: number;
+}
+
+export interface NativeFirstWrites {
+  /** "journal", or "inline" with the reason when a journal was wanted but is unavailable. */
+  mode: string;
+  /** Entries waiting for the background preserver. */
+  queued: number;
+  /** Entries a previous run left in the journal, replayed when this volume was opened. */
+  replayedAtOpen: number;
 }
 
 export interface NativeSnapshotState {
@@ -121,6 +134,9 @@ export interface NativeServer {
   /** Copies chunks [from, from+max) that the older neighbour needs; resolves with the next chunk. */
   handDown(exportName: string, id: number, from: number, max: number): Promise<{ next: number; total: number }>;
   snapshotStatus(exportName: string): NativeSnapshotStatus[];
+  /** Resolves once the first writes queued before the call are applied (status is then settled). */
+  settle(exportName: string): Promise<void>;
+  firstWrites(exportName: string): NativeFirstWrites;
   addSnapshotExport(exportName: string, id: number, viewName: string, description?: string): void;
   /** Writes a rollback job file and pauses writes until activateRollback/abortRollback. */
   prepareRollback(exportName: string, snapshotId: number, jobFile: string): Promise<void>;

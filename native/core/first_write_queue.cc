@@ -1,0 +1,271 @@
+// first_write_queue.cc — see first_write_queue.hh for the design and invariants.
+#include "first_write_queue.hh"
+
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+
+namespace nbd {
+
+namespace {
+
+constexpr uint64_t kWritePiece = 1u << 20;    // data bytes per journal entry, at most
+constexpr uint64_t kZeroPieceChunks = 256;    // chunks per zeroing entry, at most
+constexpr size_t kBatchChunks = 4096;         // chunk references per background batch
+constexpr uint64_t kRingSlack = 64;           // never fill the ring to the last byte
+
+uint64_t env_ms(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::strtoull(v, nullptr, 10) : 0;
+}
+
+}  // namespace
+
+FirstWriteQueue::FirstWriteQueue(std::unique_ptr<WriteJournal> journal, uint32_t chunk_size, uint64_t max_chunks,
+                                 Apply apply)
+    : journal_(std::move(journal)),
+      chunk_size_(chunk_size),
+      max_chunks_(std::max<uint64_t>(max_chunks, 2 * kZeroPieceChunks)),
+      apply_(std::move(apply)),
+      pause_ms_(env_ms("NBD_TEST_FIRST_WRITE_DELAY_MS")) {
+  applied_seq_ = journal_->next_seq() - 1;
+  thread_ = std::thread([this] { run(); });
+}
+
+FirstWriteQueue::~FirstWriteQueue() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+  // Nothing left to replay: the journal's memory-backed file goes too.
+  if (fifo_.empty() && !broken_.load()) journal_->remove_file();
+}
+
+int FirstWriteQueue::replay(WriteJournal& journal, uint32_t chunk_size, const Apply& apply, uint64_t& entries,
+                            std::string& err) {
+  std::vector<JournalRecord> recs;
+  if (int e = journal.read_pending(recs, err)) return e;
+  entries = recs.size();
+  if (!recs.empty()) {
+    Batch batch;
+    for (auto& r : recs) {
+      auto q = std::make_shared<QueuedWrite>();
+      q->seq = r.seq;
+      q->type = r.type;
+      q->may_trim = r.flags & WriteJournal::kFlagMayTrim;
+      q->offset = r.offset;
+      q->length = r.length;
+      q->data = std::move(r.data);
+      q->first_chunk = r.offset / chunk_size;
+      q->last_chunk = (r.offset + std::max<uint32_t>(r.length, 1) - 1) / chunk_size;
+      batch.push_back(std::move(q));
+    }
+    if (int e = apply(batch)) {
+      err = std::string("applying ") + std::to_string(recs.size()) + " journalled writes failed: " + strerror(e);
+      return e;
+    }
+  }
+  if (recs.empty()) return 0;  // nothing to do; the first append starts a new epoch
+  if (int e = journal.reset()) {
+    err = std::string("resetting the journal failed: ") + strerror(e);
+    return e;
+  }
+  return 0;
+}
+
+int FirstWriteQueue::append_locked(std::unique_lock<std::mutex>& lk, uint16_t type, const uint8_t* data,
+                                   uint64_t offset, uint32_t length, bool may_trim) {
+  auto q = std::make_shared<QueuedWrite>();
+  q->type = type;
+  q->may_trim = may_trim;
+  q->offset = offset;
+  q->length = length;
+  q->first_chunk = offset / chunk_size_;
+  q->last_chunk = (offset + length - 1) / chunk_size_;
+  const uint64_t nchunks = q->last_chunk - q->first_chunk + 1;
+  if (data) q->data.assign(data, data + length);
+  const uint32_t dlen = data ? length : 0;
+  // Room: in the ring, and under the bound on queued chunks.
+  for (;;) {
+    if (broken_.load()) return EIO;
+    const uint64_t span = journal_->span_of(dlen);
+    const bool ring_ok = used_ + span + kRingSlack <= journal_->ring_size();
+    const bool chunks_ok = fifo_.empty() || chunks_ + nchunks <= max_chunks_;
+    if (ring_ok && chunks_ok) {
+      q->span = span;
+      break;
+    }
+    cv_.wait(lk);
+  }
+  const uint64_t seq = journal_->next_seq();
+  uint64_t at = 0;
+  if (int e = journal_->append(type, may_trim ? WriteJournal::kFlagMayTrim : 0, offset, length, q->data.data(), dlen, at)) {
+    broken_.store(true);
+    cv_.notify_all();
+    return e;
+  }
+  q->seq = seq;
+  q->journal_at = at;
+  used_ += q->span;
+  chunks_ += nchunks;
+  std::shared_ptr<const QueuedWrite> cq = q;
+  for (uint64_t c = q->first_chunk; c <= q->last_chunk; ++c) index_[c].push_back(cq);
+  fifo_.push_back(std::move(cq));
+  count_.store(fifo_.size());
+  if (fifo_.size() == 1) cv_.notify_all();  // the thread sleeps only on an empty queue
+  return 0;
+}
+
+int FirstWriteQueue::submit(const uint8_t* data, uint64_t offset, uint64_t length, bool may_trim, bool fua) {
+  const uint64_t piece = data ? std::max<uint64_t>(kWritePiece, chunk_size_) : kZeroPieceChunks * chunk_size_;
+  uint64_t last = 0;
+  for (uint64_t done = 0; done < length;) {
+    uint32_t n = static_cast<uint32_t>(std::min(piece, length - done));
+    std::unique_lock<std::mutex> lk(mu_);
+    int e = append_locked(lk, data ? WriteJournal::kWrite : WriteJournal::kZero, data ? data + done : nullptr,
+                          offset + done, n, may_trim);
+    if (e) return e;
+    last = fifo_.back()->seq;
+    done += n;
+  }
+  if (!fua) return 0;
+  // FUA: durable through the live image, like FLUSH: wait until applied
+  // (the caller then flushes live).
+  std::unique_lock<std::mutex> lk(mu_);
+  cv_.wait(lk, [&] { return applied_seq_ >= last || stop_ || error_; });
+  return applied_seq_ >= last ? 0 : (error_ ? error_ : EIO);
+}
+
+bool FirstWriteQueue::touches(uint64_t offset, uint64_t length) {
+  if (count_.load() == 0 || length == 0) return false;
+  return !chunks_in(offset / chunk_size_, (offset + length - 1) / chunk_size_).empty();
+}
+
+std::vector<uint64_t> FirstWriteQueue::chunks_in(uint64_t first, uint64_t last) {
+  std::vector<uint64_t> out;
+  if (count_.load() == 0) return out;
+  std::lock_guard<std::mutex> lk(mu_);
+  if (last - first + 1 <= index_.size()) {
+    for (uint64_t c = first; c <= last; ++c)
+      if (index_.count(c)) out.push_back(c);
+  } else {
+    for (auto& kv : index_)
+      if (kv.first >= first && kv.first <= last) out.push_back(kv.first);
+    std::sort(out.begin(), out.end());
+  }
+  return out;
+}
+
+FirstWriteQueue::Batch FirstWriteQueue::entries_in(uint64_t offset, uint64_t length) {
+  Batch out;
+  if (count_.load() == 0 || length == 0) return out;
+  const uint64_t first = offset / chunk_size_, last = (offset + length - 1) / chunk_size_;
+  std::lock_guard<std::mutex> lk(mu_);
+  auto take = [&](const std::vector<std::shared_ptr<const QueuedWrite>>& v) {
+    for (auto& q : v)
+      if (q->offset < offset + length && offset < q->offset + q->length) out.push_back(q);
+  };
+  if (last - first + 1 <= index_.size()) {
+    for (uint64_t c = first; c <= last; ++c) {
+      auto it = index_.find(c);
+      if (it != index_.end()) take(it->second);
+    }
+  } else {
+    for (auto& kv : index_)
+      if (kv.first >= first && kv.first <= last) take(kv.second);
+  }
+  std::sort(out.begin(), out.end(), [](auto& a, auto& b) { return a->seq < b->seq; });
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
+void FirstWriteQueue::drain() {
+  std::unique_lock<std::mutex> lk(mu_);
+  cv_.wait(lk, [this] { return fifo_.empty() || stop_; });
+}
+
+int FirstWriteQueue::settle() {
+  std::unique_lock<std::mutex> lk(mu_);
+  const uint64_t target = fifo_.empty() ? 0 : fifo_.back()->seq;
+  // An apply that keeps failing is reported instead of waited for forever.
+  cv_.wait(lk, [&] { return applied_seq_ >= target || stop_ || error_; });
+  return applied_seq_ >= target ? 0 : (error_ ? error_ : EIO);
+}
+
+void FirstWriteQueue::remove_front(size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    auto q = fifo_.front();
+    fifo_.pop_front();
+    for (uint64_t c = q->first_chunk; c <= q->last_chunk; ++c) {
+      auto it = index_.find(c);
+      if (it == index_.end()) continue;
+      auto& v = it->second;
+      v.erase(std::find(v.begin(), v.end(), q));  // the oldest: at the front
+      if (v.empty()) index_.erase(it);
+    }
+    used_ -= q->span;
+    chunks_ -= q->last_chunk - q->first_chunk + 1;
+    applied_seq_ = q->seq;
+  }
+  count_.store(fifo_.size());
+}
+
+void FirstWriteQueue::run() {
+  // Background work at the lowest CPU priority (Linux: per thread), like
+  // page-cache writeback: while clients keep the CPUs busy, their requests
+  // go first; once the queue is full they wait for this thread, which then
+  // has the CPUs to itself. Best effort.
+  setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 19);
+  std::unique_lock<std::mutex> lk(mu_);
+  for (;;) {
+    cv_.wait(lk, [this] { return stop_ || !fifo_.empty(); });
+    if (stop_) return;
+    // The oldest entries, up to a bound on the chunks they touch.
+    Batch batch;
+    size_t chunks = 0;
+    for (auto& q : fifo_) {
+      size_t n = q->last_chunk - q->first_chunk + 1;
+      if (!batch.empty() && chunks + n > kBatchChunks) break;
+      batch.push_back(q);
+      chunks += n;
+    }
+    lk.unlock();
+    if (pause_ms_) std::this_thread::sleep_for(std::chrono::milliseconds(pause_ms_));
+    int e = apply_(batch);
+    uint64_t seq = 0, at = 0;
+    if (!e) {
+      lk.lock();
+      if (fifo_.size() > batch.size()) {
+        seq = fifo_[batch.size()]->seq;
+        at = fifo_[batch.size()]->journal_at;
+      } else {
+        seq = journal_->next_seq();
+        at = journal_->head();
+      }
+      lk.unlock();
+      e = journal_->checkpoint(seq, at);
+    }
+    lk.lock();
+    if (e) {
+      // The writes were acknowledged: keep them queued (reads still see them)
+      // and retry; FLUSH reports the error meanwhile.
+      error_ = e;
+      cv_.notify_all();  // FLUSH and FUA waiters report it
+      cv_.wait_for(lk, std::chrono::milliseconds(100), [this] { return stop_; });
+      continue;
+    }
+    error_ = 0;
+    remove_front(batch.size());
+    cv_.notify_all();
+  }
+}
+
+}  // namespace nbd

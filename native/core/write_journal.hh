@@ -1,0 +1,120 @@
+// write_journal.hh — the on-disk ring of first writes that are acknowledged
+// before their chunks' old data is preserved (see first_write_queue.hh).
+//
+// File IMAGE.nbd/journal, format 1 (little-endian):
+//   0, 2048   two superblock slots, 512 bytes each; the valid one with the
+//             higher generation wins, so a torn superblock write falls back
+//             to the previous checkpoint:
+//               0  magic "NBDJRNL1"     8  version (1)    12 chunk size
+//               16 volume size          24 ring size     32 generation
+//               40 replay_seq: sequence number of the oldest entry that may
+//                  still have to be applied to the live image
+//               48 replay_off: where that entry starts
+//               56 epoch: random, new whenever the ring restarts empty
+//               64 CRC-32C of bytes 0..63
+//   4096      the ring of entries, ring size bytes (sparse until written). An entry:
+//               0 u32 magic 0x544e454a ("JENT")   4 u16 type   6 u16 flags
+//               8 u64 seq      16 u64 volume offset      24 u32 length
+//               28 u32 data length   32 u32 CRC-32C, seeded with the epoch,
+//               of bytes 0..31 and the data;  36 u32 zero; then the data,
+//               padded to 8 bytes.
+//             Types: 1 WRITE (data = the bytes written), 2 ZERO (no data;
+//             flag 1: may punch a hole), 3 WRAP (the next entry is at the
+//             start of the ring). Fewer than 40 bytes left before the end of
+//             the ring also mean "continue at the start".
+//
+// Replay starts at replay_off expecting replay_seq and follows consecutive
+// sequence numbers; the first entry that is torn, fails its CRC or carries
+// another number (a stale entry from an earlier lap) ends it. Sequence
+// numbers only grow within an epoch; after a crash the next ones may repeat
+// numbers of lost entries, so replaying starts a new epoch (reset()), whose
+// seed no stale entry's CRC matches. Entries are
+// appended one at a time under the caller's lock, so after a crash of the
+// process every entry before the last complete one is complete too.
+//
+// Appends are memcpy into a shared mapping of the file (its page cache, so
+// they survive the process; no system call per entry). The ring is allocated
+// when the journal is created, so a full filesystem cannot fault an append.
+// Durability is the caller's: appends are not synced; sync() makes every
+// append so far durable; checkpoint() writes and syncs a superblock.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace nbd {
+
+struct JournalRecord {
+  uint16_t type = 0;
+  uint16_t flags = 0;
+  uint64_t seq = 0;
+  uint64_t offset = 0;
+  uint32_t length = 0;
+  std::vector<uint8_t> data;
+};
+
+class WriteJournal {
+ public:
+  static constexpr uint16_t kWrite = 1;
+  static constexpr uint16_t kZero = 2;
+  static constexpr uint16_t kWrap = 3;
+  static constexpr uint16_t kFlagMayTrim = 1;
+  static constexpr uint64_t kRingBase = 4096;
+  static constexpr uint32_t kEntryHeader = 40;
+
+  // Opens (or, with create, creates and preallocates) the journal. A
+  // missing file without create returns null with err empty.
+  static std::unique_ptr<WriteJournal> open(const std::string& path, uint64_t volume_size, uint32_t chunk_size,
+                                            uint64_t ring_size, bool create, std::string& err);
+  ~WriteJournal();
+
+  // Entries to replay, oldest first (see the header note). Sets next_seq().
+  int read_pending(std::vector<JournalRecord>& out, std::string& err);
+
+  uint64_t ring_size() const { return ring_size_; }
+  // Bytes an entry of `data_len` takes at the current head, including any
+  // skipped tail of the ring before it.
+  uint64_t span_of(uint32_t data_len) const;
+  // Appends an entry numbered next_seq() at the head (caller serialises);
+  // sets `at` to where it starts.
+  int append(uint16_t type, uint16_t flags, uint64_t offset, uint32_t length, const uint8_t* data, uint32_t dlen,
+             uint64_t& at);
+  uint64_t next_seq() const { return next_seq_; }
+  // fdatasync of everything appended so far.
+  int sync();
+  // Durably records that replay must start at entry `seq` found at `off`.
+  int checkpoint(uint64_t seq, uint64_t off);
+  // Empties the journal (everything applied): the next entry starts the
+  // ring, in a new epoch. Also done by the first append after open(), so an
+  // open that writes nothing leaves the file as it was.
+  int reset();
+  uint64_t head() const { return head_; }
+  // Deletes the file (when nothing in it will ever be replayed).
+  void remove_file();
+
+ private:
+  WriteJournal(uint64_t volume_size, uint32_t chunk_size, uint64_t ring_size);
+  int write_super(std::string* err);
+  uint64_t ring_end() const { return kRingBase + ring_size_; }
+  uint32_t epoch_seed() const;
+  int map(std::string& err);
+
+  std::string path_;
+  const uint64_t volume_size_;
+  const uint32_t chunk_size_;
+  uint64_t ring_size_;
+  int fd_ = -1;
+  uint8_t* map_ = nullptr;  // the file up to the end of the ring, MAP_SHARED
+  bool new_epoch_due_ = false;  // opened from disk: reset() before appending
+  uint64_t gen_ = 0;
+  uint64_t epoch_ = 0;
+  uint64_t replay_seq_ = 1;
+  uint64_t replay_off_ = kRingBase;
+  uint64_t next_seq_ = 1;
+  uint64_t head_ = kRingBase;
+};
+
+}  // namespace nbd
