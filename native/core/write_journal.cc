@@ -61,7 +61,9 @@ WriteJournal::~WriteJournal() {
 }
 
 int WriteJournal::map(std::string& err) {
-  void* p = mmap(nullptr, ring_end(), PROT_READ | PROT_WRITE, MAP_SHARED, fd_, 0);
+  // Populated now: a page fault per new page would otherwise be taken under
+  // the queue lock by the first lap of appends.
+  void* p = mmap(nullptr, ring_end(), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_, 0);
   if (p == MAP_FAILED) {
     int e = errno;
     err = errstr("map " + path_, e);
