@@ -303,7 +303,10 @@ export class VolumeSnapshots {
         await this.native.removeSnapshot(this.exportName, s.id); // writes are paused from here...
         const { basedOn, ...m } = this.manifest;
         const keepBasis = basedOn && basedOn.snapshotId !== s.id ? { basedOn } : {};
+        // Recorded first, then out of the chain: if the manifest cannot be
+        // written (disk full), the snapshot stays in the chain and exact.
         this.save({ ...m, ...keepBasis, snapshots: this.manifest.snapshots.filter((x) => x.id !== s.id) });
+        this.native.dropSnapshot(this.exportName, s.id);
       } catch (err) {
         if (this.manifest.snapshots.some((x) => x.id === s.id)) this.exportView(s);
         throw fromNative(err);

@@ -21,7 +21,7 @@ export const MANIFEST_FORMAT = 'node-nbd-server-volume';
 // manifest without snapshots is read as version 2; one with snapshots names
 // files of store format 1, which this build does not read.
 export const MANIFEST_VERSION = 2;
-export const DEFAULT_CHUNK_SIZE = 64 * 1024;
+export const DEFAULT_CHUNK_SIZE = 16 * 1024;
 
 export const AUTO_ROLLBACK_POLICIES = ['on-disconnect', 'on-start'] as const;
 export type AutoRollbackPolicy = (typeof AUTO_ROLLBACK_POLICIES)[number];

@@ -42,7 +42,7 @@ import { CLI, makeTempDir, removeDir, startServer, type RunningServer } from './
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-const CHUNK = 64 * KiB; // the default chunk size
+const CHUNK = 16 * KiB; // the default chunk size
 const SIZE = 8 * MiB;
 const NCHUNKS = SIZE / CHUNK;
 /** The preserver sleeps this long before its first batch: nothing is applied during a subtest. */

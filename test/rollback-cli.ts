@@ -16,7 +16,7 @@ import { CLI, makeTempDir, removeDir, startServer, type RunningServer } from './
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-const CHUNK = 64 * KiB;
+const CHUNK = 16 * KiB; // the default chunk size
 
 function cli(args: string[]): Promise<ExecResult> {
   return exec(process.execPath, [CLI, ...args], { timeoutMs: 120_000 });

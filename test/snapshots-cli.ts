@@ -19,7 +19,7 @@ import { requireTools } from './fixtures/tools';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-const CHUNK = 64 * KiB; // the default chunk size
+const CHUNK = 16 * KiB; // the default chunk size
 
 // Every test directory goes at the end (kept with NBD_KEEP_TEST_DIRS=1).
 const dirs: string[] = [];
@@ -151,7 +151,7 @@ function checkShape(tt: Test, s: SnapJson, want: { id?: number; name: string; ex
   tt.equal(s.name, want.name, `${what}: name`);
   tt.equal(s.state, 'active', `${what}: state active`);
   tt.equal(s.export, `${want.exportName ?? 'disk'}@${want.name}`, `${what}: export ${want.exportName ?? 'disk'}@${want.name}`);
-  tt.equal(s.chunkSize, CHUNK, `${what}: chunkSize 64 KiB (default)`);
+  tt.equal(s.chunkSize, CHUNK, `${what}: chunkSize 16 KiB (default)`);
   tt.ok(Number.isInteger(s.preservedChunks) && s.preservedChunks >= 0, `${what}: preservedChunks is a count`);
   tt.equal(s.preservedBytes, s.preservedChunks * s.chunkSize, `${what}: preservedBytes = preservedChunks * chunkSize`);
   const at = Date.parse(s.createdAt);
@@ -311,7 +311,7 @@ t.test('online: the commands go through the running server; exports appear and g
       checkShape(t, list[0]!, { id: 1, name: 'offline1' }, 'online list[0]');
       checkShape(t, list[1]!, { id: 2, name: 'on1' }, 'online list[1]');
       t.equal(list[1]!.preservedChunks, 2, 'on1 preserved 2 chunks (one per first write)');
-      t.equal(list[1]!.preservedBytes, 2 * CHUNK, 'on1 preservedBytes 128 KiB');
+      t.equal(list[1]!.preservedBytes, 2 * CHUNK, 'on1 preservedBytes 32 KiB (two chunks)');
       t.equal(list[0]!.preservedChunks, 0, 'offline1 preserved nothing (the newest snapshot takes the copies)');
     }
     const info = await cli(['snapshot', 'info', img, 'on1', '--json']);

@@ -25,6 +25,8 @@ import { STRICT } from './fixtures/tools';
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const CHUNK = 64 * KiB;
+/** The layouts below are worked out for 64 KiB chunks (not the default): every server here is started with it. */
+const CHUNK_ARGS = ['--chunk-size', '64K'];
 const WRITE = 256 * KiB; // host write size
 const SPACE = /space|ENOSPC/i;
 
@@ -210,7 +212,7 @@ t.test('store fills up while the newest snapshot copies: it fails, and the older
   const p0 = crypto.randomBytes(size);
   fs.writeFileSync(img, p0);
   const started = Date.now();
-  let srv: RunningServer | undefined = await startServer({ dir: mnt.dir, images: [img] });
+  let srv: RunningServer | undefined = await startServer({ dir: mnt.dir, images: [img], args: CHUNK_ARGS });
   t.teardown(() => srv?.stop('SIGKILL'));
   try {
     t.equal((await cli(['snapshot', 'create', img, 'A'])).code, 0, 'create A');
@@ -270,7 +272,7 @@ t.test('store fills up while the newest snapshot copies: it fails, and the older
     const off = await list(t, img, 'offline after restart');
     t.same([...off.values()].map((s) => [s.name, s.state]), [['A', 'failed'], ['B', 'failed'], ['C', 'active']], 'the states survive a restart (offline list)');
     t.match(off.get('B')?.failure?.reason ?? '', SPACE, 'B keeps its reason');
-    srv = await startServer({ dir: mnt.dir, images: [img] });
+    srv = await startServer({ dir: mnt.dir, images: [img], args: CHUNK_ARGS });
     t.equal((await readAll(srv.socket, 'disk@B', size)).error, NBD.EIO, 'after restart, disk@B still answers EIO');
     t.ok((await readAll(srv.socket, 'disk@C', size)).data?.equals(p3), 'after restart, C is exact');
   } finally {
@@ -289,7 +291,7 @@ t.test('a snapshot that holds every chunk stays healthy and exact while a newer 
   const p0 = crypto.randomBytes(size);
   fs.writeFileSync(img, p0);
   const started = Date.now();
-  let srv: RunningServer | undefined = await startServer({ dir: mnt.dir, images: [img] });
+  let srv: RunningServer | undefined = await startServer({ dir: mnt.dir, images: [img], args: CHUNK_ARGS });
   t.teardown(() => srv?.stop('SIGKILL'));
   try {
     // A: every chunk preserved while there is room.
@@ -359,7 +361,7 @@ t.test('a snapshot that holds every chunk stays healthy and exact while a newer 
     noTempLeft(t, meta);
     const off = await list(t, img, 'offline after stop');
     t.same([...off.values()].map((s) => [s.name, s.state]), [['A', 'active'], ['B', 'failed'], ['C', 'failed'], ['D', 'active']], 'states survive a restart');
-    srv = await startServer({ dir: mnt.dir, images: [img] });
+    srv = await startServer({ dir: mnt.dir, images: [img], args: CHUNK_ARGS });
     t.ok((await readAll(srv.socket, 'disk@A', size)).data?.equals(p0), 'after restart, A exact');
     t.equal((await readAll(srv.socket, 'disk@C', size)).error, NBD.EIO, 'after restart, C answers EIO');
   } finally {
@@ -401,7 +403,7 @@ t.test('the failure is durable when the disk is completely full (no room for a n
   // Inline preservation (no first-write journal): the setup below needs one
   // log record per write, and the first-write journal would batch them. The
   // journalled path is what the other tests in this file run.
-  const inline = ['--cow-journal', '0'];
+  const inline = ['--cow-journal', '0', ...CHUNK_ARGS];
   let srv: RunningServer | undefined = await startServer({ dir: mnt.dir, images: [img], args: inline });
   t.teardown(() => srv?.stop('SIGKILL'));
   let fill = '';
@@ -458,6 +460,79 @@ t.test('the failure is durable when the disk is completely full (no room for a n
   } finally {
     if (srv) t.equal(await srv.stop(), 0, 'server exits 0');
     srv = undefined;
+    if (fill) fs.rmSync(fill, { force: true });
+  }
+});
+
+t.test('snapshot delete on a full disk: refused, and every snapshot stays exact (the deletion is recorded before the snapshot leaves the chain)', async (t) => {
+  const mnt = await smallFs(t, 32);
+  if (!mnt) return;
+  const size = 8 * MiB;
+  const img = path.join(mnt.dir, 'disk.img');
+  const p0 = crypto.randomBytes(size);
+  fs.writeFileSync(img, p0);
+  let srv: RunningServer | undefined = await startServer({ dir: mnt.dir, images: [img], args: CHUNK_ARGS });
+  t.teardown(() => srv?.stop('SIGKILL'));
+  let fill = '';
+  try {
+    // A (older) and B (newer): B holds chunks A reads through it, so deleting
+    // B has to hand them down; with the disk full, that or the manifest fails.
+    t.equal((await cli(['snapshot', 'create', img, 'A'])).code, 0, 'create A');
+    t.equal((await cli(['snapshot', 'create', img, 'B'])).code, 0, 'create B');
+    const live = Buffer.from(p0);
+    const c = await RawClient.connect(srv.socket);
+    await c.go('disk');
+    const errs: number[] = [];
+    for (let k = 0; k < 16; k++) {
+      const d = crypto.randomBytes(4096);
+      d.copy(live, k * CHUNK);
+      errs.push((await c.write(k * CHUNK, d)).error);
+    }
+    errs.push((await c.cmd(NBD.CMD_FLUSH, 0, 0, 0)).error);
+    await c.disconnect();
+    t.same(errs.filter((e) => e !== 0), [], '16 first writes into B and a flush succeed');
+    const before = await list(t, img, 'before the delete');
+    t.equal(before.get('B')?.preservedChunks, 16, 'B holds the 16 chunks');
+    fill = fillUp(mnt.dir);
+    t.comment(`free after filling: ${freeBytes(mnt.dir)} bytes`);
+    const del = await cli(['snapshot', 'delete', img, 'B']);
+    t.not(del.code, 0, `snapshot delete B on a full disk fails (exit ${del.code}: ${del.stderr.trim().split('\n').at(-1)})`);
+    t.match(del.stderr, SPACE, 'the error says the disk is full');
+    const after = await list(t, img, 'after the refused delete');
+    t.same([...after.keys()], ['A', 'B'], 'A and B are both still listed');
+    t.equal(after.get('A')?.state, 'active', 'A is healthy');
+    t.equal(after.get('B')?.state, 'active', 'B is healthy');
+    const a = await readAll(srv.socket, 'disk@A', size);
+    t.ok(a.error === 0 && a.data!.equals(p0), `disk@A is exact (error ${a.error})`);
+    const b = await readAll(srv.socket, 'disk@B', size);
+    t.ok(b.error === 0 && b.data!.equals(p0), `disk@B is exact (error ${b.error})`);
+    // Overwriting chunks B holds needs no room: both stay exact.
+    const c2 = await RawClient.connect(srv.socket);
+    await c2.go('disk');
+    const d = crypto.randomBytes(4096);
+    d.copy(live, 3 * CHUNK);
+    t.equal((await c2.write(3 * CHUNK, d)).error, 0, 'a write to a chunk B already holds succeeds');
+    t.equal((await c2.cmd(NBD.CMD_FLUSH, 0, 0, 0)).error, 0, 'flush succeeds');
+    await c2.disconnect();
+    t.equal(await srv.stop('SIGTERM'), 0, 'server exits 0');
+    srv = undefined;
+    fs.rmSync(fill, { force: true });
+    fill = '';
+    // After a restart, B is still in the chain where it was: both exact.
+    srv = await startServer({ dir: mnt.dir, images: [img], args: CHUNK_ARGS });
+    const a2 = await readAll(srv.socket, 'disk@A', size);
+    t.ok(a2.error === 0 && a2.data!.equals(p0), 'after a restart disk@A is exact');
+    const b2 = await readAll(srv.socket, 'disk@B', size);
+    t.ok(b2.error === 0 && b2.data!.equals(p0), 'after a restart disk@B is exact');
+    const l2 = await readAll(srv.socket, 'disk', size);
+    t.ok(l2.error === 0 && l2.data!.equals(live), 'after a restart the live volume holds every write');
+    // With room again, the delete goes through and A stays exact.
+    t.equal((await cli(['snapshot', 'delete', img, 'B'])).code, 0, 'with room again, delete B succeeds');
+    const a3 = await readAll(srv.socket, 'disk@A', size);
+    t.ok(a3.error === 0 && a3.data!.equals(p0), 'after deleting B, disk@A is exact (B handed its chunks down)');
+    t.equal(await srv.stop('SIGTERM'), 0, 'server exits 0');
+    srv = undefined;
+  } finally {
     if (fill) fs.rmSync(fill, { force: true });
   }
 });

@@ -418,11 +418,15 @@ async function runModel(t: Test, cfg: RunConfig): Promise<void> {
 }
 
 t.test('model: 16 MiB volume, 64 KiB chunks', (t) =>
-  runModel(t, { label: '16MiB', size: 16 * MiB, steps: 260, chunkSize: 64 * KiB, seed: SEED }),
+  runModel(t, { label: '16MiB', size: 16 * MiB, steps: 260, chunk: '64K', chunkSize: 64 * KiB, seed: SEED }),
 );
 
 t.test('model: unaligned 16 MiB + 12345 bytes, 64 KiB chunks', (t) =>
-  runModel(t, { label: '16MiB+12345', size: 16 * MiB + 12345, steps: 200, chunkSize: 64 * KiB, seed: (SEED + 1) >>> 0 }),
+  runModel(t, { label: '16MiB+12345', size: 16 * MiB + 12345, steps: 200, chunk: '64K', chunkSize: 64 * KiB, seed: (SEED + 1) >>> 0 }),
+);
+
+t.test('model: 12 MiB volume, default (16 KiB) chunks', (t) =>
+  runModel(t, { label: '12MiB/default', size: 12 * MiB, steps: 150, chunkSize: 16 * KiB, seed: (SEED + 6) >>> 0 }),
 );
 
 t.test('model: unaligned 3 MiB + 777 bytes, 4 KiB chunks', (t) =>
@@ -456,7 +460,7 @@ async function concurrentRounds(t: Test, which: 'create' | 'delete', seed: numbe
   const cs = 64 * KiB;
   const dir = makeTempDir('nbd-snapconc-');
   const image = sparseImage(dir, 'disk.img', size);
-  const srv = await startServer({ dir, images: ['disk.img'] });
+  const srv = await startServer({ dir, images: ['disk.img'], args: ['--chunk-size', '64K'] });
   const py = new PyClient();
   t.teardown(async () => {
     await srv.stop('SIGKILL');

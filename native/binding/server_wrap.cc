@@ -62,6 +62,7 @@ Napi::Function ServerWrap::Init(Napi::Env env) {
                          InstanceMethod<&ServerWrap::DiscardSnapshot>("discardSnapshot"),
                          InstanceMethod<&ServerWrap::ResumeWrites>("resumeWrites"),
                          InstanceMethod<&ServerWrap::RemoveSnapshot>("removeSnapshot"),
+                         InstanceMethod<&ServerWrap::DropSnapshot>("dropSnapshot"),
                          InstanceMethod<&ServerWrap::HandDown>("handDown"),
                          InstanceMethod<&ServerWrap::SnapshotStatus>("snapshotStatus"),
                          InstanceMethod<&ServerWrap::Settle>("settle"),

@@ -41,6 +41,7 @@ class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
   Napi::Value DiscardSnapshot(const Napi::CallbackInfo& info);
   Napi::Value ResumeWrites(const Napi::CallbackInfo& info);
   Napi::Value RemoveSnapshot(const Napi::CallbackInfo& info);
+  Napi::Value DropSnapshot(const Napi::CallbackInfo& info);
   Napi::Value HandDown(const Napi::CallbackInfo& info);
   Napi::Value SnapshotStatus(const Napi::CallbackInfo& info);
   Napi::Value Settle(const Napi::CallbackInfo& info);

@@ -140,6 +140,12 @@ Napi::Value ServerWrap::RemoveSnapshot(const Napi::CallbackInfo& info) {
   return queue(t);
 }
 
+Napi::Value ServerWrap::DropSnapshot(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto cow = volume(env, info[0]);
+  return Napi::Boolean::New(env, cow->drop_removed(id_of(info[1])));
+}
+
 Napi::Value ServerWrap::HandDown(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto cow = volume(env, info[0]);

@@ -130,10 +130,7 @@ int CowDevice::finish_remove(uint64_t id, std::string& err) {
     return ENOENT;
   }
   uint64_t next = 0;
-  int e = hand_down(id, 0, s->chunks(), next, err);
-  if (e) return e;  // still in the chain; writes stay paused until resume_writes()
-  drop_from_chain(id);
-  return 0;
+  return hand_down(id, 0, s->chunks(), next, err);  // writes stay paused until resume_writes()
 }
 
 // The snapshot first writes preserve into: the newest healthy one (or
@@ -514,8 +511,10 @@ int CowDevice::pwrite(const void* buf, uint32_t count, uint64_t offset, IoFlags 
   GateGuard g(gate_);
   if (auto q = queue_for(offset, count)) {
     mark_dirty(offset, count);
-    if (q->submit(static_cast<const uint8_t*>(buf), offset, count, false, flags.fua) == 0) return flags.fua ? next_->flush() : 0;
-    q->drain();  // the journal failed: fall back to the inline path
+    int e = q->submit(static_cast<const uint8_t*>(buf), offset, count, false, flags.fua);
+    if (e == 0) return flags.fua ? next_->flush() : 0;
+    if (e != ESHUTDOWN) return e;
+    q->drain();  // the journal failed: what it holds reaches live, then the inline path
   }
   if (int e = merge_range(offset, count)) return e;
   preserve(offset, count);
@@ -528,7 +527,9 @@ int CowDevice::trim(uint32_t count, uint64_t offset, IoFlags flags) {
   if (auto q = queue_for(offset, count)) {
     mark_dirty(offset, count);
     // Queued as a zeroing that may punch a hole: what a trim does here.
-    if (q->submit(nullptr, offset, count, true, flags.fua) == 0) return flags.fua ? next_->flush() : 0;
+    int e = q->submit(nullptr, offset, count, true, flags.fua);
+    if (e == 0) return flags.fua ? next_->flush() : 0;
+    if (e != ESHUTDOWN) return e;
     q->drain();
   }
   if (int e = merge_range(offset, count)) return e;
@@ -547,7 +548,9 @@ int CowDevice::zero(uint32_t count, uint64_t offset, IoFlags flags) {
   }
   if (auto q = queue_for(offset, count)) {
     mark_dirty(offset, count);
-    if (q->submit(nullptr, offset, count, flags.may_trim, flags.fua) == 0) return flags.fua ? next_->flush() : 0;
+    int e = q->submit(nullptr, offset, count, flags.may_trim, flags.fua);
+    if (e == 0) return flags.fua ? next_->flush() : 0;
+    if (e != ESHUTDOWN) return e;
     q->drain();
   }
   if (int e = merge_range(offset, count)) return e;

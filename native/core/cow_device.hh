@@ -100,12 +100,15 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   // Loads a snapshot at start-up (no flush; chain order = call order).
   void load_snapshot(std::shared_ptr<SnapshotStore> s);
   bool remove_snapshot(uint64_t id);
-  // Deleting, last step: closes the write gate, hands down whatever the
-  // older neighbour still lacks (chunks preserved since the bulk hand-down),
-  // drops the snapshot from the chain, and LEAVES WRITES PAUSED so the
-  // control plane can record the deletion durably first; resume_writes()
-  // must follow, whatever happens.
+  // Deleting, last steps: finish_remove closes the write gate and hands down
+  // whatever the older neighbour still lacks (chunks preserved since the
+  // bulk hand-down), and LEAVES WRITES PAUSED with the snapshot still in
+  // the chain, so the control plane can record the deletion durably first;
+  // then drop_removed() takes it out of the chain (writes still paused). If
+  // recording fails the snapshot simply stays, exact. resume_writes() must
+  // follow, whatever happens.
   int finish_remove(uint64_t id, std::string& err);
+  bool drop_removed(uint64_t id) { return drop_from_chain(id); }
   void resume_writes() { gate_.open(); }
   std::shared_ptr<const Chain> chain() const;
   std::shared_ptr<SnapshotStore> find(uint64_t id) const;

@@ -17,7 +17,6 @@ namespace {
 
 constexpr uint64_t kWritePiece = 1u << 20;    // data bytes per journal entry, at most
 constexpr uint64_t kZeroPieceChunks = 256;    // chunks per zeroing entry, at most
-constexpr size_t kBatchChunks = 4096;         // chunk references per background batch
 constexpr uint64_t kRingSlack = 64;           // never fill the ring to the last byte
 
 uint64_t env_ms(const char* name) {
@@ -95,7 +94,10 @@ int FirstWriteQueue::append_locked(std::unique_lock<std::mutex>& lk, uint16_t ty
   const uint32_t dlen = data ? length : 0;
   // Room: in the ring, and under the bound on queued chunks.
   for (;;) {
-    if (broken_.load()) return EIO;
+    if (broken_.load() || stop_) return ESHUTDOWN;
+    // The background apply keeps failing (the live image cannot be written):
+    // new writes get its error, as they would inline.
+    if (error_) return error_;
     const uint64_t span = journal_->span_of(dlen);
     const bool ring_ok = used_ + span + kRingSlack <= journal_->ring_size();
     const bool chunks_ok = fifo_.empty() || chunks_ + nchunks <= max_chunks_;
@@ -233,7 +235,9 @@ void FirstWriteQueue::run() {
     size_t chunks = 0;
     for (auto& q : fifo_) {
       size_t n = q->last_chunk - q->first_chunk + 1;
-      if (!batch.empty() && chunks + n > kBatchChunks) break;
+      // A quarter of the bound per batch: writers keep filling the rest while
+      // a batch is preserved, instead of waiting for one batch of everything.
+      if (!batch.empty() && chunks + n > max_chunks_ / 4) break;
       batch.push_back(q);
       chunks += n;
     }

@@ -99,9 +99,11 @@ class FirstWriteQueue {
   static int replay(WriteJournal& journal, uint32_t chunk_size, const Apply& apply, uint64_t& entries, std::string& err);
 
   // Queues a write (data != nullptr) or a zeroing, in pieces of bounded size,
-  // waiting for room; with fua the journal is synced before returning.
-  // Returns 0, or an errno if the journal cannot be written (the queue then
-  // stops accepting: see accepting()).
+  // waiting for room; with fua, waits until it is applied. Returns 0; or
+  // ESHUTDOWN when the queue cannot take it (the journal failed: accepting()
+  // turns false; or the queue is stopping), and the caller then writes
+  // inline; or the error of a background apply that keeps failing, which
+  // the caller reports, as an inline write would fail.
   int submit(const uint8_t* data, uint64_t offset, uint64_t length, bool may_trim, bool fua);
   bool accepting() const { return !broken_.load(); }
   // True when some chunk of the range has queued entries.

@@ -38,7 +38,7 @@ export function addServeOptions(cmd: Command, listenHelp: string): Command {
     .addOption(new Option('--log-level <level>', 'log level').choices(LOG_LEVELS as string[]).default('info'))
     .option('--threads <n>', 'worker threads per connection', positiveInt('--threads', 256), 32)
     .option('--max-connections <n>', 'refuse connections beyond this many', positiveInt('--max-connections'), 4096)
-    .option('--chunk-size <size>', 'copy-on-write chunk size for images without snapshots yet: 4K..1M, a power of two (default 64K)')
+    .option('--chunk-size <size>', 'copy-on-write chunk size for images without snapshots yet: 4K..1M, a power of two (default 16K)')
     .option('--merge-rate <size>', 'limit background rollback merges to this many bytes per second per volume (e.g. 50M; default unlimited)')
     .option(
       '--cow-journal <size>',

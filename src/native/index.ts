@@ -126,10 +126,12 @@ export interface NativeServer {
   addSnapshot(exportName: string, id: number): Promise<void>;
   discardSnapshot(id: number): boolean;
   /**
-   * Final hand-down and removal from the chain, with writes paused; they stay
-   * paused until resumeWrites(), so the deletion can be recorded first.
+   * Final hand-down, with writes paused; they stay paused until
+   * resumeWrites(), so the deletion can be recorded, then dropSnapshot().
    */
   removeSnapshot(exportName: string, id: number): Promise<void>;
+  /** After removeSnapshot and once the deletion is recorded: takes the snapshot out of the chain (writes still paused). */
+  dropSnapshot(exportName: string, id: number): boolean;
   resumeWrites(exportName: string): void;
   /** Copies chunks [from, from+max) that the older neighbour needs; resolves with the next chunk. */
   handDown(exportName: string, id: number, from: number, max: number): Promise<{ next: number; total: number }>;
