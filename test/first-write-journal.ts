@@ -38,7 +38,7 @@ import * as path from 'node:path';
 import { exec, type ExecResult } from './fixtures/exec';
 import { readExport } from './fixtures/export-io';
 import { NBD, RawClient } from './fixtures/raw-client';
-import { CLI, makeTempDir, removeDir, startServer, type RunningServer } from './fixtures/server';
+import { CLI, logLines, makeTempDir, removeDir, startServer, type RunningServer } from './fixtures/server';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -122,23 +122,10 @@ async function firstWritesInfo(t: Test, img: string, what: string): Promise<Firs
   }
 }
 
-/** The server's pino lines (JSON on stderr) with the replay message. */
+/** The server's pino lines with the replay message. */
 function replayLogLines(srv: RunningServer): { entries?: number; level?: number; volume?: string }[] {
-  return srv
-    .stderr()
-    .split('\n')
-    .filter((l) => l.startsWith('{'))
-    .map((l) => {
-      try {
-        return JSON.parse(l) as { msg?: string; entries?: number; level?: number; volume?: string };
-      } catch {
-        return {};
-      }
-    })
-    .filter((l) => l.msg === REPLAY_MSG);
+  return logLines<{ entries: number; volume: string }>(srv).filter((l) => l.msg === REPLAY_MSG);
 }
-
-// ---- comparing bytes ------------------------------------------------------------------
 
 function firstDiff(a: Buffer, b: Buffer): number {
   const n = Math.min(a.length, b.length);

@@ -19,7 +19,9 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { exec, type ExecResult } from './fixtures/exec';
 import { NBD, RawClient } from './fixtures/raw-client';
-import { CLI, makeTempDir, removeDir, startServer, type RunningServer } from './fixtures/server';
+import { CLI, logLines as serverLog, makeTempDir, removeDir, startServer, type RunningServer } from './fixtures/server';
+
+const logLines = (srv: RunningServer) => serverLog<{ snapshot: string; reason: string }>(srv);
 import { STRICT } from './fixtures/tools';
 
 const KiB = 1024;
@@ -171,20 +173,6 @@ function checkFailed(t: Test, s: SnapJson | undefined, name: string, reason: Reg
   t.match(s?.failure?.reason ?? '', reason, `${name}: failure.reason ${reason} ("${s?.failure?.reason ?? ''}")`);
   const at = Date.parse(s?.failure?.at ?? '');
   t.ok(at >= started - 1000 && at <= Date.now() + 1000, `${name}: failure.at is the time of the failure ("${s?.failure?.at ?? ''}")`);
-}
-
-function logLines(srv: RunningServer): { snapshot?: string; reason?: string; msg?: string; level?: number }[] {
-  return srv
-    .stderr()
-    .split('\n')
-    .filter((l) => l.startsWith('{'))
-    .map((l) => {
-      try {
-        return JSON.parse(l) as { snapshot?: string; reason?: string; msg?: string; level?: number };
-      } catch {
-        return {};
-      }
-    });
 }
 
 /** The server logged (level error or worse) that `name` failed, with a reason matching `reason`. */
