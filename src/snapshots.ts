@@ -118,6 +118,8 @@ export class VolumeSnapshots {
   private readOnly = false;
   /** Merge bandwidth limit, bytes/s (undefined: as fast as the disk goes). */
   private mergeRate?: number;
+  /** Set while a manifest recording a snapshot failure could not be written. */
+  private failureRetry?: NodeJS.Timeout;
 
   private constructor(
     private readonly native: NativeServer,
@@ -145,7 +147,11 @@ export class VolumeSnapshots {
       }
       const orphans = removeOrphans(image, m);
       if (orphans.length) log.warn({ image, files: orphans }, 'removed orphan snapshot files left by an interrupted operation');
-      const snapshots = m.snapshots.map((s) => ({ id: s.id, ...snapshotPaths(image, s.id) }));
+      const snapshots = m.snapshots.map((s) => ({
+        id: s.id,
+        ...snapshotPaths(image, s.id),
+        ...(s.state === 'failed' ? { failure: s.failure?.reason ?? 'recorded as failed in the manifest' } : {}),
+      }));
       const rollbackJob = m.rollback ? rollbackJobPath(image, m.rollback.jobId) : undefined;
       return { manifest: m, unlock, chunkSize: m.chunkSize, snapshots, rollbackJob };
     } catch (err) {
@@ -193,7 +199,24 @@ export class VolumeSnapshots {
 
   close(): void {
     this.stopping = true;
+    if (this.failureRetry) {
+      clearInterval(this.failureRetry);
+      this.failureRetry = undefined;
+      this.retryManifest();
+    }
     this.unlock();
+  }
+
+  /** Retries writing a manifest that records a failure (see recordFailure). */
+  private retryManifest(): boolean {
+    try {
+      writeManifest(this.image, this.manifest);
+      this.log.info('the snapshot failure is recorded in the manifest now');
+      return true;
+    } catch (err) {
+      this.log.error({ err }, 'still cannot write the manifest recording a snapshot failure');
+      return false;
+    }
   }
 
   /** Stops the background merge after its current step (it resumes at the next open). */
@@ -337,9 +360,21 @@ export class VolumeSnapshots {
     try {
       this.save({ ...this.manifest, snapshots: this.manifest.snapshots.map((x) => (x.id === id ? failed : x)) });
     } catch (err) {
-      // The native map log has its own FAILED record; the manifest catches up at next open.
+      // The store's own failure marker may not have been written either (the
+      // device that failed holds both): keep trying, so that the failure is
+      // recorded once the device works again, before a restart could serve
+      // the inexact snapshot as data. Any other manifest write records it too.
       this.manifest = { ...this.manifest, snapshots: this.manifest.snapshots.map((x) => (x.id === id ? failed : x)) };
-      this.log.error({ err }, 'could not write the manifest after a snapshot failure');
+      this.log.error({ err }, 'could not write the manifest after a snapshot failure; retrying every 2 s');
+      if (!this.failureRetry) {
+        this.failureRetry = setInterval(() => {
+          if (this.retryManifest() && this.failureRetry) {
+            clearInterval(this.failureRetry);
+            this.failureRetry = undefined;
+          }
+        }, 2000);
+        this.failureRetry.unref();
+      }
     }
   }
 

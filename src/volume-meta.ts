@@ -175,7 +175,11 @@ export function writeManifest(image: string, m: Manifest): void {
     }
     fs.renameSync(tmp, file);
   } catch (err) {
-    fs.rmSync(tmp, { force: true });
+    try {
+      fs.rmSync(tmp, { force: true });
+    } catch {
+      // a failing disk may refuse the clean-up too: the first error is the one to report
+    }
     throw err;
   }
   const dfd = fs.openSync(dir, 'r');

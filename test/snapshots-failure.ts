@@ -524,3 +524,74 @@ t.test('snapshot delete on a full disk: refused, and every snapshot stays exact 
     if (fill) fs.rmSync(fill, { force: true });
   }
 });
+
+/** manifest.json as on disk (the test's own reading of the documented format). */
+function manifestOnDisk(img: string): { manifest: { snapshots: { name: string; state: string; failure?: { reason: string } }[] }; sha256: string } {
+  return JSON.parse(fs.readFileSync(path.join(`${img}.nbd`, 'manifest.json'), 'utf8')) as never;
+}
+
+t.test('a failure the manifest could not record is written as soon as there is room again, while serving', async (t) => {
+  const mnt = await smallFs(t, 32);
+  if (!mnt) return;
+  const size = 8 * MiB;
+  const img = path.join(mnt.dir, 'disk.img');
+  fs.writeFileSync(img, crypto.randomBytes(size));
+  let srv: RunningServer | undefined = await startServer({ dir: mnt.dir, images: [img], args: CHUNK_ARGS });
+  t.teardown(() => srv?.stop('SIGKILL'));
+  let fill = '';
+  try {
+    t.equal((await cli(['snapshot', 'create', img, 'S'])).code, 0, 'create S');
+    fill = fillUp(mnt.dir);
+    const c = await RawClient.connect(srv.socket);
+    await c.go('disk');
+    t.equal((await c.write(5 * CHUNK, crypto.randomBytes(4096))).error, 0, 'a first write on a full disk succeeds');
+    t.equal((await c.cmd(NBD.CMD_FLUSH, 0, 0, 0)).error, 0, 'flush succeeds');
+    await c.disconnect();
+    // Wait until the server has seen the failure (list settles the queue).
+    const online = await list(t, img, 'disk full');
+    t.equal(online.get('S')?.state, 'failed', 'S is failed (in memory)');
+    t.equal(manifestOnDisk(img).manifest.snapshots[0]?.state, 'active', 'setup: manifest.json could not record it (no room)');
+    fs.rmSync(fill, { force: true });
+    fill = '';
+    let recorded = false;
+    for (let i = 0; i < 50 && !recorded; i++) {
+      await new Promise((r) => setTimeout(r, 200));
+      recorded = manifestOnDisk(img).manifest.snapshots[0]?.state === 'failed';
+    }
+    t.ok(recorded, 'within 10 s of room coming back, manifest.json records S as failed (the server retried)');
+    t.match(manifestOnDisk(img).manifest.snapshots[0]?.failure?.reason ?? '', SPACE, 'with the reason');
+    t.equal(await srv.stop(), 0, 'server exits 0');
+    srv = undefined;
+  } finally {
+    if (fill) fs.rmSync(fill, { force: true });
+  }
+});
+
+t.test('a snapshot the manifest records as failed is never served as data, even without its own failure marker', async (t) => {
+  const dir = makeTempDir('nbd-snapfail-');
+  t.teardown(() => removeDir(dir));
+  const size = 4 * MiB;
+  const img = path.join(dir, 'disk.img');
+  const p0 = crypto.randomBytes(size);
+  fs.writeFileSync(img, p0);
+  let srv: RunningServer | undefined = await startServer({ dir, images: [img] });
+  t.teardown(() => srv?.stop('SIGKILL'));
+  t.equal((await cli(['snapshot', 'create', img, 'S'])).code, 0, 'create S');
+  t.equal(await srv.stop(), 0, 'server exits 0');
+  srv = undefined;
+  // What a device that failed while the failure was recorded leaves behind:
+  // the manifest (written later, once there was room) says failed, the
+  // store's in-place marker never made it.
+  const file = path.join(`${img}.nbd`, 'manifest.json');
+  const doc = manifestOnDisk(img);
+  doc.manifest.snapshots[0] = { ...doc.manifest.snapshots[0]!, state: 'failed', failure: { reason: 'test: recorded in the manifest only' } } as never;
+  doc.sha256 = crypto.createHash('sha256').update(JSON.stringify(doc.manifest)).digest('hex');
+  fs.writeFileSync(file, JSON.stringify(doc, null, 2) + '\n');
+  srv = await startServer({ dir, images: [img] });
+  const r = await readAll(srv.socket, 'disk@S', size);
+  t.equal(r.error, NBD.EIO, `disk@S answers EIO (got ${r.error})`);
+  const l = await list(t, img, 'after restart');
+  t.equal(l.get('S')?.state, 'failed', 'S is listed failed');
+  t.equal(await srv.stop(), 0, 'server exits 0');
+  srv = undefined;
+});

@@ -81,6 +81,13 @@ function scenarios() {
     timeout: 300,
   });
   list.push({
+    name: 'snapshot-eio',
+    description: 'snapshot store on a device-mapper device that starts failing (dm-flakey error_writes, then the error target): host writes through /dev/nbd0 (unix, -C 2) all succeed; the snapshot that could not preserve is listed failed with an I/O-error reason and logged, its export reads EIO; an older snapshot not involved stays active and exact; another volume\'s snapshot stays exact; live data and the raw image hold every write; SIGTERM exits 0',
+    script: 'snapshot-eio.sh',
+    env: { KT_FS: 'ext4', KT_TRANSPORT: 'unix', KT_CONNS: 2, KT_SIZE: '32M' },
+    timeout: 300,
+  });
+  list.push({
     name: 'rollback',
     description: 'ext4 on /dev/nbd0 (unix, -C 4): files, `snapshot create golden`, modify/delete/add, umount, online `rollback` (device stays attached), raw writes during the merge survive it, fsck, old files back, new files gone; history/jobs; auto-rollback=on-disconnect: detach rolls back (history policy:on-disconnect); auto-rollback=off: detach keeps the changes',
     script: 'rollback.sh',

@@ -41,6 +41,10 @@ std::shared_ptr<nbd::Device> ServerWrap::open_volume(Napi::Env env, const std::s
       std::string err;
       auto store = nbd::SnapshotStore::open(id, path_of(so), live->size(), cs, err);
       if (!store) throw coded_error(env, "SNAPSHOT_CORRUPT", "snapshot " + std::to_string(id) + ": " + err);
+      // The manifest says it failed, though its own marker may be missing
+      // (written to a device that was failing): never serve it as data.
+      if (so.Has("failure") && so.Get("failure").IsString() && !store->failed())
+        store->mark_failed(so.Get("failure").As<Napi::String>().Utf8Value());
       Napi::Object st = Napi::Object::New(env);
       st.Set("id", Napi::Number::New(env, static_cast<double>(id)));
       st.Set("failed", store->failed());

@@ -1,9 +1,8 @@
 // first_write_queue.cc — see first_write_queue.hh for the design and invariants.
 #include "first_write_queue.hh"
 
-#include <sys/resource.h>
-#include <sys/syscall.h>
-#include <unistd.h>
+#include <pthread.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -105,7 +104,10 @@ int FirstWriteQueue::append_locked(std::unique_lock<std::mutex>& lk, uint16_t ty
       q->span = span;
       break;
     }
+    ++waiters_;
+    set_urgent(true);
     cv_.wait(lk);
+    --waiters_;
   }
   const uint64_t seq = journal_->next_seq();
   uint64_t at = 0;
@@ -142,7 +144,10 @@ int FirstWriteQueue::submit(const uint8_t* data, uint64_t offset, uint64_t lengt
   // FUA: durable through the live image, like FLUSH: wait until applied
   // (the caller then flushes live).
   std::unique_lock<std::mutex> lk(mu_);
+  ++waiters_;
+  set_urgent(true);
   cv_.wait(lk, [&] { return applied_seq_ >= last || stop_ || error_; });
+  --waiters_;
   return applied_seq_ >= last ? 0 : (error_ ? error_ : EIO);
 }
 
@@ -191,14 +196,20 @@ FirstWriteQueue::Batch FirstWriteQueue::entries_in(uint64_t offset, uint64_t len
 
 void FirstWriteQueue::drain() {
   std::unique_lock<std::mutex> lk(mu_);
+  ++waiters_;
+  set_urgent(true);
   cv_.wait(lk, [this] { return fifo_.empty() || stop_; });
+  --waiters_;
 }
 
 int FirstWriteQueue::settle() {
   std::unique_lock<std::mutex> lk(mu_);
   const uint64_t target = fifo_.empty() ? 0 : fifo_.back()->seq;
   // An apply that keeps failing is reported instead of waited for forever.
+  ++waiters_;
+  set_urgent(true);
   cv_.wait(lk, [&] { return applied_seq_ >= target || stop_ || error_; });
+  --waiters_;
   return applied_seq_ >= target ? 0 : (error_ ? error_ : EIO);
 }
 
@@ -220,16 +231,23 @@ void FirstWriteQueue::remove_front(size_t n) {
   count_.store(fifo_.size());
 }
 
+void FirstWriteQueue::set_urgent(bool urgent) {
+  // Linux, per thread; best effort. Idle: runs only on CPU time nobody else
+  // wants, like a destager behind a write cache. Urgent: someone waits for
+  // it (FLUSH, FUA, a drain, a writer without room) or the queue is half
+  // full: ordinary priority, so it is never starved.
+  if (urgent == urgent_ || !thread_.joinable()) return;
+  urgent_ = urgent;
+  sched_param p{};
+  pthread_setschedparam(thread_.native_handle(), urgent ? SCHED_OTHER : SCHED_IDLE, &p);
+}
+
 void FirstWriteQueue::run() {
-  // Background work at the lowest CPU priority (Linux: per thread), like
-  // page-cache writeback: while clients keep the CPUs busy, their requests
-  // go first; once the queue is full they wait for this thread, which then
-  // has the CPUs to itself. Best effort.
-  setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 19);
   std::unique_lock<std::mutex> lk(mu_);
   for (;;) {
     cv_.wait(lk, [this] { return stop_ || !fifo_.empty(); });
     if (stop_) return;
+    set_urgent(waiters_ > 0 || error_ || chunks_ * 2 > max_chunks_ || used_ * 2 > journal_->ring_size());
     // The oldest entries, up to a bound on the chunks they touch.
     Batch batch;
     size_t chunks = 0;

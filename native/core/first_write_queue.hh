@@ -124,6 +124,7 @@ class FirstWriteQueue {
   int append_locked(std::unique_lock<std::mutex>& lk, uint16_t type, const uint8_t* data, uint64_t offset,
                     uint32_t length, bool may_trim);
   void run();
+  void set_urgent(bool urgent);  // mu_ held
   void remove_front(size_t n);
 
   std::unique_ptr<WriteJournal> journal_;
@@ -140,6 +141,8 @@ class FirstWriteQueue {
   uint64_t chunks_ = 0;        // chunk references held by queued entries
   uint64_t applied_seq_ = 0;   // newest entry applied and checkpointed
   int error_ = 0;              // outstanding background failure
+  int waiters_ = 0;            // threads waiting for the queue to make progress
+  bool urgent_ = true;         // the thread's scheduling class (set_urgent)
   bool stop_ = false;
   std::atomic<uint64_t> count_{0};
   std::atomic<bool> broken_{false};

@@ -33,6 +33,8 @@ export interface NativeSnapshotFiles {
   id: number;
   /** snap-<id>.snap: the snapshot's data region and log (native/core/snapshot_store.hh) */
   file: string;
+  /** The manifest records it failed (its in-file marker may not have been writable): never served as data. */
+  failure?: string;
 }
 
 export interface NativeExportOptions {
