@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <optional>
 
 #include "nbd_protocol.hh"
 
@@ -106,14 +107,6 @@ bool CowDevice::drop_from_chain(uint64_t id) {
     else next->push_back(s);
   }
   std::atomic_store(&chain_, std::shared_ptr<const Chain>(next));
-  return found;
-}
-
-bool CowDevice::remove_snapshot(uint64_t id) {
-  gate_.close();
-  drain_queue();
-  bool found = drop_from_chain(id);
-  gate_.open();
   return found;
 }
 
@@ -495,27 +488,24 @@ int CowDevice::extents(uint32_t count, uint64_t offset, uint32_t max, std::vecto
 // the queue when there is one. Otherwise: merge what a running rollback still
 // has pending in the range (so the write lands on the snapshot's data and
 // wins), preserve, then write.
-std::shared_ptr<FirstWriteQueue> CowDevice::queue_for(uint64_t offset, uint64_t count) {
+std::optional<int> CowDevice::via_queue(const void* data, uint32_t count, uint64_t offset, bool may_trim, IoFlags flags) {
   auto q = queue();
-  if (!q || merge_job()) return nullptr;  // no queue during a merge: it was drained before it
-  if (!q->accepting()) {
-    q->drain();  // the journal failed: what it holds reaches live before anything writes inline
-    return nullptr;
+  if (!q || merge_job()) return std::nullopt;  // no queue during a merge: it was drained before it
+  if (q->accepting()) {
+    // The lock-free bitmap test first: a first write needs no look at the queue.
+    if (!needs_preserving(offset, count) && !q->touches(offset, count)) return std::nullopt;
+    mark_dirty(offset, count);
+    int e = q->submit(static_cast<const uint8_t*>(data), offset, count, may_trim, flags.fua);
+    if (e == 0) return flags.fua ? next_->flush() : 0;
+    if (e != ESHUTDOWN) return e;
   }
-  // The lock-free bitmap test first: a first write needs no look at the queue.
-  if (needs_preserving(offset, count) || q->touches(offset, count)) return q;
-  return nullptr;
+  q->drain();  // the journal failed: what it holds reaches live before anything writes inline
+  return std::nullopt;
 }
 
 int CowDevice::pwrite(const void* buf, uint32_t count, uint64_t offset, IoFlags flags) {
   GateGuard g(gate_);
-  if (auto q = queue_for(offset, count)) {
-    mark_dirty(offset, count);
-    int e = q->submit(static_cast<const uint8_t*>(buf), offset, count, false, flags.fua);
-    if (e == 0) return flags.fua ? next_->flush() : 0;
-    if (e != ESHUTDOWN) return e;
-    q->drain();  // the journal failed: what it holds reaches live, then the inline path
-  }
+  if (auto r = via_queue(buf, count, offset, false, flags)) return *r;
   if (int e = merge_range(offset, count)) return e;
   preserve(offset, count);
   mark_dirty(offset, count);
@@ -524,14 +514,8 @@ int CowDevice::pwrite(const void* buf, uint32_t count, uint64_t offset, IoFlags 
 
 int CowDevice::trim(uint32_t count, uint64_t offset, IoFlags flags) {
   GateGuard g(gate_);
-  if (auto q = queue_for(offset, count)) {
-    mark_dirty(offset, count);
-    // Queued as a zeroing that may punch a hole: what a trim does here.
-    int e = q->submit(nullptr, offset, count, true, flags.fua);
-    if (e == 0) return flags.fua ? next_->flush() : 0;
-    if (e != ESHUTDOWN) return e;
-    q->drain();
-  }
+  // Queued as a zeroing that may punch a hole: what a trim does here.
+  if (auto r = via_queue(nullptr, count, offset, true, flags)) return *r;
   if (int e = merge_range(offset, count)) return e;
   preserve(offset, count);
   mark_dirty(offset, count);
@@ -546,13 +530,7 @@ int CowDevice::zero(uint32_t count, uint64_t offset, IoFlags flags) {
     if (needs_preserving(offset, count) || needs_merging(offset, count) || (q && q->touches(offset, count)))
       return ENOTSUP;
   }
-  if (auto q = queue_for(offset, count)) {
-    mark_dirty(offset, count);
-    int e = q->submit(nullptr, offset, count, flags.may_trim, flags.fua);
-    if (e == 0) return flags.fua ? next_->flush() : 0;
-    if (e != ESHUTDOWN) return e;
-    q->drain();
-  }
+  if (auto r = via_queue(nullptr, count, offset, flags.may_trim, flags)) return *r;
   if (int e = merge_range(offset, count)) return e;
   preserve(offset, count);
   mark_dirty(offset, count);

@@ -51,6 +51,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -99,7 +100,6 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   int add_snapshot(std::shared_ptr<SnapshotStore> s);
   // Loads a snapshot at start-up (no flush; chain order = call order).
   void load_snapshot(std::shared_ptr<SnapshotStore> s);
-  bool remove_snapshot(uint64_t id);
   // Deleting, last steps: finish_remove closes the write gate and hands down
   // whatever the older neighbour still lacks (chunks preserved since the
   // bulk hand-down), and LEAVES WRITES PAUSED with the snapshot still in
@@ -143,9 +143,11 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
  private:
   static constexpr size_t kStripes = 1024;
   std::shared_ptr<FirstWriteQueue> queue() const { return std::atomic_load(&queue_); }
-  // The queue when a request on this range must go through it, else null
-  // (waits for a queue that stopped accepting to empty first).
-  std::shared_ptr<FirstWriteQueue> queue_for(uint64_t offset, uint64_t count);
+  // Writes, TRIM and WRITE_ZEROES (data null): queues the request when it
+  // must go through the queue (first writes, chunks with queued entries) and
+  // returns its result; nullopt: take the inline path (no queue, a merge
+  // running, or the journal failed: then what it holds is applied first).
+  std::optional<int> via_queue(const void* data, uint32_t count, uint64_t offset, bool may_trim, IoFlags flags);
   int apply_queued(const FirstWriteQueue::Batch& batch);
   void start_queue(std::unique_ptr<WriteJournal> journal);  // gate closed (or at open)
   void drain_queue();  // gate closed: no new entries

@@ -18,6 +18,18 @@ constexpr uint64_t kWritePiece = 1u << 20;    // data bytes per journal entry, a
 constexpr uint64_t kZeroPieceChunks = 256;    // chunks per zeroing entry, at most
 constexpr uint64_t kRingSlack = 64;           // never fill the ring to the last byte
 
+// A queued entry's fields, and the chunks it touches.
+std::shared_ptr<QueuedWrite> make_entry(uint16_t type, bool may_trim, uint64_t offset, uint32_t length, uint32_t chunk_size) {
+  auto q = std::make_shared<QueuedWrite>();
+  q->type = type;
+  q->may_trim = may_trim;
+  q->offset = offset;
+  q->length = length;
+  q->first_chunk = offset / chunk_size;
+  q->last_chunk = (offset + std::max<uint32_t>(length, 1) - 1) / chunk_size;
+  return q;
+}
+
 uint64_t env_ms(const char* name) {
   const char* v = std::getenv(name);
   return v ? std::strtoull(v, nullptr, 10) : 0;
@@ -52,26 +64,18 @@ int FirstWriteQueue::replay(WriteJournal& journal, uint32_t chunk_size, const Ap
   std::vector<JournalRecord> recs;
   if (int e = journal.read_pending(recs, err)) return e;
   entries = recs.size();
-  if (!recs.empty()) {
-    Batch batch;
-    for (auto& r : recs) {
-      auto q = std::make_shared<QueuedWrite>();
-      q->seq = r.seq;
-      q->type = r.type;
-      q->may_trim = r.flags & WriteJournal::kFlagMayTrim;
-      q->offset = r.offset;
-      q->length = r.length;
-      q->data = std::move(r.data);
-      q->first_chunk = r.offset / chunk_size;
-      q->last_chunk = (r.offset + std::max<uint32_t>(r.length, 1) - 1) / chunk_size;
-      batch.push_back(std::move(q));
-    }
-    if (int e = apply(batch)) {
-      err = std::string("applying ") + std::to_string(recs.size()) + " journalled writes failed: " + strerror(e);
-      return e;
-    }
-  }
   if (recs.empty()) return 0;  // nothing to do; the first append starts a new epoch
+  Batch batch;
+  for (auto& r : recs) {
+    auto q = make_entry(r.type, r.flags & WriteJournal::kFlagMayTrim, r.offset, r.length, chunk_size);
+    q->seq = r.seq;
+    q->data = std::move(r.data);
+    batch.push_back(std::move(q));
+  }
+  if (int e = apply(batch)) {
+    err = std::string("applying ") + std::to_string(recs.size()) + " journalled writes failed: " + strerror(e);
+    return e;
+  }
   if (int e = journal.reset()) {
     err = std::string("resetting the journal failed: ") + strerror(e);
     return e;
@@ -81,34 +85,22 @@ int FirstWriteQueue::replay(WriteJournal& journal, uint32_t chunk_size, const Ap
 
 int FirstWriteQueue::append_locked(std::unique_lock<std::mutex>& lk, uint16_t type, const uint8_t* data,
                                    uint64_t offset, uint32_t length, bool may_trim) {
-  auto q = std::make_shared<QueuedWrite>();
-  q->type = type;
-  q->may_trim = may_trim;
-  q->offset = offset;
-  q->length = length;
-  q->first_chunk = offset / chunk_size_;
-  q->last_chunk = (offset + length - 1) / chunk_size_;
+  auto q = make_entry(type, may_trim, offset, length, chunk_size_);
   const uint64_t nchunks = q->last_chunk - q->first_chunk + 1;
   if (data) q->data.assign(data, data + length);
   const uint32_t dlen = data ? length : 0;
   // Room: in the ring, and under the bound on queued chunks.
-  for (;;) {
-    if (broken_.load() || stop_) return ESHUTDOWN;
-    // The background apply keeps failing (the live image cannot be written):
-    // new writes get its error, as they would inline.
-    if (error_) return error_;
-    const uint64_t span = journal_->span_of(dlen);
-    const bool ring_ok = used_ + span + kRingSlack <= journal_->ring_size();
-    const bool chunks_ok = fifo_.empty() || chunks_ + nchunks <= max_chunks_;
-    if (ring_ok && chunks_ok) {
-      q->span = span;
-      break;
-    }
-    ++waiters_;
-    set_urgent(true);
-    cv_.wait(lk);
-    --waiters_;
-  }
+  auto settled = [&] {
+    return broken_.load() || stop_ || error_ ||
+           (used_ + journal_->span_of(dlen) + kRingSlack <= journal_->ring_size() &&
+            (fifo_.empty() || chunks_ + nchunks <= max_chunks_));
+  };
+  if (!settled()) wait_for_thread(lk, settled);
+  if (broken_.load() || stop_) return ESHUTDOWN;
+  // The background apply keeps failing (the live image cannot be written):
+  // new writes get its error, as they would inline.
+  if (error_) return error_;
+  q->span = journal_->span_of(dlen);
   const uint64_t seq = journal_->next_seq();
   uint64_t at = 0;
   if (int e = journal_->append(type, may_trim ? WriteJournal::kFlagMayTrim : 0, offset, length, q->data.data(), dlen, at)) {
@@ -144,11 +136,7 @@ int FirstWriteQueue::submit(const uint8_t* data, uint64_t offset, uint64_t lengt
   // FUA: durable through the live image, like FLUSH: wait until applied
   // (the caller then flushes live).
   std::unique_lock<std::mutex> lk(mu_);
-  ++waiters_;
-  set_urgent(true);
-  cv_.wait(lk, [&] { return applied_seq_ >= last || stop_ || error_; });
-  --waiters_;
-  return applied_seq_ >= last ? 0 : (error_ ? error_ : EIO);
+  return wait_applied(lk, last);
 }
 
 bool FirstWriteQueue::touches(uint64_t offset, uint64_t length) {
@@ -156,18 +144,26 @@ bool FirstWriteQueue::touches(uint64_t offset, uint64_t length) {
   return !chunks_in(offset / chunk_size_, (offset + length - 1) / chunk_size_).empty();
 }
 
+template <typename Fn>
+void FirstWriteQueue::for_each_indexed(uint64_t first, uint64_t last, Fn fn) const {
+  // Walk whichever is shorter: the range, or the chunks that have entries.
+  if (last - first + 1 <= index_.size()) {
+    for (uint64_t c = first; c <= last; ++c) {
+      auto it = index_.find(c);
+      if (it != index_.end()) fn(c, it->second);
+    }
+  } else {
+    for (auto& kv : index_)
+      if (kv.first >= first && kv.first <= last) fn(kv.first, kv.second);
+  }
+}
+
 std::vector<uint64_t> FirstWriteQueue::chunks_in(uint64_t first, uint64_t last) {
   std::vector<uint64_t> out;
   if (count_.load() == 0) return out;
   std::lock_guard<std::mutex> lk(mu_);
-  if (last - first + 1 <= index_.size()) {
-    for (uint64_t c = first; c <= last; ++c)
-      if (index_.count(c)) out.push_back(c);
-  } else {
-    for (auto& kv : index_)
-      if (kv.first >= first && kv.first <= last) out.push_back(kv.first);
-    std::sort(out.begin(), out.end());
-  }
+  for_each_indexed(first, last, [&](uint64_t c, auto&) { out.push_back(c); });
+  std::sort(out.begin(), out.end());
   return out;
 }
 
@@ -176,41 +172,37 @@ FirstWriteQueue::Batch FirstWriteQueue::entries_in(uint64_t offset, uint64_t len
   if (count_.load() == 0 || length == 0) return out;
   const uint64_t first = offset / chunk_size_, last = (offset + length - 1) / chunk_size_;
   std::lock_guard<std::mutex> lk(mu_);
-  auto take = [&](const std::vector<std::shared_ptr<const QueuedWrite>>& v) {
+  for_each_indexed(first, last, [&](uint64_t, const std::vector<std::shared_ptr<const QueuedWrite>>& v) {
     for (auto& q : v)
       if (q->offset < offset + length && offset < q->offset + q->length) out.push_back(q);
-  };
-  if (last - first + 1 <= index_.size()) {
-    for (uint64_t c = first; c <= last; ++c) {
-      auto it = index_.find(c);
-      if (it != index_.end()) take(it->second);
-    }
-  } else {
-    for (auto& kv : index_)
-      if (kv.first >= first && kv.first <= last) take(kv.second);
-  }
+  });
   std::sort(out.begin(), out.end(), [](auto& a, auto& b) { return a->seq < b->seq; });
   out.erase(std::unique(out.begin(), out.end()), out.end());
   return out;
 }
 
+template <typename Pred>
+void FirstWriteQueue::wait_for_thread(std::unique_lock<std::mutex>& lk, Pred done) {
+  ++waiters_;
+  set_urgent(true);  // someone waits: the thread must not idle
+  cv_.wait(lk, done);
+  --waiters_;
+}
+
+int FirstWriteQueue::wait_applied(std::unique_lock<std::mutex>& lk, uint64_t seq) {
+  // An apply that keeps failing is reported instead of waited for forever.
+  wait_for_thread(lk, [&] { return applied_seq_ >= seq || stop_ || error_; });
+  return applied_seq_ >= seq ? 0 : (error_ ? error_ : EIO);
+}
+
 void FirstWriteQueue::drain() {
   std::unique_lock<std::mutex> lk(mu_);
-  ++waiters_;
-  set_urgent(true);
-  cv_.wait(lk, [this] { return fifo_.empty() || stop_; });
-  --waiters_;
+  wait_for_thread(lk, [this] { return fifo_.empty() || stop_; });
 }
 
 int FirstWriteQueue::settle() {
   std::unique_lock<std::mutex> lk(mu_);
-  const uint64_t target = fifo_.empty() ? 0 : fifo_.back()->seq;
-  // An apply that keeps failing is reported instead of waited for forever.
-  ++waiters_;
-  set_urgent(true);
-  cv_.wait(lk, [&] { return applied_seq_ >= target || stop_ || error_; });
-  --waiters_;
-  return applied_seq_ >= target ? 0 : (error_ ? error_ : EIO);
+  return wait_applied(lk, fifo_.empty() ? 0 : fifo_.back()->seq);
 }
 
 void FirstWriteQueue::remove_front(size_t n) {

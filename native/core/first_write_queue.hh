@@ -125,6 +125,14 @@ class FirstWriteQueue {
                     uint32_t length, bool may_trim);
   void run();
   void set_urgent(bool urgent);  // mu_ held
+  // Waits (mu_ held via lk) until done(), with the thread at ordinary priority.
+  template <typename Pred>
+  void wait_for_thread(std::unique_lock<std::mutex>& lk, Pred done);
+  // Waits until entry `seq` is applied: 0, or the background error.
+  int wait_applied(std::unique_lock<std::mutex>& lk, uint64_t seq);
+  // Calls fn(chunk, entries) for each chunk of [first, last] with entries (mu_ held).
+  template <typename Fn>
+  void for_each_indexed(uint64_t first, uint64_t last, Fn fn) const;
   void remove_front(size_t n);
 
   std::unique_ptr<WriteJournal> journal_;

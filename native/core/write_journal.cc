@@ -252,7 +252,6 @@ void WriteJournal::remove_file() {
   if (!path_.empty()) ::unlink(path_.c_str());
 }
 
-int WriteJournal::sync() { return msync(map_, ring_end(), MS_SYNC) == 0 ? 0 : errno; }
 
 int WriteJournal::checkpoint(uint64_t seq, uint64_t off) {
   replay_seq_ = seq;

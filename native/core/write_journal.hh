@@ -35,8 +35,9 @@
 // Appends are memcpy into a shared mapping of the file (its page cache, so
 // they survive the process; no system call per entry). The ring is allocated
 // when the journal is created, so a full filesystem cannot fault an append.
-// Durability is the caller's: appends are not synced; sync() makes every
-// append so far durable; checkpoint() writes and syncs a superblock.
+// Appends are not synced (the journal only has to outlive the process;
+// FLUSH and FUA are made durable through the live image); checkpoint()
+// writes and syncs a superblock.
 #pragma once
 
 #include <cstdint>
@@ -83,8 +84,6 @@ class WriteJournal {
   int append(uint16_t type, uint16_t flags, uint64_t offset, uint32_t length, const uint8_t* data, uint32_t dlen,
              uint64_t& at);
   uint64_t next_seq() const { return next_seq_; }
-  // fdatasync of everything appended so far.
-  int sync();
   // Durably records that replay must start at entry `seq` found at `off`.
   int checkpoint(uint64_t seq, uint64_t off);
   // Empties the journal (everything applied): the next entry starts the
