@@ -199,23 +199,18 @@ export class VolumeSnapshots {
 
   close(): void {
     this.stopping = true;
-    if (this.failureRetry) {
-      clearInterval(this.failureRetry);
-      this.failureRetry = undefined;
-      this.retryManifest();
-    }
+    if (this.failureRetry) this.retryManifest(); // a last try while the volume is still ours
+    clearInterval(this.failureRetry);
     this.unlock();
   }
 
-  /** Retries writing a manifest that records a failure (see recordFailure). */
-  private retryManifest(): boolean {
+  /** Retries writing a manifest that records a failure (see recordFailure); a successful save ends the retries. */
+  private retryManifest(): void {
     try {
-      writeManifest(this.image, this.manifest);
+      this.save(this.manifest);
       this.log.info('the snapshot failure is recorded in the manifest now');
-      return true;
     } catch (err) {
       this.log.error({ err }, 'still cannot write the manifest recording a snapshot failure');
-      return false;
     }
   }
 
@@ -253,6 +248,10 @@ export class VolumeSnapshots {
   private save(m: Manifest): void {
     writeManifest(this.image, m);
     this.manifest = m;
+    // Every manifest derives from this.manifest, so it records any failure
+    // an earlier write could not (recordFailure): no more retries needed.
+    clearInterval(this.failureRetry);
+    this.failureRetry = undefined;
     this.armHold(); // the policy may have changed (set, create, delete)
   }
 
@@ -289,9 +288,11 @@ export class VolumeSnapshots {
       try {
         await this.native.addSnapshot(this.exportName, id);
       } catch (err) {
-        // Never in the chain, so nothing depends on it: forget it again.
+        // Never in the chain, so nothing depends on it: forget it again. From
+        // the current manifest, not `before`: a failure may have been
+        // recorded while addSnapshot ran.
         try {
-          this.save({ ...before, nextId: id + 1 });
+          this.save({ ...this.manifest, snapshots: this.manifest.snapshots.filter((x) => x.id !== id) });
           removeFiles();
         } catch {
           /* listed but empty: it shows the volume as of the next open */
@@ -366,15 +367,7 @@ export class VolumeSnapshots {
       // the inexact snapshot as data. Any other manifest write records it too.
       this.manifest = { ...this.manifest, snapshots: this.manifest.snapshots.map((x) => (x.id === id ? failed : x)) };
       this.log.error({ err }, 'could not write the manifest after a snapshot failure; retrying every 2 s');
-      if (!this.failureRetry) {
-        this.failureRetry = setInterval(() => {
-          if (this.retryManifest() && this.failureRetry) {
-            clearInterval(this.failureRetry);
-            this.failureRetry = undefined;
-          }
-        }, 2000);
-        this.failureRetry.unref();
-      }
+      this.failureRetry ??= setInterval(() => this.retryManifest(), 2000).unref();
     }
   }
 
