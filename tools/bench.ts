@@ -432,58 +432,11 @@ const SERVERS: ServerDef[] = [
       const pkg = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { version?: string };
       return `node-nbd-server ${pkg.version ?? '?'} (node ${process.version})`;
     },
-    async start(ctx) {
-      const sock = path.join(ctx.work, `${ctx.tag}.sock`);
-      const logFile = path.join(ctx.work, `${ctx.tag}.log`);
-      const args = [NODE_CLI, 'serve', ctx.image, '--socket', sock, '--log-level', 'warn'];
-      if (ctx.opts.nodeThreads) args.push('--threads', String(ctx.opts.nodeThreads));
-      const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', 'pipe', 'pipe'] });
-      live.add(child);
-      child.on('exit', () => live.delete(child));
-      const logStream = fs.createWriteStream(logFile, { flags: 'a' });
-      child.stderr!.pipe(logStream);
-      const uri = unixUri(sock);
-      const running: Running = {
-        uri,
-        transport: 'unix',
-        stop: async () => {
-          await stopChild(child, 5000);
-          logStream.end();
-          fs.rmSync(sock, { force: true });
-        },
-      };
-      return readyOrStop(running, async () => {
-        // Wait for the {"ready":true,...} line on stdout.
-        await new Promise<void>((resolve, reject) => {
-          let buf = '';
-          let settled = false;
-          const settle = (err?: Error) => {
-            if (settled) return;
-            settled = true;
-            clearTimeout(timer);
-            if (err) reject(err);
-            else resolve();
-          };
-          const timer = setTimeout(() => settle(new Error(`node-nbd-server not ready within 20 s:\n${tail(logFile)}`)), 20_000);
-          // Give stderr a moment to reach the log before quoting it.
-          const fail = (why: string) => setTimeout(() => settle(new Error(`node-nbd-server ${why}:\n${tail(logFile)}`)), 100);
-          child.once('error', (e) => fail(`failed to start: ${e.message}`));
-          child.once('exit', (code, sig) => fail(`exited early (${code ?? sig})`));
-          child.stdout!.on('data', (d: Buffer) => {
-            buf += d.toString('utf8');
-            for (const line of buf.split('\n')) {
-              try {
-                if ((JSON.parse(line) as { ready?: boolean }).ready === true) settle();
-              } catch {
-                /* not JSON (yet) */
-              }
-            }
-            if (settled) buf = '';
-          });
-        });
-        verifyExport(uri, ctx.size, logFile);
-      });
-    },
+    start: (ctx) =>
+      startOnSocket(ctx, process.execPath, (sock) => [
+        NODE_CLI, 'serve', ctx.image, '--socket', sock, '--log-level', 'warn',
+        ...(ctx.opts.nodeThreads ? ['--threads', String(ctx.opts.nodeThreads)] : []),
+      ]),
   },
   {
     id: 'nbdkit',
