@@ -114,7 +114,7 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   std::shared_ptr<SnapshotStore> find(uint64_t id) const;
   // Gives the older neighbour of snapshot `id` the chunks it reads through
   // `id`, for chunks [from, from + max); sets `next`. Deleting a snapshot is
-  // hand_down over all chunks, then remove_snapshot.
+  // hand_down over all chunks, then finish_remove and drop_removed.
   int hand_down(uint64_t id, uint64_t from, uint64_t max, uint64_t& next, std::string& err);
 
   // Rollback (see the design note above). prepare closes the write gate,
