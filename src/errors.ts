@@ -29,7 +29,12 @@ export type ErrorCode =
   | 'ROLLBACK_RUNNING'
   | 'ROLLBACK_FAILED'
   | 'MERGE_FAILED'
-  | 'AUTO_ROLLBACK_CONFLICT';
+  | 'AUTO_ROLLBACK_CONFLICT'
+  | 'JOURNAL_PENDING'
+  | 'JOURNAL_MISSING'
+  | 'JOURNAL_CORRUPT'
+  | 'JOURNAL_IO_ERROR'
+  | 'QUEUE_STALLED';
 
 export class NbdError extends Error {
   readonly code: ErrorCode;
@@ -70,6 +75,15 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   ROLLBACK_FAILED: 10,
   MERGE_FAILED: 10,
   AUTO_ROLLBACK_CONFLICT: 9,
+  /** A read-only open of a volume whose journal holds writes not yet applied. */
+  JOURNAL_PENDING: 13,
+  /** The volume's journal state names a journal that cannot be found. */
+  JOURNAL_MISSING: 14,
+  /** The journal state or the journal it names is damaged or another journal's. */
+  JOURNAL_CORRUPT: 15,
+  JOURNAL_IO_ERROR: 16,
+  /** Queued first writes cannot be applied to the image (it refuses writes): create, delete and rollback wait. */
+  QUEUE_STALLED: 17,
 };
 
 /** Converts a native error (with a string `code`) into an NbdError. */

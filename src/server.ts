@@ -8,7 +8,7 @@ import { fromNative, NbdError } from './errors';
 import { silentLogger, type Logger } from './logger';
 import { native, type NativeEvent, type NativeServer, type NativeServerStats } from './native';
 import { VolumeSnapshots } from './snapshots';
-import { journalPath } from './volume-meta';
+import { journalDirFor, journalStatePath } from './volume-meta';
 import { prepareImage, type ImageSpec, type PreparedImage } from './volume';
 
 export interface ServerOptions {
@@ -128,7 +128,8 @@ export class NbdServer extends EventEmitter {
         chunkSize: vol?.chunkSize,
         snapshots: vol?.snapshots,
         rollbackJob: vol?.rollbackJob,
-        journal: vol ? journalPath(prepared.path) : undefined,
+        journalState: vol ? journalStatePath(prepared.path) : undefined,
+        journalDir: vol && !prepared.readOnly ? journalDirFor(prepared.path) : undefined,
         journalSize: vol ? (this.cowJournal ?? defaultCowJournal(vol.manifest.size)) : undefined,
       });
     } catch (err) {
@@ -143,6 +144,7 @@ export class NbdServer extends EventEmitter {
       });
       for (const st of info.snapshots) if (st.failed) v.recordFailure(st.id, st.failure, st.failedAt);
       const fw = v.firstWrites();
+      if (fw?.note) this.log.warn({ volume: prepared.path }, fw.note);
       if (fw?.replayedAtOpen) {
         this.log.info({ volume: prepared.path, entries: fw.replayedAtOpen }, 'applied first writes journalled before the last stop (preserved first)');
       }

@@ -2,13 +2,16 @@
 // layer does the data path (copy-on-write, hand-down); this module owns the
 // names, the manifest and the order of steps that keeps a crash harmless:
 //
-//   create: native creates the store files -> manifest lists the snapshot ->
-//           native adds it to the chain (writes drained, volume flushed) ->
-//           export added. A crash before the manifest leaves orphan files
-//           (removed at open) and older snapshots untouched, since nothing was
-//           preserved into the new store; a crash after it leaves the snapshot
-//           listed, and loaded as the newest at restart, showing the volume as
-//           it was at the crash — a point in time after the request.
+//   create: native creates the store files -> native pauses writes, applies
+//           every queued first write and flushes the volume -> manifest
+//           lists the snapshot -> native adds it to the chain and resumes
+//           writes -> export added. A crash before the manifest leaves
+//           orphan files (removed at open) and older snapshots untouched,
+//           since nothing was preserved into the new store; a crash after it
+//           leaves the snapshot listed, and loaded as the newest at restart,
+//           showing the volume as it was at the crash (writes were paused
+//           and the journal empty then, so no replay can add an older write
+//           to it: it holds a prefix of the acknowledged writes).
 //   delete: bulk hand-down with writes flowing -> export removed -> with
 //           writes paused: final hand-down of chunks preserved meanwhile,
 //           dropped from the chain, manifest written -> writes resume -> files
@@ -276,29 +279,26 @@ export class VolumeSnapshots {
         removeFiles();
         throw fromNative(err);
       }
-      const rec: SnapshotRecord = { id, name, createdAt: new Date().toISOString(), state: 'active', ...(policy ? { autoRollback: policy } : {}) };
-      const before = this.manifest;
+      // Writes pause and every queued first write reaches the image before
+      // the manifest lists the snapshot: a crash after the manifest write
+      // never replays a write queued under the old chain into it.
       try {
-        this.save({ ...before, nextId: id + 1, snapshots: [...before.snapshots, rec] });
+        await this.native.beginSnapshot(this.exportName); // writes are paused from here...
       } catch (err) {
+        this.native.discardSnapshot(id);
+        removeFiles();
+        throw fromNative(err);
+      }
+      const rec: SnapshotRecord = { id, name, createdAt: new Date().toISOString(), state: 'active', ...(policy ? { autoRollback: policy } : {}) };
+      try {
+        this.save({ ...this.manifest, nextId: id + 1, snapshots: [...this.manifest.snapshots, rec] });
+      } catch (err) {
+        this.native.resumeWrites(this.exportName);
         this.native.discardSnapshot(id);
         removeFiles();
         throw new NbdError('SNAPSHOT_CREATE_FAILED', `cannot record the snapshot: ${(err as Error).message}`);
       }
-      try {
-        await this.native.addSnapshot(this.exportName, id);
-      } catch (err) {
-        // Never in the chain, so nothing depends on it: forget it again. From
-        // the current manifest, not `before`: a failure may have been
-        // recorded while addSnapshot ran.
-        try {
-          this.save({ ...this.manifest, snapshots: this.manifest.snapshots.filter((x) => x.id !== id) });
-          removeFiles();
-        } catch {
-          /* listed but empty: it shows the volume as of the next open */
-        }
-        throw fromNative(err);
-      }
+      this.native.addSnapshot(this.exportName, id); // ...to here: the snapshot is in the chain
       this.exportView(rec);
       const ms = Number(process.hrtime.bigint() - started) / 1e6;
       this.log.info({ snapshot: name, id, ms }, 'snapshot created');

@@ -8,6 +8,8 @@
 //   rollback-<n>.merge  the running rollback merge's pending set and progress
 //                   (native/core/merge_job.hh)
 //   history.jsonl   every rollback and finished merge, one JSON line each (src/history.ts)
+//   journal.state   which first-write journal may hold acknowledged writes
+//                   (native/core/journal_state.hh)
 //   lock            the PID of the process that owns the volume
 //   control.sock    the serving server's control socket
 import * as crypto from 'node:crypto';
@@ -90,38 +92,37 @@ export function snapshotPaths(image: string, id: number): { file: string } {
 }
 
 /**
- * Where first-write journals live: memory-backed by default (they protect
- * acknowledged writes against a crash of the server process, and appends to
- * a file on a disk filesystem stall while other files are fsynced).
- * NBD_JOURNAL_DIR overrides it; it must be the same for every command on a
- * volume (serve and the offline commands replay what it holds).
+ * Where new first-write journals are created: memory-backed by default (they
+ * protect acknowledged writes against a crash of the server process, and
+ * appends to a file on a disk filesystem stall while other files are
+ * fsynced). NBD_JOURNAL_DIR overrides it. Changing it between runs is safe:
+ * a volume's pending journal is found through IMAGE.nbd/journal.state, which
+ * records its path (native/core/journal_state.hh).
  */
 export function journalDir(): string {
   return process.env.NBD_JOURNAL_DIR || '/dev/shm/node-nbd-server';
 }
 
+/** IMAGE.nbd/journal.state: which journal the volume has pending, if any. */
+export function journalStatePath(image: string): string {
+  return path.join(metaDir(image), 'journal.state');
+}
+
 /**
- * The first-write journal of an image, named by the image file's identity
- * (device, inode and birth time): it follows a rename, and a new file that
- * reuses the inode number never sees an old journal. Falls back to
- * IMAGE.nbd/journal when the journal directory cannot be used. Removes
- * journals of earlier files with the same device and inode.
+ * The directory a new journal of this image goes to: journalDir(), or
+ * IMAGE.nbd/ when that cannot be used. Journals are named by a random id
+ * that the volume's journal state records, never by the image file's
+ * times (which some filesystems do not keep).
  */
-export function journalPath(image: string): string {
-  const st = fs.statSync(image, { bigint: true });
+export function journalDirFor(image: string): string {
   const dir = journalDir();
   try {
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
     fs.accessSync(dir, fs.constants.W_OK);
+    return fs.realpathSync(dir);
   } catch {
-    return path.join(metaDir(image), 'journal');
+    return metaDir(image);
   }
-  const prefix = `${st.dev}-${st.ino}-`;
-  const name = `${prefix}${st.birthtimeNs}.journal`;
-  for (const n of fs.readdirSync(dir)) {
-    if (n.startsWith(prefix) && n !== name) fs.rmSync(path.join(dir, n), { force: true });
-  }
-  return path.join(dir, name);
 }
 
 export function rollbackJobPath(image: string, jobId: number): string {

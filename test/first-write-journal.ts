@@ -174,6 +174,8 @@ async function readWhole(t: Test, socket: string, name: string): Promise<Buffer 
 // ---- the journal file (write_journal.hh), parsed independently ----------------------
 
 const JOURNAL_MAGIC = 'NBDJRNL1';
+const JOURNAL_VERSION = 2;
+const SUPER_SIZE = 84;
 const ENTRY_MAGIC = 0x544e454a;
 const RING_BASE = 4096;
 const ENTRY_HEADER = 40;
@@ -210,15 +212,16 @@ interface Super {
   replaySeq: bigint;
   replayOff: number;
   epoch: bigint;
+  id: string;
 }
 
 function readSupers(j: Buffer): Super[] {
   return SLOTS.map((slot) => {
-    const s = j.subarray(slot, slot + 68);
+    const s = j.subarray(slot, slot + SUPER_SIZE);
     return {
       slot,
-      magic: s.subarray(0, 8).toString('latin1') === JOURNAL_MAGIC,
-      crcOk: s.readUInt32LE(64) === crc32c(0, s.subarray(0, 64)),
+      magic: s.subarray(0, 8).toString('latin1') === JOURNAL_MAGIC && s.readUInt32LE(8) === JOURNAL_VERSION,
+      crcOk: s.readUInt32LE(SUPER_SIZE - 4) === crc32c(0, s.subarray(0, SUPER_SIZE - 4)),
       chunkSize: s.readUInt32LE(12),
       volumeSize: s.readBigUInt64LE(16),
       ringSize: Number(s.readBigUInt64LE(24)),
@@ -226,6 +229,7 @@ function readSupers(j: Buffer): Super[] {
       replaySeq: s.readBigUInt64LE(40),
       replayOff: Number(s.readBigUInt64LE(48)),
       epoch: s.readBigUInt64LE(56),
+      id: s.subarray(64, 80).toString('hex'),
     };
   });
 }
@@ -286,14 +290,33 @@ function pendingEntries(j: Buffer): Entry[] {
   return out;
 }
 
+/** IMAGE.nbd/journal.state (native/core/journal_state.hh), parsed independently: id and path, CRC checked. */
+function journalState(img: string): { id: string; path: string } | undefined {
+  let text: string;
+  try {
+    text = fs.readFileSync(`${fs.realpathSync(img)}.nbd/journal.state`, 'latin1');
+  } catch {
+    return undefined;
+  }
+  const at = text.lastIndexOf('crc=');
+  if (!text.startsWith('node-nbd-server journal state 1\n') || at < 0) throw new Error('journal.state: bad format');
+  const want = crc32c(0, Buffer.from(text.slice(0, at), 'latin1')).toString(16).padStart(8, '0');
+  if (text.slice(at + 4, at + 12) !== want) throw new Error('journal.state: bad CRC');
+  const kv = Object.fromEntries(text.slice(0, at).split('\n').slice(1).filter(Boolean).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
+  return { id: kv.id!, path: kv.path! };
+}
+
 /**
- * The journal of an image: in NBD_JOURNAL_DIR (default /dev/shm/node-nbd-server),
- * named by the image file's device, inode and birth time (src/volume-meta.ts,
- * re-derived here so the naming contract is tested too).
+ * The journal of an image: the one its journal.state names, which must carry
+ * the same id (so the naming contract is tested too).
  */
 function journalOf(img: string): string {
-  const st = fs.statSync(img, { bigint: true });
-  return path.join(process.env.NBD_JOURNAL_DIR || '/dev/shm/node-nbd-server', `${st.dev}-${st.ino}-${st.birthtimeNs}.journal`);
+  const st = journalState(img);
+  if (!st) throw new Error(`${img}: no journal.state names a journal`);
+  if (path.basename(st.path) !== `${st.id}.journal`) throw new Error(`journal ${st.path} is not named by its id ${st.id}`);
+  const dir = process.env.NBD_JOURNAL_DIR;
+  if (dir && path.dirname(st.path) !== fs.realpathSync(dir)) throw new Error(`journal ${st.path} is not in NBD_JOURNAL_DIR ${dir}`);
+  return st.path;
 }
 
 // ---- operations and their model -------------------------------------------------------
@@ -604,7 +627,7 @@ t.test('corrupt journal superblocks: clear error, nothing modified', async (t) =
   const supers = readSupers(j);
   t.ok(supers.every((s) => s.magic && s.crcOk), 'setup: both superblock slots are valid (magic and CRC)');
 
-  // Keep the magic, change a field: the CRC at byte 64 no longer matches, in both slots.
+  // Keep the magic, change a field: the superblock CRC no longer matches, in both slots.
   for (const slot of SLOTS) j[slot + 40] = j[slot + 40]! ^ 0x5a;
   fs.writeFileSync(jfile, j);
   t.ok(readSupers(fs.readFileSync(jfile)).every((s) => s.magic && !s.crcOk), 'sanity: both slots keep the magic and fail their CRC');
@@ -615,7 +638,7 @@ t.test('corrupt journal superblocks: clear error, nothing modified', async (t) =
   const journalSum = sha256(jfile);
   const sock = path.join(dir, 'refused.sock');
   const r = await cli(['serve', img, '--socket', sock]);
-  expectError(t, r, 6, 'METADATA_CORRUPT', 'serve with both journal superblocks corrupt');
+  expectError(t, r, 15, 'JOURNAL_CORRUPT', 'serve with both journal superblocks corrupt');
   t.equal(sha256(jfile), journalSum, 'the journal is unchanged');
   t.match(lastLine(r.stderr), /journal/, 'the error names the journal');
   t.notOk(fs.existsSync(sock), 'not served (no socket)');
@@ -683,9 +706,9 @@ t.test('--cow-journal 0: inline preservation, no journal file; out-of-range size
   const fw = await firstWritesInfo(t, img, '--cow-journal 0');
   t.match(fw, { mode: 'inline', queued: 0, replayedAtOpen: 0 }, 'info --json: firstWrites.mode "inline"');
   t.equal(fw?.mode, 'inline', 'mode is exactly "inline" (no failure reason)');
-  t.notOk(fs.existsSync(journalOf(img)), 'no journal file');
+  t.notOk(journalState(img), 'no journal: journal.state names none');
   t.equal(await srv.stop('SIGTERM'), 0, 'graceful stop: exit 0');
-  t.notOk(fs.existsSync(journalOf(img)), 'still no journal file after the stop');
+  t.notOk(journalState(img), 'still no journal after the stop');
 
   const dir2 = newDir();
   const { img: img2 } = makeImage(dir2);

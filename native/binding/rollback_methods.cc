@@ -43,7 +43,13 @@ Napi::Value ServerWrap::PrepareRollback(const Napi::CallbackInfo& info) {
   if (info.Length() < 3 || !info[2].IsString()) throw Napi::TypeError::New(env, "job file path required");
   std::string path = info[2].As<Napi::String>().Utf8Value();
   return queue(new Task(
-      env, [cow, id, path](std::string& what) { return cow->prepare_rollback(id, path, what); }, nullptr,
+      env,
+      [cow, id, path](std::string& what, const char*& code) {
+        int e = cow->prepare_rollback(id, path, what);
+        if (e && cow->queued_writes() > 0) code = "QUEUE_STALLED";
+        return e;
+      },
+      nullptr,
       "ROLLBACK_FAILED"));
 }
 

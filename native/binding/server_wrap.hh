@@ -37,6 +37,7 @@ class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
   Napi::Value ReleaseDevice(const Napi::CallbackInfo& info);
   // snapshot_methods.cc
   Napi::Value PrepareSnapshot(const Napi::CallbackInfo& info);
+  Napi::Value BeginSnapshot(const Napi::CallbackInfo& info);
   Napi::Value AddSnapshot(const Napi::CallbackInfo& info);
   Napi::Value DiscardSnapshot(const Napi::CallbackInfo& info);
   Napi::Value ResumeWrites(const Napi::CallbackInfo& info);
@@ -46,6 +47,8 @@ class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
   Napi::Value SnapshotStatus(const Napi::CallbackInfo& info);
   Napi::Value Settle(const Napi::CallbackInfo& info);
   Napi::Value FirstWrites(const Napi::CallbackInfo& info);
+  Napi::Value InspectJournal(const Napi::CallbackInfo& info);
+  Napi::Value ReadJournalState(const Napi::CallbackInfo& info);
   Napi::Value AddSnapshotExport(const Napi::CallbackInfo& info);
   // rollback_methods.cc
   Napi::Value PrepareRollback(const Napi::CallbackInfo& info);
@@ -77,6 +80,7 @@ class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
   // Snapshot stores created but not yet in a chain, by id (main thread only).
   std::map<uint64_t, std::shared_ptr<nbd::SnapshotStore>> pending_;
   std::map<std::string, uint64_t> journal_replayed_;  // journal entries replayed at open, per volume
+  std::map<std::string, std::string> journal_notes_;  // why a recorded journal was not needed at open
 };
 
 }  // namespace nbd::binding

@@ -8,6 +8,7 @@
 #include <napi.h>
 
 #include "../core/cow_device.hh"
+#include "../core/journal_state.hh"
 #include "errors.hh"
 #include "server_wrap.hh"
 #include "task.hh"
@@ -54,16 +55,30 @@ std::shared_ptr<nbd::Device> ServerWrap::open_volume(Napi::Env env, const std::s
       cow->load_snapshot(std::shared_ptr<nbd::SnapshotStore>(std::move(store)));
     }
   }
-  if (o.Has("journal") && o.Get("journal").IsString()) {
+  if (o.Has("journalState") && o.Get("journalState").IsString()) {
     // Before a merge resumes: queued first writes are older than anything it does.
-    uint64_t ring = o.Has("journalSize") && o.Get("journalSize").IsNumber()
+    nbd::CowDevice::JournalConfig cfg;
+    cfg.state_file = o.Get("journalState").As<Napi::String>().Utf8Value();
+    if (o.Has("journalDir") && o.Get("journalDir").IsString()) cfg.dir = o.Get("journalDir").As<Napi::String>().Utf8Value();
+    cfg.owner = o.Get("path").IsString() ? o.Get("path").As<Napi::String>().Utf8Value() : std::string();
+    cfg.ring_size = o.Has("journalSize") && o.Get("journalSize").IsNumber()
                         ? static_cast<uint64_t>(o.Get("journalSize").As<Napi::Number>().DoubleValue())
                         : 0;
+    if (cfg.dir.empty()) cfg.ring_size = 0;
+    cfg.read_only = o.Has("readOnly") && o.Get("readOnly").ToBoolean().Value();
     uint64_t replayed = 0;
-    std::string err;
-    if (cow->open_journal(o.Get("journal").As<Napi::String>().Utf8Value(), ring, replayed, err) != 0)
-      throw coded_error(env, "METADATA_CORRUPT", "first-write journal: " + err);
+    std::string err, note;
+    nbd::CowDevice::JournalError kind;
+    if (int e = cow->open_journal(cfg, replayed, note, kind, err)) {
+      using K = nbd::CowDevice::JournalError;
+      const char* code = kind == K::kPending   ? "JOURNAL_PENDING"
+                         : kind == K::kMissing ? "JOURNAL_MISSING"
+                         : kind == K::kCorrupt ? "JOURNAL_CORRUPT"
+                                               : "JOURNAL_IO_ERROR";
+      throw coded_error(env, code, err, e);
+    }
     journal_replayed_[name] = replayed;
+    if (!note.empty()) journal_notes_[name] = note;
   }
   if (o.Has("rollbackJob") && o.Get("rollbackJob").IsString()) {
     std::string err;
@@ -107,6 +122,25 @@ Napi::Value ServerWrap::PrepareSnapshot(const Napi::CallbackInfo& info) {
   return queue(t);
 }
 
+// Pauses writes, applies queued first writes and flushes the volume; writes
+// stay paused until addSnapshot() or resumeWrites() (see CowDevice::begin_add).
+Napi::Value ServerWrap::BeginSnapshot(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto cow = volume(env, info[0]);
+  auto* t = new Task(
+      env,
+      [cow](std::string& what, const char*& code) {
+        int e = cow->begin_add(what);
+        if (e == EBUSY) code = "ROLLBACK_RUNNING";
+        else if (e && cow->queued_writes() > 0) code = "QUEUE_STALLED";
+        return e;
+      },
+      nullptr, "SNAPSHOT_CREATE_FAILED");
+  return queue(t);
+}
+
+// After beginSnapshot() and the manifest: the prepared snapshot joins the
+// chain and writes resume.
 Napi::Value ServerWrap::AddSnapshot(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto cow = volume(env, info[0]);
@@ -115,15 +149,8 @@ Napi::Value ServerWrap::AddSnapshot(const Napi::CallbackInfo& info) {
   if (it == pending_.end()) throw coded_error(env, "SNAPSHOT_NOT_FOUND", "no prepared snapshot with id " + std::to_string(id));
   auto store = it->second;
   pending_.erase(it);
-  auto* t = new Task(
-      env,
-      [cow, store](std::string& what) {
-        int e = cow->add_snapshot(store);
-        if (e) what = std::string("flushing the volume failed: ") + strerror(e);
-        return e;
-      },
-      nullptr, "SNAPSHOT_CREATE_FAILED");
-  return queue(t);
+  cow->commit_add(store);
+  return env.Undefined();
 }
 
 Napi::Value ServerWrap::DiscardSnapshot(const Napi::CallbackInfo& info) {
@@ -140,7 +167,13 @@ Napi::Value ServerWrap::RemoveSnapshot(const Napi::CallbackInfo& info) {
   auto cow = volume(env, info[0]);
   uint64_t id = id_of(info[1]);
   auto* t = new Task(
-      env, [cow, id](std::string& what) { return cow->finish_remove(id, what); }, nullptr, "SNAPSHOT_DELETE_FAILED");
+      env,
+      [cow, id](std::string& what, const char*& code) {
+        int e = cow->finish_remove(id, what);
+        if (e && cow->queued_writes() > 0) code = "QUEUE_STALLED";
+        return e;
+      },
+      nullptr, "SNAPSHOT_DELETE_FAILED");
   return queue(t);
 }
 
@@ -214,8 +247,42 @@ Napi::Value ServerWrap::FirstWrites(const Napi::CallbackInfo& info) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("mode", cow->first_write_mode());
   o.Set("queued", Napi::Number::New(env, static_cast<double>(cow->queued_writes())));
-  auto it = journal_replayed_.find(info[0].As<Napi::String>().Utf8Value());
+  const std::string name = info[0].As<Napi::String>().Utf8Value();
+  auto it = journal_replayed_.find(name);
   o.Set("replayedAtOpen", Napi::Number::New(env, it == journal_replayed_.end() ? 0.0 : static_cast<double>(it->second)));
+  auto note = journal_notes_.find(name);
+  if (note != journal_notes_.end()) o.Set("note", note->second);
+  std::string kept = cow->kept_journal();
+  if (!kept.empty()) o.Set("kept", kept);
+  return o;
+}
+
+// What a journal file says about itself: {id, owner}, or null if it is not a
+// journal of this build (for listing journals that belong to no volume).
+Napi::Value ServerWrap::InspectJournal(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(env, "journal path required");
+  nbd::WriteJournal::Id id{};
+  std::string owner;
+  if (!nbd::WriteJournal::inspect(info[0].As<Napi::String>().Utf8Value(), id, owner)) return env.Null();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("id", nbd::id_hex(id));
+  o.Set("owner", owner);
+  return o;
+}
+
+// The volume's journal state file: {id, path} of the journal it names, or null.
+Napi::Value ServerWrap::ReadJournalState(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(env, "state file path required");
+  std::optional<nbd::JournalState> st;
+  std::string err;
+  if (int e = nbd::load_journal_state(info[0].As<Napi::String>().Utf8Value(), st, err))
+    throw coded_error(env, e == EINVAL ? "JOURNAL_CORRUPT" : "JOURNAL_IO_ERROR", err, e);
+  if (!st) return env.Null();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("id", nbd::id_hex(st->id));
+  o.Set("path", st->path);
   return o;
 }
 

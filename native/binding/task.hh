@@ -24,9 +24,13 @@ inline uint64_t id_of(const Napi::Value& v) {
 class Task : public Napi::AsyncWorker {
  public:
   Task(Napi::Env env, std::function<int(std::string&)> fn, std::function<Napi::Value(Napi::Env)> result, const char* code)
+      : Task(env, [fn = std::move(fn)](std::string& what, const char*&) { return fn(what); }, std::move(result), code) {}
+  // `fn` may replace the error code (a string literal) for the failure it reports.
+  Task(Napi::Env env, std::function<int(std::string&, const char*&)> fn, std::function<Napi::Value(Napi::Env)> result,
+       const char* code)
       : Napi::AsyncWorker(env), fn_(std::move(fn)), result_(std::move(result)), code_(code),
         deferred_(Napi::Promise::Deferred::New(env)) {}
-  void Execute() override { err_ = fn_(what_); }
+  void Execute() override { err_ = fn_(what_, code_); }
   void OnOK() override {
     if (err_) deferred_.Reject(coded_error(Env(), code_, what_, err_).Value());
     else deferred_.Resolve(result_ ? result_(Env()) : Env().Undefined());
@@ -34,7 +38,7 @@ class Task : public Napi::AsyncWorker {
   Napi::Promise Promise() { return deferred_.Promise(); }
 
  private:
-  std::function<int(std::string&)> fn_;
+  std::function<int(std::string&, const char*&)> fn_;
   std::function<Napi::Value(Napi::Env)> result_;
   const char* code_;
   int err_ = 0;

@@ -1,11 +1,15 @@
 // cow_device.cc — see cow_device.hh for the design, the chain rules and locking.
 #include "cow_device.hh"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cerrno>
 #include <cstring>
 #include <optional>
 
+#include "journal_state.hh"
 #include "nbd_protocol.hh"
 
 namespace nbd {
@@ -82,20 +86,22 @@ void CowDevice::load_snapshot(std::shared_ptr<SnapshotStore> s) {
   std::atomic_store(&chain_, std::shared_ptr<const Chain>(next));
 }
 
-int CowDevice::add_snapshot(std::shared_ptr<SnapshotStore> s) {
+int CowDevice::begin_add(std::string& err) {
   gate_.close();  // in-flight writes drain; new ones wait
-  drain_queue();  // queued first writes reach live: the new snapshot holds them
-  if (merge_job()) {  // snapshot views read raw live, which a merge is still changing
-    gate_.open();
-    return EBUSY;
+  int e = drain_queue(err);  // queued first writes reach live: the new snapshot holds them
+  if (!e && merge_job()) {  // snapshot views read raw live, which a merge is still changing
+    err = "a rollback merge is running";
+    e = EBUSY;
   }
-  int e = next_->flush();
-  if (e == 0) {
-    load_snapshot(std::move(s));
-    if (!queue() && ring_size_ > 0) start_queue(nullptr);
-  }
+  if (!e && (e = next_->flush())) err = std::string("flushing the volume failed: ") + strerror(e);
+  if (e) gate_.open();
+  return e;  // on success writes stay paused until commit_add() or resume_writes()
+}
+
+void CowDevice::commit_add(std::shared_ptr<SnapshotStore> s) {
+  load_snapshot(std::move(s));
+  if (!queue() && journal_cfg_.ring_size > 0 && !journal_cfg_.read_only) start_queue();
   gate_.open();
-  return e;
 }
 
 bool CowDevice::drop_from_chain(uint64_t id) {
@@ -112,7 +118,7 @@ bool CowDevice::drop_from_chain(uint64_t id) {
 
 int CowDevice::finish_remove(uint64_t id, std::string& err) {
   gate_.close();
-  drain_queue();
+  if (int e = drain_queue(err)) return e;  // writes stay paused until resume_writes(), as on every return
   if (merge_job()) {
     err = "a rollback merge is running";
     return EBUSY;  // writes stay paused until resume_writes(), as on every return
@@ -315,18 +321,18 @@ int CowDevice::merge_step(uint64_t from, uint64_t max, uint64_t& next, std::stri
 
 int CowDevice::prepare_rollback(uint64_t snapshot_id, const std::string& job_path, std::string& err) {
   gate_.close();
-  drain_queue();  // live and the bitmaps must include every queued first write
+  // Live and the bitmaps must include every queued first write.
+  int e = drain_queue(err);
   auto chain_ptr = chain();
   const Chain& chain = *chain_ptr;
   const size_t k = index_of(chain, snapshot_id);
-  int e = 0;
-  if (k == chain.size()) {
+  if (!e && k == chain.size()) {
     err = "no snapshot with id " + std::to_string(snapshot_id);
     e = ENOENT;
-  } else if (chain[k]->failed()) {
+  } else if (!e && chain[k]->failed()) {
     err = "snapshot " + std::to_string(snapshot_id) + " failed: " + chain[k]->failure();
     e = EIO;
-  } else {
+  } else if (!e) {
     auto pending = std::make_unique<Bitmap>(chain[k]->chunks());
     if (clean_of_ == snapshot_id && dirty_) {
       // Live was exactly this snapshot when its last merge finished (this
@@ -499,7 +505,9 @@ std::optional<int> CowDevice::via_queue(const void* data, uint32_t count, uint64
     if (e == 0) return flags.fua ? next_->flush() : 0;
     if (e != ESHUTDOWN) return e;
   }
-  q->drain();  // the journal failed: what it holds reaches live before anything writes inline
+  // The journal failed: what it holds reaches live before anything writes
+  // inline; if it cannot, this write fails too (it may touch a queued chunk).
+  if (int e = q->drain()) return e;
   return std::nullopt;
 }
 
@@ -546,20 +554,51 @@ int CowDevice::flush() {
 }
 
 void CowDevice::drain() {
-  // The server is stopping: apply everything, then retire the queue (its
-  // empty journal file goes with it). Nothing writes after this.
-  if (auto q = queue()) {
-    q->drain();
-    std::atomic_store(&queue_, std::shared_ptr<FirstWriteQueue>());
+  // The server is stopping: apply everything, then retire the queue and its
+  // journal. Nothing writes after this. If the queue cannot be applied (the
+  // live image refuses writes), its entries stay in the journal, which the
+  // volume's state still names: the next open replays them.
+  auto q = queue();
+  if (!q) return;
+  std::string err;
+  if (drain_queue(err) != 0) {
+    std::lock_guard<std::mutex> lk(mode_mu_);
+    kept_journal_ = q->journal_path() + " keeps them for the next start: " + err;
   }
+  q.reset();
+  retire_queue();
+}
+
+std::string CowDevice::kept_journal() const {
+  std::lock_guard<std::mutex> lk(mode_mu_);
+  return kept_journal_;
 }
 
 void CowDevice::settle() {
   if (auto q = queue()) q->settle();  // its error is FLUSH's to report
 }
 
-void CowDevice::drain_queue() {
-  if (auto q = queue()) q->drain();
+int CowDevice::drain_queue(std::string& err) {
+  auto q = queue();
+  if (!q) return 0;
+  int e = q->drain();
+  if (e)
+    err = std::to_string(q->queued()) + " first writes queued for the volume cannot be applied to the image (" +
+          strerror(e) + "); they are kept in the journal and applied as soon as the image can be written";
+  return e;
+}
+
+void CowDevice::retire_queue() {
+  auto q = std::atomic_exchange(&queue_, std::shared_ptr<FirstWriteQueue>());
+  if (!q) return;
+  const bool empty = q->empty();
+  const std::string path = q->journal_path();
+  q.reset();  // the last reference at stop: its thread ends here
+  if (!empty) return;  // the state still names the journal: replayed at the next open
+  std::string err;
+  // State first, then the file: a crash in between leaves an unnamed,
+  // drained journal, never a named one that is missing.
+  if (clear_journal_state(journal_cfg_.state_file, err) == 0) ::unlink(path.c_str());
 }
 
 uint64_t CowDevice::queued_writes() const {
@@ -608,9 +647,22 @@ int CowDevice::apply_queued(const FirstWriteQueue::Batch& batch) {
   return 0;  // live is flushed by FLUSH (after settling) and FUA, not per batch
 }
 
-void CowDevice::start_queue(std::unique_ptr<WriteJournal> journal) {
+void CowDevice::start_queue() {
   std::string err;
-  if (!journal) journal = WriteJournal::open(journal_path_, size(), chunk_size_, ring_size_, true, err);
+  JournalState st;
+  st.id = new_journal_id();
+  st.path = journal_cfg_.dir + "/" + id_hex(st.id) + ".journal";
+  st.boot = current_boot_id();
+  st.is_volatile = memory_backed(journal_cfg_.dir);
+  st.created_ms = static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count());
+  // The file is complete before the state names it; entries are appended
+  // only after the state names it (journal_state.hh).
+  auto journal = WriteJournal::create(st.path, st.id, journal_cfg_.owner, size(), chunk_size_, journal_cfg_.ring_size, err);
+  if (journal && save_journal_state(journal_cfg_.state_file, st, err) != 0) {
+    journal.reset();
+    ::unlink(st.path.c_str());
+  }
   if (!journal) {
     std::lock_guard<std::mutex> lk(mode_mu_);
     journal_error_ = err;  // first writes are preserved inline
@@ -621,17 +673,64 @@ void CowDevice::start_queue(std::unique_ptr<WriteJournal> journal) {
                                                                [this](const FirstWriteQueue::Batch& b) { return apply_queued(b); }));
 }
 
-int CowDevice::open_journal(const std::string& path, uint64_t ring_size, uint64_t& replayed, std::string& err) {
-  journal_path_ = path;
-  ring_size_ = ring_size;
+int CowDevice::open_journal(const JournalConfig& cfg, uint64_t& replayed, std::string& note, JournalError& kind,
+                            std::string& err) {
+  journal_cfg_ = cfg;
   replayed = 0;
-  auto journal = WriteJournal::open(path, size(), chunk_size_, ring_size, false, err);
-  if (!journal && !err.empty()) return EINVAL;
-  if (journal) {
-    auto apply = [this](const FirstWriteQueue::Batch& b) { return apply_queued(b); };
-    if (int e = FirstWriteQueue::replay(*journal, chunk_size_, apply, replayed, err)) return e;
+  kind = JournalError::kNone;
+  auto failed = [&](JournalError k, int e) {
+    kind = k;
+    return e ? e : EINVAL;
+  };
+  std::optional<JournalState> st;
+  if (int e = load_journal_state(cfg.state_file, st, err)) return failed(e == EINVAL ? JournalError::kCorrupt : JournalError::kIo, e);
+  if (st) {
+    int code = 0;
+    auto journal = WriteJournal::open(st->path, st->id, size(), chunk_size_, code, err);
+    if (!journal && code == ENOENT && st->is_volatile && !st->boot.empty() && st->boot != current_boot_id()) {
+      // Memory-backed and the machine restarted since: it went with the page
+      // cache, and so did nothing a completed FLUSH or FUA covered (those
+      // wait until the entries are applied to the live image).
+      note = "the first-write journal " + st->path + " was in memory and the machine has restarted since: " +
+             "writes acknowledged after the last completed FLUSH before the restart are lost, as on a disk with a volatile cache";
+      if (!cfg.read_only && clear_journal_state(cfg.state_file, err) != 0) return failed(JournalError::kIo, EIO);
+    } else if (!journal && code == ENOENT) {
+      err = "the volume's first-write journal " + st->path + " (id " + id_hex(st->id) +
+            ") is missing; it may hold acknowledged writes. Make the file available at that path again (was its " +
+            "directory removed, or is it on a filesystem that is not mounted?), or, to accept losing those writes, " +
+            "run: node-nbd-server journal discard IMAGE";
+      return failed(JournalError::kMissing, ENOENT);
+    } else if (!journal) {
+      err = "the volume's first-write journal cannot be used: " + err + ". Do not delete it: it may hold acknowledged " +
+            "writes. To accept losing them, run: node-nbd-server journal discard IMAGE";
+      return failed(code == EINVAL || code == ESTALE ? JournalError::kCorrupt : JournalError::kIo, code);
+    } else {
+      std::vector<JournalRecord> pending;
+      if (int e = journal->read_pending(pending, err)) {
+        err = "the volume's first-write journal " + st->path + ": " + err;
+        return failed(JournalError::kCorrupt, e);
+      }
+      if (!pending.empty() && cfg.read_only) {
+        err = "the volume has " + std::to_string(pending.size()) + " acknowledged writes in its first-write journal " +
+              st->path + " that are not applied to the image yet; a read-only open cannot apply them. Serve it " +
+              "read-write once (or run: node-nbd-server info IMAGE), then read-only";
+        return failed(JournalError::kPending, EROFS);
+      }
+      if (!cfg.read_only) {
+        // Applied and flushed before the journal is reset and forgotten.
+        auto apply = [this](const FirstWriteQueue::Batch& b) {
+          int e = apply_queued(b);
+          return e ? e : next_->flush();
+        };
+        if (int e = FirstWriteQueue::replay(*journal, chunk_size_, apply, replayed, err)) return failed(JournalError::kIo, e);
+        const std::string path = journal->path();
+        journal.reset();
+        if (clear_journal_state(cfg.state_file, err) != 0) return failed(JournalError::kIo, EIO);
+        ::unlink(path.c_str());
+      }
+    }
   }
-  if (!chain()->empty() && ring_size_ > 0) start_queue(std::move(journal));
+  if (!chain()->empty() && cfg.ring_size > 0 && !cfg.read_only) start_queue();
   return 0;
 }
 

@@ -80,13 +80,29 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   int trim(uint32_t count, uint64_t offset, IoFlags flags) override;
   int zero(uint32_t count, uint64_t offset, IoFlags flags) override;
   int flush() override;
-  // Applies every queued first write to the live image (server stop).
+  // Applies every queued first write to the live image (server stop) and
+  // retires the journal; if they cannot be applied, the journal stays for
+  // the next open and kept_journal() says so.
   void drain() override;
+  // After drain(): "" or what was kept ("N queued writes kept in PATH: why").
+  std::string kept_journal() const;
 
-  // At open, after the snapshots are loaded: replays what the journal at
-  // `path` holds (sets `replayed`), and starts the first-write queue if the
-  // volume has snapshots. ring_size 0: first writes are preserved inline.
-  int open_journal(const std::string& path, uint64_t ring_size, uint64_t& replayed, std::string& err);
+  // Where a volume's first-write journal lives (journal_state.hh).
+  struct JournalConfig {
+    std::string state_file;  // IMAGE.nbd/journal.state
+    std::string dir;         // where a new journal is created
+    std::string owner;       // the image path, recorded in the journal
+    uint64_t ring_size = 0;  // 0: first writes are preserved inline
+    bool read_only = false;  // served read-only: nothing may be written
+  };
+  // Why open_journal failed, for the control plane's error code.
+  enum class JournalError { kNone, kPending, kMissing, kCorrupt, kIo };
+  // At open, after the snapshots are loaded: replays what the volume's
+  // pending journal holds (sets `replayed`; `note` says why a journal the
+  // state named was not needed, e.g. lost with a reboot), retires it, and
+  // starts the first-write queue if the volume has snapshots.
+  int open_journal(const JournalConfig& cfg, uint64_t& replayed, std::string& note, JournalError& kind,
+                   std::string& err);
   // Waits until the first writes queued before the call are applied (so
   // status shows their preservation and any failure).
   void settle();
@@ -94,10 +110,18 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   std::string first_write_mode() const;
   uint64_t queued_writes() const;
 
-  // Control plane (any thread). add() pauses writes, flushes the live
-  // volume (so the snapshot holds every acknowledged write, durably) and
-  // appends the snapshot; it takes effect for every write that starts after.
-  int add_snapshot(std::shared_ptr<SnapshotStore> s);
+  // Control plane (any thread). Creating a snapshot is two steps around the
+  // manifest write: begin_add() pauses writes, applies every queued first
+  // write and flushes the live volume (so the snapshot holds every
+  // acknowledged write, durably) and LEAVES WRITES PAUSED; the control plane
+  // records the snapshot; then commit_add() appends it to the chain (it
+  // takes effect for every write that starts after) and resumes writes. On
+  // any error after begin_add() succeeded, resume_writes() must follow.
+  // So no first write queued under the old chain is still in the journal
+  // once the manifest lists the new snapshot: a replay after a crash never
+  // preserves an older write into a newer snapshot.
+  int begin_add(std::string& err);
+  void commit_add(std::shared_ptr<SnapshotStore> s);
   // Loads a snapshot at start-up (no flush; chain order = call order).
   void load_snapshot(std::shared_ptr<SnapshotStore> s);
   // Deleting, last steps: finish_remove closes the write gate and hands down
@@ -149,8 +173,13 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   // running, or the journal failed: then what it holds is applied first).
   std::optional<int> via_queue(const void* data, uint32_t count, uint64_t offset, bool may_trim, IoFlags flags);
   int apply_queued(const FirstWriteQueue::Batch& batch);
-  void start_queue(std::unique_ptr<WriteJournal> journal);  // gate closed (or at open)
-  void drain_queue();  // gate closed: no new entries
+  void start_queue();  // gate closed (or at open)
+  // Gate closed: no new entries. 0, or the error that keeps the queue from
+  // being applied (err says so).
+  int drain_queue(std::string& err);
+  // Drops the queue (thread stopped); when it holds nothing, the volume's
+  // journal state, then the journal file.
+  void retire_queue();
   static void overlay(const FirstWriteQueue::Batch& entries, uint8_t* buf, uint32_t count, uint64_t offset);
   static constexpr size_t kHandDownBatch = 65536;  // chunks per hand-down commit
   int preserve(uint64_t offset, uint64_t count);
@@ -192,10 +221,10 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   uint64_t clean_of_ = 0;  // changed with writes drained
   std::mutex stripes_[kStripes];
   std::shared_ptr<FirstWriteQueue> queue_;  // atomic_load/store; set with the gate closed
-  std::string journal_path_;
-  uint64_t ring_size_ = 0;
+  JournalConfig journal_cfg_;
   mutable std::mutex mode_mu_;
   std::string journal_error_;  // guarded by mode_mu_
+  std::string kept_journal_;   // guarded by mode_mu_
 };
 
 }  // namespace nbd

@@ -55,8 +55,8 @@ FirstWriteQueue::~FirstWriteQueue() {
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
-  // Nothing left to replay: the journal's memory-backed file goes too.
-  if (fifo_.empty() && !broken_.load()) journal_->remove_file();
+  // The journal file stays: its owner (CowDevice::retire_queue) removes it,
+  // after the volume's journal state, once nothing in it is pending.
 }
 
 int FirstWriteQueue::replay(WriteJournal& journal, uint32_t chunk_size, const Apply& apply, uint64_t& entries,
@@ -195,9 +195,15 @@ int FirstWriteQueue::wait_applied(std::unique_lock<std::mutex>& lk, uint64_t seq
   return applied_seq_ >= seq ? 0 : (error_ ? error_ : EIO);
 }
 
-void FirstWriteQueue::drain() {
+int FirstWriteQueue::drain() {
   std::unique_lock<std::mutex> lk(mu_);
-  wait_for_thread(lk, [this] { return fifo_.empty() || stop_; });
+  // Until empty, or until an apply attempted after this call has failed: a
+  // queue that cannot be applied (the live image refuses writes) is
+  // reported at once, not waited for until the disk recovers.
+  const uint64_t seen = failures_;
+  wait_for_thread(lk, [&] { return fifo_.empty() || stop_ || failures_ > seen; });
+  if (fifo_.empty()) return 0;
+  return error_ ? error_ : ESHUTDOWN;
 }
 
 int FirstWriteQueue::settle() {
@@ -272,7 +278,8 @@ void FirstWriteQueue::run() {
       // The writes were acknowledged: keep them queued (reads still see them)
       // and retry; FLUSH reports the error meanwhile.
       error_ = e;
-      cv_.notify_all();  // FLUSH and FUA waiters report it
+      ++failures_;
+      cv_.notify_all();  // FLUSH, FUA and drain waiters report it
       cv_.wait_for(lk, std::chrono::milliseconds(100), [this] { return stop_; });
       continue;
     }

@@ -90,8 +90,8 @@ class FirstWriteQueue {
 
   // Takes a journal that holds nothing to replay; starts the thread.
   FirstWriteQueue(std::unique_ptr<WriteJournal> journal, uint32_t chunk_size, uint64_t max_chunks, Apply apply);
-  // Stops the thread; queued entries stay in the journal, and an empty
-  // journal's file is deleted.
+  // Stops the thread; queued entries stay in the journal, whose file is
+  // never deleted here (CowDevice retires it with the volume's journal state).
   ~FirstWriteQueue();
 
   // Replays what a journal holds (at open, before serving): apply, then an
@@ -113,12 +113,16 @@ class FirstWriteQueue {
   // Sorted chunks of [first, last] with queued entries.
   std::vector<uint64_t> chunks_in(uint64_t first, uint64_t last);
   bool empty() const { return count_.load() == 0; }
-  // Waits until the queue is empty (callers stop new submits first).
-  void drain();
+  // Waits until the queue is empty (callers stop new submits first): 0; or,
+  // when an apply attempted after the call fails (the live image cannot be
+  // written), that error at once: the entries stay queued and journalled,
+  // and the thread keeps retrying them.
+  int drain();
   // Waits until everything queued before the call has been applied (FLUSH,
   // status); returns the error of a background apply that keeps failing.
   int settle();
   uint64_t queued() const { return count_.load(); }
+  const std::string& journal_path() const { return journal_->path(); }
 
  private:
   int append_locked(std::unique_lock<std::mutex>& lk, uint16_t type, const uint8_t* data, uint64_t offset,
@@ -149,6 +153,7 @@ class FirstWriteQueue {
   uint64_t chunks_ = 0;        // chunk references held by queued entries
   uint64_t applied_seq_ = 0;   // newest entry applied and checkpointed
   int error_ = 0;              // outstanding background failure
+  uint64_t failures_ = 0;      // failed applies so far (drain waits for a fresh one)
   int waiters_ = 0;            // threads waiting for the queue to make progress
   bool urgent_ = true;         // the thread's scheduling class (set_urgent)
   bool stop_ = false;

@@ -21,10 +21,13 @@ namespace nbd {
 namespace {
 
 constexpr char kMagic[8] = {'N', 'B', 'D', 'J', 'R', 'N', 'L', '1'};
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;
 constexpr uint32_t kEntryMagic = 0x544e454a;
 constexpr uint64_t kSlot[2] = {0, 2048};
-constexpr size_t kSuperSize = 68;
+constexpr size_t kSuperSize = 84;
+constexpr char kOwnerMagic[8] = {'N', 'B', 'D', 'J', 'O', 'W', 'N', 'R'};
+constexpr uint64_t kOwnerAt = 1024;
+constexpr uint32_t kOwnerMax = 1024 - 16;
 
 template <typename T>
 void put(uint8_t* p, T v) {
@@ -73,71 +76,158 @@ int WriteJournal::map(std::string& err) {
   return 0;
 }
 
-std::unique_ptr<WriteJournal> WriteJournal::open(const std::string& path, uint64_t volume_size, uint32_t chunk_size,
-                                                 uint64_t ring_size, bool create, std::string& err) {
+int WriteJournal::load_super(int& code, std::string& err) {
+  struct stat st;
+  if (fstat(fd_, &st) != 0) {
+    code = errno;
+    err = errstr("stat " + path_, code);
+    return code;
+  }
+  code = EINVAL;
+  // Pick the valid superblock with the higher generation.
+  bool found = false, any_magic = false;
+  for (uint64_t slot : kSlot) {
+    uint8_t s[kSuperSize];
+    size_t got = 0;
+    if (pread_all(fd_, s, sizeof s, slot, &got) != 0 || got < sizeof s) continue;
+    if (std::memcmp(s, kMagic, 8) != 0) continue;
+    any_magic = true;
+    if (get<uint32_t>(s + 8) != kVersion) {
+      err = path_ + ": journal format version " + std::to_string(get<uint32_t>(s + 8)) + ", this build reads " +
+            std::to_string(kVersion);
+      return code;
+    }
+    if (get<uint32_t>(s + kSuperSize - 4) != crc32c(0, s, kSuperSize - 4)) continue;
+    if (get<uint32_t>(s + 12) != chunk_size_ || get<uint64_t>(s + 16) != volume_size_) {
+      err = path_ + ": the journal does not match the volume (chunk size or size differ)";
+      return code;
+    }
+    uint64_t gen = get<uint64_t>(s + 32);
+    if (found && gen <= gen_) continue;
+    found = true;
+    gen_ = gen;
+    ring_size_ = get<uint64_t>(s + 24);
+    replay_seq_ = get<uint64_t>(s + 40);
+    replay_off_ = get<uint64_t>(s + 48);
+    epoch_ = get<uint64_t>(s + 56);
+    std::memcpy(id_.data(), s + 64, kIdSize);
+  }
+  if (!found) {
+    err = path_ + (any_magic ? ": both journal superblocks fail their checksums" : ": not a journal (no superblock)");
+    return code;
+  }
+  // replay_off == ring end is an entry that ended exactly at the end of the
+  // ring: the next one starts the ring again (read_pending wraps).
+  if (ring_size_ < 4096 || (ring_size_ & 7) || replay_off_ < kRingBase || replay_off_ > ring_end() ||
+      ((replay_off_ - kRingBase) & 7) || static_cast<uint64_t>(st.st_size) < ring_end()) {
+    err = path_ + ": the journal superblock describes an impossible layout (ring " + std::to_string(ring_size_) +
+          " bytes, replay from " + std::to_string(replay_off_) + ", file " + std::to_string(st.st_size) + " bytes)";
+    return code;
+  }
+  code = 0;
+  return 0;
+}
+
+std::unique_ptr<WriteJournal> WriteJournal::open(const std::string& path, const Id& id, uint64_t volume_size,
+                                                 uint32_t chunk_size, int& code, std::string& err) {
+  std::unique_ptr<WriteJournal> j(new WriteJournal(volume_size, chunk_size, 0));
+  j->path_ = path;
+  j->fd_ = ::open(path.c_str(), O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+  if (j->fd_ < 0) {
+    code = errno;
+    err = errstr("open " + path, code);
+    return nullptr;
+  }
+  if (j->load_super(code, err) != 0) return nullptr;
+  if (j->id_ != id) {
+    code = ESTALE;
+    err = path + ": this journal is not the one the volume recorded (another journal id)";
+    return nullptr;
+  }
+  j->next_seq_ = j->replay_seq_;
+  j->head_ = j->replay_off_;
+  j->new_epoch_due_ = true;  // see reset(): before the first append of this run
+  if (j->map(err) != 0) {
+    code = EIO;
+    return nullptr;
+  }
+  return j;
+}
+
+bool WriteJournal::inspect(const std::string& path, Id& id, std::string& owner) {
+  WriteJournal j(0, 0, 0);
+  j.path_ = path;
+  j.fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+  if (j.fd_ < 0) return false;
+  uint8_t s[kSuperSize];
+  size_t got = 0;
+  bool ok = false;
+  for (uint64_t slot : kSlot) {
+    if (pread_all(j.fd_, s, sizeof s, slot, &got) != 0 || got < sizeof s) continue;
+    if (std::memcmp(s, kMagic, 8) != 0 || get<uint32_t>(s + 8) != kVersion) continue;
+    if (get<uint32_t>(s + kSuperSize - 4) != crc32c(0, s, kSuperSize - 4)) continue;
+    std::memcpy(id.data(), s + 64, kIdSize);
+    ok = true;
+  }
+  if (!ok) return false;
+  uint8_t h[12];
+  owner.clear();
+  if (pread_all(j.fd_, h, sizeof h, kOwnerAt, &got) == 0 && got == sizeof h && std::memcmp(h, kOwnerMagic, 8) == 0) {
+    uint32_t n = get<uint32_t>(h + 8);
+    if (n <= kOwnerMax) {
+      std::vector<uint8_t> b(sizeof h + n + 4);
+      if (pread_all(j.fd_, b.data(), b.size(), kOwnerAt, &got) == 0 && got == b.size() &&
+          get<uint32_t>(b.data() + sizeof h + n) == crc32c(0, b.data(), sizeof h + n))
+        owner.assign(reinterpret_cast<const char*>(b.data() + sizeof h), n);
+    }
+  }
+  return true;
+}
+
+std::unique_ptr<WriteJournal> WriteJournal::create(const std::string& path, const Id& id, const std::string& owner,
+                                                   uint64_t volume_size, uint32_t chunk_size, uint64_t ring_size,
+                                                   std::string& err) {
   std::unique_ptr<WriteJournal> j(new WriteJournal(volume_size, chunk_size, ring_size & ~uint64_t{7}));
   j->path_ = path;
-  j->fd_ = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
-  if (j->fd_ < 0 && errno == ENOENT && !create) return nullptr;  // err stays empty: no journal
-  if (j->fd_ < 0 && errno != ENOENT) { err = errstr("open " + path, errno); return nullptr; }
-  if (j->fd_ >= 0) {
-    struct stat st;
-    if (fstat(j->fd_, &st) != 0) { err = errstr("stat " + path, errno); return nullptr; }
-    if (st.st_size > 0) {
-      // Pick the valid superblock with the higher generation.
-      bool found = false, any_magic = false;
-      for (uint64_t slot : kSlot) {
-        uint8_t s[kSuperSize];
-        size_t got = 0;
-        if (pread_all(j->fd_, s, sizeof s, slot, &got) != 0 || got < sizeof s) continue;
-        if (std::memcmp(s, kMagic, 8) != 0) continue;
-        any_magic = true;
-        if (get<uint32_t>(s + 64) != crc32c(0, s, 64)) continue;
-        if (get<uint32_t>(s + 8) != kVersion) { err = path + ": unsupported journal version"; return nullptr; }
-        if (get<uint32_t>(s + 12) != chunk_size || get<uint64_t>(s + 16) != volume_size) {
-          err = path + ": journal does not match the volume (chunk size or size differ)";
-          return nullptr;
-        }
-        uint64_t gen = get<uint64_t>(s + 32);
-        if (found && gen <= j->gen_) continue;
-        found = true;
-        j->gen_ = gen;
-        j->ring_size_ = get<uint64_t>(s + 24);
-        j->replay_seq_ = get<uint64_t>(s + 40);
-        j->replay_off_ = get<uint64_t>(s + 48);
-        j->epoch_ = get<uint64_t>(s + 56);
-      }
-      if (!found && any_magic) { err = path + ": both journal superblocks fail their checksums (corrupt metadata)"; return nullptr; }
-      if (found) {
-        if (j->ring_size_ < 4096 || j->replay_off_ < kRingBase || j->replay_off_ >= j->ring_end() ||
-            static_cast<uint64_t>(st.st_size) < j->ring_end()) {
-          err = path + ": journal superblock describes an impossible layout (corrupt metadata)";
-          return nullptr;
-        }
-        j->next_seq_ = j->replay_seq_;
-        j->head_ = j->replay_off_;
-        j->new_epoch_due_ = true;  // see reset(): before the first append of this run
-        if (j->map(err) != 0) return nullptr;
-        return j;
-      }
-      if (!create) { err = path + ": not a journal (no superblock)"; return nullptr; }
-    }
-  } else {
-    j->fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-    if (j->fd_ < 0) { err = errstr("create " + path, errno); return nullptr; }
+  j->id_ = id;
+  if (j->ring_size_ < 4096) {
+    err = "journal ring of " + std::to_string(ring_size) + " bytes is too small";
+    return nullptr;
   }
+  ::unlink(path.c_str());
+  j->fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (j->fd_ < 0) {
+    err = errstr("create " + path, errno);
+    return nullptr;
+  }
+  fchmod(j->fd_, 0600);  // whatever the umask: it holds the volume's data
   j->epoch_ = new_epoch();
-  // New journal: a zeroed ring, allocated now, so that appends through the
-  // mapping never meet a full filesystem (that would be a SIGBUS). If there
-  // is no room, the caller preserves first writes inline.
-  if (ftruncate(j->fd_, 0) != 0) { err = errstr("truncate " + path, errno); return nullptr; }
-  if (int e = posix_fallocate(j->fd_, 0, static_cast<off_t>(j->ring_end()))) {
-    err = errstr("allocate " + std::to_string(j->ring_end() >> 20) + " MiB for " + path, e);
+  // A zeroed ring, allocated now, so that appends through the mapping never
+  // meet a full filesystem (that would be a SIGBUS). If there is no room,
+  // the caller preserves first writes inline.
+  auto fail = [&](const std::string& what, int e) {
+    err = errstr(what, e);
+    ::unlink(path.c_str());
+    return nullptr;
+  };
+  if (int e = posix_fallocate(j->fd_, 0, static_cast<off_t>(j->ring_end())))
+    return fail("allocate " + std::to_string(j->ring_end() >> 20) + " MiB for " + path, e);
+  std::string o = owner.substr(0, kOwnerMax);
+  std::vector<uint8_t> rec(12 + o.size() + 4);
+  std::memcpy(rec.data(), kOwnerMagic, 8);
+  put<uint32_t>(rec.data() + 8, static_cast<uint32_t>(o.size()));
+  std::memcpy(rec.data() + 12, o.data(), o.size());
+  put<uint32_t>(rec.data() + 12 + o.size(), crc32c(0, rec.data(), 12 + o.size()));
+  if (int e = pwrite_all(j->fd_, rec.data(), rec.size(), kOwnerAt)) return fail("write " + path, e);
+  if (j->map(err) != 0) {
     ::unlink(path.c_str());
     return nullptr;
   }
-  if (j->map(err) != 0) return nullptr;
-  if (j->write_super(&err) != 0) { err = path + ": " + err; return nullptr; }
+  if (j->write_super(&err) != 0) {  // synced: the file is complete before anyone records it
+    err = path + ": " + err;
+    ::unlink(path.c_str());
+    return nullptr;
+  }
   return j;
 }
 
@@ -153,7 +243,8 @@ int WriteJournal::write_super(std::string* err) {
   put<uint64_t>(s + 40, replay_seq_);
   put<uint64_t>(s + 48, replay_off_);
   put<uint64_t>(s + 56, epoch_);
-  put<uint32_t>(s + 64, crc32c(0, s, 64));
+  std::memcpy(s + 64, id_.data(), kIdSize);
+  put<uint32_t>(s + kSuperSize - 4, crc32c(0, s, kSuperSize - 4));
   int e = pwrite_all(fd_, s, sizeof s, kSlot[gen_ % 2]);
   if (!e && fdatasync(fd_) != 0) e = errno;
   if (e && err) *err = errstr("write journal superblock", e);
@@ -246,10 +337,6 @@ uint32_t WriteJournal::epoch_seed() const {
   uint8_t e[8];
   put<uint64_t>(e, epoch_);
   return crc32c(0, e, 8);
-}
-
-void WriteJournal::remove_file() {
-  if (!path_.empty()) ::unlink(path_.c_str());
 }
 
 

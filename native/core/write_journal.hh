@@ -1,17 +1,24 @@
 // write_journal.hh — the on-disk ring of first writes that are acknowledged
 // before their chunks' old data is preserved (see first_write_queue.hh).
 //
-// File IMAGE.nbd/journal, format 1 (little-endian):
+// File JOURNAL_DIR/<id>.journal, format 2 (little-endian). Which journal a
+// volume has pending is recorded in IMAGE.nbd/journal.state
+// (journal_state.hh); a journal whose id is not the one recorded there is
+// never replayed.
 //   0, 2048   two superblock slots, 512 bytes each; the valid one with the
 //             higher generation wins, so a torn superblock write falls back
 //             to the previous checkpoint:
-//               0  magic "NBDJRNL1"     8  version (1)    12 chunk size
+//               0  magic "NBDJRNL1"     8  version (2)    12 chunk size
 //               16 volume size          24 ring size     32 generation
 //               40 replay_seq: sequence number of the oldest entry that may
 //                  still have to be applied to the live image
 //               48 replay_off: where that entry starts
 //               56 epoch: random, new whenever the ring restarts empty
-//               64 CRC-32C of bytes 0..63
+//               64 the journal's id (16 bytes; journal_state.hh)
+//               80 CRC-32C of bytes 0..79
+//   1024      owner record, written once at creation: "NBDJOWNR", u32 length,
+//             the owning image's path, CRC-32C of the preceding bytes (so a
+//             journal left behind can be traced to its volume).
 //   4096      the ring of entries, ring size bytes (sparse until written). An entry:
 //               0 u32 magic 0x544e454a ("JENT")   4 u16 type   6 u16 flags
 //               8 u64 seq      16 u64 volume offset      24 u32 length
@@ -21,7 +28,8 @@
 //             Types: 1 WRITE (data = the bytes written), 2 ZERO (no data;
 //             flag 1: may punch a hole), 3 WRAP (the next entry is at the
 //             start of the ring). Fewer than 40 bytes left before the end of
-//             the ring also mean "continue at the start".
+//             the ring also mean "continue at the start"; so does a position
+//             exactly at the end of the ring (an entry that ended there).
 //
 // Replay starts at replay_off expecting replay_seq and follows consecutive
 // sequence numbers; the first entry that is torn, fails its CRC or carries
@@ -40,6 +48,7 @@
 // writes and syncs a superblock.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -66,10 +75,22 @@ class WriteJournal {
   static constexpr uint64_t kRingBase = 4096;
   static constexpr uint32_t kEntryHeader = 40;
 
-  // Opens (or, with create, creates and preallocates) the journal. A
-  // missing file without create returns null with err empty.
-  static std::unique_ptr<WriteJournal> open(const std::string& path, uint64_t volume_size, uint32_t chunk_size,
-                                            uint64_t ring_size, bool create, std::string& err);
+  static constexpr size_t kIdSize = 16;
+  using Id = std::array<uint8_t, kIdSize>;
+
+  // Opens an existing journal, which must carry `id`. Returns null and sets
+  // `code`: ENOENT (no such file), ESTALE (another journal: its id differs),
+  // EINVAL (damaged or impossible metadata), or another errno; err says why.
+  static std::unique_ptr<WriteJournal> open(const std::string& path, const Id& id, uint64_t volume_size,
+                                            uint32_t chunk_size, int& code, std::string& err);
+  // Creates and preallocates a new, empty journal (replacing any file at
+  // path), its superblock and owner record synced.
+  static std::unique_ptr<WriteJournal> create(const std::string& path, const Id& id, const std::string& owner,
+                                              uint64_t volume_size, uint32_t chunk_size, uint64_t ring_size,
+                                              std::string& err);
+  // What a journal file says about itself, for listing journals that
+  // belong to no volume: its id and owner (false if it is not a journal).
+  static bool inspect(const std::string& path, Id& id, std::string& owner);
   ~WriteJournal();
 
   // Entries to replay, oldest first (see the header note). Sets next_seq().
@@ -91,8 +112,7 @@ class WriteJournal {
   // open that writes nothing leaves the file as it was.
   int reset();
   uint64_t head() const { return head_; }
-  // Deletes the file (when nothing in it will ever be replayed).
-  void remove_file();
+  const std::string& path() const { return path_; }
 
  private:
   WriteJournal(uint64_t volume_size, uint32_t chunk_size, uint64_t ring_size);
@@ -100,7 +120,9 @@ class WriteJournal {
   uint64_t ring_end() const { return kRingBase + ring_size_; }
   uint32_t epoch_seed() const;
   int map(std::string& err);
+  int load_super(int& code, std::string& err);
 
+  Id id_{};
   std::string path_;
   const uint64_t volume_size_;
   const uint32_t chunk_size_;

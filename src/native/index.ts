@@ -48,8 +48,10 @@ export interface NativeExportOptions {
   snapshots?: NativeSnapshotFiles[];
   /** A rollback merge to resume (its job file). */
   rollbackJob?: string;
-  /** The first-write journal (replayed at open if it holds entries). */
-  journal?: string;
+  /** IMAGE.nbd/journal.state: the journal it names is replayed at open (native/core/journal_state.hh). */
+  journalState?: string;
+  /** Where this run creates its journal. */
+  journalDir?: string;
   /** Its ring size in bytes when it is created; 0: first writes are preserved inline. */
   journalSize?: number;
 }
@@ -61,6 +63,10 @@ export interface NativeFirstWrites {
   queued: number;
   /** Entries a previous run left in the journal, replayed when this volume was opened. */
   replayedAtOpen: number;
+  /** Why a journal the volume recorded was not replayed (lost with a restart of the machine). */
+  note?: string;
+  /** After stop: queued writes that could not be applied, kept in the journal for the next start. */
+  kept?: string;
 }
 
 export interface NativeSnapshotState {
@@ -124,8 +130,15 @@ export interface NativeServer {
   releaseDevice(id: number): boolean;
   /** Creates a snapshot's files (not yet in the chain). */
   prepareSnapshot(exportName: string, files: NativeSnapshotFiles): Promise<void>;
-  /** Adds a prepared snapshot to the chain: drains writes, flushes, appends. */
-  addSnapshot(exportName: string, id: number): Promise<void>;
+  /**
+   * Pauses writes, applies queued first writes and flushes the volume; writes
+   * stay paused until addSnapshot() or resumeWrites(). Rejects with
+   * QUEUE_STALLED when queued writes cannot be applied, ROLLBACK_RUNNING
+   * during a merge.
+   */
+  beginSnapshot(exportName: string): Promise<void>;
+  /** After beginSnapshot and the manifest: appends a prepared snapshot to the chain and resumes writes. */
+  addSnapshot(exportName: string, id: number): void;
   discardSnapshot(id: number): boolean;
   /**
    * Final hand-down, with writes paused; they stay paused until
@@ -141,6 +154,10 @@ export interface NativeServer {
   /** Resolves once the first writes queued before the call are applied (status is then settled). */
   settle(exportName: string): Promise<void>;
   firstWrites(exportName: string): NativeFirstWrites;
+  /** A journal file's id and owner image, or null if it is not a journal of this build. */
+  inspectJournal(file: string): { id: string; owner: string } | null;
+  /** The journal a volume's journal.state names, or null. */
+  readJournalState(file: string): { id: string; path: string } | null;
   addSnapshotExport(exportName: string, id: number, viewName: string, description?: string): void;
   /** Writes a rollback job file and pauses writes until activateRollback/abortRollback. */
   prepareRollback(exportName: string, snapshotId: number, jobFile: string): Promise<void>;
