@@ -23,6 +23,7 @@
         "native/binding/server_wrap.cc",
         "native/binding/snapshot_methods.cc",
         "native/binding/rollback_methods.cc",
+        "native/binding/journal_functions.cc",
         "native/binding/binding.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],

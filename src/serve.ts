@@ -1,6 +1,7 @@
 // serve(): the whole "serve these images" job, shared by the CLI and embedders.
 import * as fs from 'node:fs';
 import { NbdError } from './errors';
+import { ORPHAN_HINT, orphanJournals } from './journals';
 import type { Logger } from './logger';
 import { NbdServer, type ServerOptions } from './server';
 import { exportNameFor } from './volume';
@@ -25,6 +26,12 @@ export interface ServeOptions extends ServerOptions {
   chunkSize?: number;
   /** Listen on 127.0.0.1:10809 when neither `listen` nor `socket` is given. Default true. */
   defaultListen?: boolean;
+  /**
+   * Aborting it while volumes are being opened stops the start: the volumes
+   * opened so far are closed (their journals drained and removed) and serve()
+   * rejects with the signal's reason.
+   */
+  signal?: AbortSignal;
 }
 
 export interface Serving {
@@ -71,9 +78,18 @@ export async function serve(opts: ServeOptions): Promise<Serving> {
   }
   const server = new NbdServer(opts);
   try {
+    // Test hook: a pause before each volume's open, so a test can stop the
+    // start-up between two volumes.
+    const openDelayMs = Number(process.env.NBD_TEST_OPEN_DELAY_MS) || 0;
     for (const image of opts.images) {
+      // Each volume's open is synchronous: yield between them, so a stop
+      // request (a signal) is seen and start-up ends cleanly.
+      await new Promise((r) => (openDelayMs ? setTimeout(r, openDelayMs) : setImmediate(r)));
+      opts.signal?.throwIfAborted();
       server.addImage({ path: image, readOnly: opts.readOnly, snapshots: true, chunkSize: opts.chunkSize }, opts.size);
     }
+    await new Promise((r) => setImmediate(r));
+    opts.signal?.throwIfAborted();
     // on-start auto-rollback: before the first client can connect.
     if (!opts.readOnly) for (const v of server.volumeList()) await v.applyPolicy('on-start');
     for (const v of server.volumeList()) v.resumeJobs();
@@ -81,6 +97,7 @@ export async function serve(opts: ServeOptions): Promise<Serving> {
     if (opts.socket) server.listenUnix(opts.socket);
     if (addrs.length > 0 || opts.socket) server.start();
     const log = opts.logger ?? silentLogger();
+    for (const j of orphanJournals()) log.warn({ journal: j.path, bytes: j.size, owner: j.owner || undefined, why: j.why }, `orphan first-write journal: ${ORPHAN_HINT}`);
     for (const v of server.volumeList()) server.addCloseHook(await serveControl(v, log));
     return { server, ports };
   } catch (err) {

@@ -118,7 +118,7 @@ export class NbdServer extends EventEmitter {
     try {
       if (spec.snapshots) {
         const size = prepared.size || fs.statSync(prepared.path).size;
-        vol = VolumeSnapshots.prepare(prepared.path, size, spec.chunkSize, this.log);
+        vol = VolumeSnapshots.prepare(prepared.path, size, spec.chunkSize, this.log, prepared.readOnly);
       }
       info = this.native.addExport({
         name: prepared.name,
@@ -262,7 +262,11 @@ export class NbdServer extends EventEmitter {
       this.closing = Promise.all([...hooks.map((h) => h().catch(() => undefined)), ...jobs])
         .then(() => this.native.stop())
         .then(() => {
-        for (const v of this.volumes.values()) v.close();
+        for (const v of this.volumes.values()) {
+          const kept = v.firstWrites()?.kept;
+          if (kept) this.log.error({ volume: v.image }, `queued first writes could not be applied to the image: ${kept}`);
+          v.close();
+        }
         for (const done of this.devices.values()) done({});
         this.devices.clear();
         this.state = 'closed';

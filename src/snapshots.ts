@@ -31,6 +31,7 @@
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import { fromNative, NbdError } from './errors';
+import { orphanJournals } from './journals';
 import { appendHistory, readHistory, type HistoryEntry } from './history';
 import type { Logger } from './logger';
 import type { NativeFirstWrites, NativeMergeStatus, NativeServer, NativeSnapshotStatus } from './native';
@@ -140,7 +141,7 @@ export class VolumeSnapshots {
    * Locks the volume, reads (or starts) its manifest and cleans orphans.
    * Returns the settings addExport needs; call attach() once the export exists.
    */
-  static prepare(image: string, size: number, chunkSize: number | undefined, log: Logger) {
+  static prepare(image: string, size: number, chunkSize: number | undefined, log: Logger, readOnly = false) {
     const unlock = lockVolume(image);
     try {
       let m = readManifest(image);
@@ -148,7 +149,8 @@ export class VolumeSnapshots {
       else if (m.size !== size) {
         throw new NbdError('METADATA_CORRUPT', `${image} is ${size} bytes but its snapshots were taken at ${m.size} bytes`);
       }
-      const orphans = removeOrphans(image, m);
+      // A read-only open changes nothing: orphans wait for a read-write one.
+      const orphans = readOnly ? [] : removeOrphans(image, m);
       if (orphans.length) log.warn({ image, files: orphans }, 'removed orphan snapshot files left by an interrupted operation');
       const snapshots = m.snapshots.map((s) => ({
         id: s.id,
@@ -662,6 +664,8 @@ export class VolumeSnapshots {
       autoRollback: policy ? { snapshot: policy.name, policy: policy.autoRollback } : null,
       jobs: this.jobs(),
       firstWrites: this.firstWrites(),
+      /** Journal files in the journal directory that no volume names (src/journals.ts). */
+      orphanJournals: orphanJournals(),
     };
   }
 

@@ -35,10 +35,11 @@ import t, { type Test } from 'tap';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { exec, type ExecResult } from './fixtures/exec';
+import { cli, expectError, expectOk, lastLine } from './fixtures/cli-expect';
 import { readExport } from './fixtures/export-io';
+import { currentSuper, ENTRY_HEADER, journalOf, journalState, pendingEntries, readSupers, RING_BASE, SLOTS, T_WRITE, T_ZERO, type Entry } from './fixtures/journal';
 import { NBD, RawClient } from './fixtures/raw-client';
-import { CLI, logLines, makeTempDir, removeDir, startServer, type RunningServer } from './fixtures/server';
+import { logLines, makeTempDir, removeDir, startServer, type RunningServer } from './fixtures/server';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -79,27 +80,6 @@ async function serve(t: Test, dir: string, opts: { images?: string[]; env?: Node
     await srv.stop('SIGKILL');
   });
   return srv;
-}
-
-function cli(args: string[]): Promise<ExecResult> {
-  return exec(process.execPath, [CLI, ...args], { timeoutMs: 120_000 });
-}
-
-const lastLine = (s: string) => s.trim().split('\n').at(-1) ?? '';
-
-function expectOk(t: Test, r: ExecResult, what: string): void {
-  t.equal(r.code, 0, `${what}: exit 0${r.code ? ` (stderr: ${lastLine(r.stderr)})` : ''}`);
-  t.equal(r.stderr, '', `${what}: nothing on stderr`);
-}
-
-/** One error line `node-nbd-server: error: MESSAGE [CODE]` last on stderr (pino log lines before it allowed), the exit status, never ready. */
-function expectError(t: Test, r: ExecResult, exit: number, code: string, what: string): void {
-  t.equal(r.code, exit, `${what}: exit ${exit} (stderr: ${lastLine(r.stderr)})`);
-  const lines = r.stderr.split('\n').filter((l) => l.length > 0 && !l.startsWith('{"level":'));
-  t.equal(lines.length, 1, `${what}: one error line on stderr (got ${JSON.stringify(lines.slice(0, 3))})`);
-  t.match(lines.at(-1) ?? '', new RegExp(`^node-nbd-server: error: .+ \\[${code}\\]$`), `${what}: "node-nbd-server: error: ... [${code}]"`);
-  t.equal(lastLine(r.stderr), lines.at(-1), `${what}: the error line is the last line`);
-  t.notMatch(r.stdout, /"ready"/, `${what}: never became ready`);
 }
 
 interface FirstWritesJson {
@@ -169,154 +149,6 @@ async function readWhole(t: Test, socket: string, name: string): Promise<Buffer 
   const r = await readExport(socket, name, 0, SIZE);
   t.equal(r.error, 0, `reading export ${name}: no error`);
   return r.data;
-}
-
-// ---- the journal file (write_journal.hh), parsed independently ----------------------
-
-const JOURNAL_MAGIC = 'NBDJRNL1';
-const JOURNAL_VERSION = 2;
-const SUPER_SIZE = 84;
-const ENTRY_MAGIC = 0x544e454a;
-const RING_BASE = 4096;
-const ENTRY_HEADER = 40;
-const SLOTS = [0, 2048];
-const T_WRITE = 1;
-const T_ZERO = 2;
-const T_WRAP = 3;
-
-const CRC_TABLE = (() => {
-  const tab = new Uint32Array(256);
-  for (let i = 0; i < 256; i++) {
-    let c = i;
-    for (let k = 0; k < 8; k++) c = c & 1 ? (c >>> 1) ^ 0x82f63b78 : c >>> 1;
-    tab[i] = c >>> 0;
-  }
-  return tab;
-})();
-
-/** CRC-32C, continuable (start with 0), as native/core/crc32c.hh. */
-function crc32c(crc: number, buf: Buffer): number {
-  let c = ~crc >>> 0;
-  for (let i = 0; i < buf.length; i++) c = (CRC_TABLE[(c ^ buf[i]!) & 0xff]! ^ (c >>> 8)) >>> 0;
-  return ~c >>> 0;
-}
-
-interface Super {
-  slot: number;
-  magic: boolean;
-  crcOk: boolean;
-  chunkSize: number;
-  volumeSize: bigint;
-  ringSize: number;
-  gen: bigint;
-  replaySeq: bigint;
-  replayOff: number;
-  epoch: bigint;
-  id: string;
-}
-
-function readSupers(j: Buffer): Super[] {
-  return SLOTS.map((slot) => {
-    const s = j.subarray(slot, slot + SUPER_SIZE);
-    return {
-      slot,
-      magic: s.subarray(0, 8).toString('latin1') === JOURNAL_MAGIC && s.readUInt32LE(8) === JOURNAL_VERSION,
-      crcOk: s.readUInt32LE(SUPER_SIZE - 4) === crc32c(0, s.subarray(0, SUPER_SIZE - 4)),
-      chunkSize: s.readUInt32LE(12),
-      volumeSize: s.readBigUInt64LE(16),
-      ringSize: Number(s.readBigUInt64LE(24)),
-      gen: s.readBigUInt64LE(32),
-      replaySeq: s.readBigUInt64LE(40),
-      replayOff: Number(s.readBigUInt64LE(48)),
-      epoch: s.readBigUInt64LE(56),
-      id: s.subarray(64, 80).toString('hex'),
-    };
-  });
-}
-
-/** The superblock replay uses: valid, highest generation. */
-function currentSuper(j: Buffer): Super | undefined {
-  return readSupers(j)
-    .filter((s) => s.magic && s.crcOk)
-    .sort((a, b) => (a.gen < b.gen ? 1 : a.gen > b.gen ? -1 : 0))[0];
-}
-
-interface Entry {
-  at: number;
-  type: number;
-  flags: number;
-  seq: bigint;
-  offset: number;
-  length: number;
-  data: Buffer;
-}
-
-/** The entries a replay would apply, oldest first (same rules as WriteJournal::read_pending). */
-function pendingEntries(j: Buffer): Entry[] {
-  const sb = currentSuper(j);
-  if (!sb) return [];
-  const e8 = Buffer.alloc(8);
-  e8.writeBigUInt64LE(sb.epoch);
-  const seed = crc32c(0, e8);
-  const ringEnd = RING_BASE + sb.ringSize;
-  const out: Entry[] = [];
-  let pos = sb.replayOff;
-  let seq = sb.replaySeq;
-  let walked = 0;
-  while (walked <= sb.ringSize) {
-    if (pos + ENTRY_HEADER > ringEnd) {
-      walked += ringEnd - pos;
-      pos = RING_BASE;
-    }
-    if (pos + ENTRY_HEADER > j.length) break;
-    const h = j.subarray(pos, pos + ENTRY_HEADER);
-    if (h.readUInt32LE(0) !== ENTRY_MAGIC || h.readBigUInt64LE(8) !== seq) break;
-    const dlen = h.readUInt32LE(28);
-    if (pos + ENTRY_HEADER + dlen > ringEnd || pos + ENTRY_HEADER + dlen > j.length) break;
-    const data = j.subarray(pos + ENTRY_HEADER, pos + ENTRY_HEADER + dlen);
-    if (crc32c(crc32c(seed, h.subarray(0, 32)), data) !== h.readUInt32LE(32)) break;
-    const type = h.readUInt16LE(4);
-    if (type === T_WRAP) {
-      walked += ringEnd - pos;
-      pos = RING_BASE;
-      continue;
-    }
-    out.push({ at: pos, type, flags: h.readUInt16LE(6), seq, offset: Number(h.readBigUInt64LE(16)), length: h.readUInt32LE(24), data: Buffer.from(data) });
-    const span = (ENTRY_HEADER + dlen + 7) & ~7;
-    pos += span;
-    walked += span;
-    seq++;
-  }
-  return out;
-}
-
-/** IMAGE.nbd/journal.state (native/core/journal_state.hh), parsed independently: id and path, CRC checked. */
-function journalState(img: string): { id: string; path: string } | undefined {
-  let text: string;
-  try {
-    text = fs.readFileSync(`${fs.realpathSync(img)}.nbd/journal.state`, 'latin1');
-  } catch {
-    return undefined;
-  }
-  const at = text.lastIndexOf('crc=');
-  if (!text.startsWith('node-nbd-server journal state 1\n') || at < 0) throw new Error('journal.state: bad format');
-  const want = crc32c(0, Buffer.from(text.slice(0, at), 'latin1')).toString(16).padStart(8, '0');
-  if (text.slice(at + 4, at + 12) !== want) throw new Error('journal.state: bad CRC');
-  const kv = Object.fromEntries(text.slice(0, at).split('\n').slice(1).filter(Boolean).map((l) => [l.slice(0, l.indexOf('=')), l.slice(l.indexOf('=') + 1)]));
-  return { id: kv.id!, path: kv.path! };
-}
-
-/**
- * The journal of an image: the one its journal.state names, which must carry
- * the same id (so the naming contract is tested too).
- */
-function journalOf(img: string): string {
-  const st = journalState(img);
-  if (!st) throw new Error(`${img}: no journal.state names a journal`);
-  if (path.basename(st.path) !== `${st.id}.journal`) throw new Error(`journal ${st.path} is not named by its id ${st.id}`);
-  const dir = process.env.NBD_JOURNAL_DIR;
-  if (dir && path.dirname(st.path) !== fs.realpathSync(dir)) throw new Error(`journal ${st.path} is not in NBD_JOURNAL_DIR ${dir}`);
-  return st.path;
 }
 
 // ---- operations and their model -------------------------------------------------------

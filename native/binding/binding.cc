@@ -1,8 +1,9 @@
-// binding.cc — module entry point: registers NativeServer.
+// binding.cc — module entry point: registers NativeServer and the module functions.
 #include <napi.h>
 
 #include "../core/kernel_device.hh"
 #include "errors.hh"
+#include "journal_functions.hh"
 #include "server_wrap.hh"
 
 namespace {
@@ -16,6 +17,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
     if (e) throw nbd::binding::coded_error(info.Env(), "DETACH_FAILED", what, e);
     return info.Env().Undefined();
   }));
+  nbd::binding::register_journal_functions(env, exports);
   return exports;
 }
 }  // namespace

@@ -68,8 +68,6 @@ Napi::Function ServerWrap::Init(Napi::Env env) {
                          InstanceMethod<&ServerWrap::SnapshotStatus>("snapshotStatus"),
                          InstanceMethod<&ServerWrap::Settle>("settle"),
                          InstanceMethod<&ServerWrap::FirstWrites>("firstWrites"),
-                         InstanceMethod<&ServerWrap::InspectJournal>("inspectJournal"),
-                         InstanceMethod<&ServerWrap::ReadJournalState>("readJournalState"),
                          InstanceMethod<&ServerWrap::AddSnapshotExport>("addSnapshotExport"),
                          InstanceMethod<&ServerWrap::PrepareRollback>("prepareRollback"),
                          InstanceMethod<&ServerWrap::ActivateRollback>("activateRollback"),

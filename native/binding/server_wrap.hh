@@ -47,8 +47,6 @@ class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
   Napi::Value SnapshotStatus(const Napi::CallbackInfo& info);
   Napi::Value Settle(const Napi::CallbackInfo& info);
   Napi::Value FirstWrites(const Napi::CallbackInfo& info);
-  Napi::Value InspectJournal(const Napi::CallbackInfo& info);
-  Napi::Value ReadJournalState(const Napi::CallbackInfo& info);
   Napi::Value AddSnapshotExport(const Napi::CallbackInfo& info);
   // rollback_methods.cc
   Napi::Value PrepareRollback(const Napi::CallbackInfo& info);

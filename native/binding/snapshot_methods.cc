@@ -8,7 +8,6 @@
 #include <napi.h>
 
 #include "../core/cow_device.hh"
-#include "../core/journal_state.hh"
 #include "errors.hh"
 #include "server_wrap.hh"
 #include "task.hh"
@@ -254,35 +253,6 @@ Napi::Value ServerWrap::FirstWrites(const Napi::CallbackInfo& info) {
   if (note != journal_notes_.end()) o.Set("note", note->second);
   std::string kept = cow->kept_journal();
   if (!kept.empty()) o.Set("kept", kept);
-  return o;
-}
-
-// What a journal file says about itself: {id, owner}, or null if it is not a
-// journal of this build (for listing journals that belong to no volume).
-Napi::Value ServerWrap::InspectJournal(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(env, "journal path required");
-  nbd::WriteJournal::Id id{};
-  std::string owner;
-  if (!nbd::WriteJournal::inspect(info[0].As<Napi::String>().Utf8Value(), id, owner)) return env.Null();
-  Napi::Object o = Napi::Object::New(env);
-  o.Set("id", nbd::id_hex(id));
-  o.Set("owner", owner);
-  return o;
-}
-
-// The volume's journal state file: {id, path} of the journal it names, or null.
-Napi::Value ServerWrap::ReadJournalState(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (info.Length() < 1 || !info[0].IsString()) throw Napi::TypeError::New(env, "state file path required");
-  std::optional<nbd::JournalState> st;
-  std::string err;
-  if (int e = nbd::load_journal_state(info[0].As<Napi::String>().Utf8Value(), st, err))
-    throw coded_error(env, e == EINVAL ? "JOURNAL_CORRUPT" : "JOURNAL_IO_ERROR", err, e);
-  if (!st) return env.Null();
-  Napi::Object o = Napi::Object::New(env);
-  o.Set("id", nbd::id_hex(st->id));
-  o.Set("path", st->path);
   return o;
 }
 

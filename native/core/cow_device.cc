@@ -594,7 +594,7 @@ void CowDevice::retire_queue() {
   const bool empty = q->empty();
   const std::string path = q->journal_path();
   q.reset();  // the last reference at stop: its thread ends here
-  if (!empty) return;  // the state still names the journal: replayed at the next open
+  if (!empty || path.empty()) return;  // still named: replayed at the next open; or none was made
   std::string err;
   // State first, then the file: a crash in between leaves an unnamed,
   // drained journal, never a named one that is missing.
@@ -607,11 +607,9 @@ uint64_t CowDevice::queued_writes() const {
 }
 
 std::string CowDevice::first_write_mode() const {
-  std::lock_guard<std::mutex> lk(mode_mu_);
   auto q = queue();
   if (q && q->accepting()) return "journal";
-  if (q) return "inline (the journal failed)";
-  if (!journal_error_.empty()) return "inline (journal unavailable: " + journal_error_ + ")";
+  if (q) return "inline (journal unavailable: " + q->journal_error() + ")";
   return "inline";
 }
 
@@ -648,28 +646,27 @@ int CowDevice::apply_queued(const FirstWriteQueue::Batch& batch) {
 }
 
 void CowDevice::start_queue() {
-  std::string err;
-  JournalState st;
-  st.id = new_journal_id();
-  st.path = journal_cfg_.dir + "/" + id_hex(st.id) + ".journal";
-  st.boot = current_boot_id();
-  st.is_volatile = memory_backed(journal_cfg_.dir);
-  st.created_ms = static_cast<uint64_t>(
-      std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch()).count());
-  // The file is complete before the state names it; entries are appended
-  // only after the state names it (journal_state.hh).
-  auto journal = WriteJournal::create(st.path, st.id, journal_cfg_.owner, size(), chunk_size_, journal_cfg_.ring_size, err);
-  if (journal && save_journal_state(journal_cfg_.state_file, st, err) != 0) {
-    journal.reset();
-    ::unlink(st.path.c_str());
-  }
-  if (!journal) {
-    std::lock_guard<std::mutex> lk(mode_mu_);
-    journal_error_ = err;  // first writes are preserved inline
-    return;
-  }
+  // The journal is made by the first first write (so a volume that gets
+  // none pins no memory and leaves no file): complete and synced before
+  // the state names it; entries are appended only after (journal_state.hh).
+  auto open = [this](std::string& err) -> std::unique_ptr<WriteJournal> {
+    JournalState st;
+    st.id = new_journal_id();
+    st.path = journal_cfg_.dir + "/" + id_hex(st.id) + ".journal";
+    st.boot = current_boot_id();
+    st.is_volatile = memory_backed(journal_cfg_.dir);
+    st.created_ms = static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                              std::chrono::system_clock::now().time_since_epoch())
+                                              .count());
+    auto journal = WriteJournal::create(st.path, st.id, journal_cfg_.owner, size(), chunk_size_, journal_cfg_.ring_size, err);
+    if (journal && save_journal_state(journal_cfg_.state_file, st, err) != 0) {
+      journal.reset();
+      ::unlink(st.path.c_str());
+    }
+    return journal;
+  };
   const uint64_t max_chunks = std::max<uint64_t>(1024, (256u << 20) / chunk_size_);
-  std::atomic_store(&queue_, std::make_shared<FirstWriteQueue>(std::move(journal), chunk_size_, max_chunks,
+  std::atomic_store(&queue_, std::make_shared<FirstWriteQueue>(open, journal_cfg_.ring_size, chunk_size_, max_chunks,
                                                                [this](const FirstWriteQueue::Batch& b) { return apply_queued(b); }));
 }
 

@@ -173,7 +173,7 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   // running, or the journal failed: then what it holds is applied first).
   std::optional<int> via_queue(const void* data, uint32_t count, uint64_t offset, bool may_trim, IoFlags flags);
   int apply_queued(const FirstWriteQueue::Batch& batch);
-  void start_queue();  // gate closed (or at open)
+  void start_queue();  // gate closed (or at open); the journal is made by the first first write
   // Gate closed: no new entries. 0, or the error that keeps the queue from
   // being applied (err says so).
   int drain_queue(std::string& err);
@@ -223,8 +223,7 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   std::shared_ptr<FirstWriteQueue> queue_;  // atomic_load/store; set with the gate closed
   JournalConfig journal_cfg_;
   mutable std::mutex mode_mu_;
-  std::string journal_error_;  // guarded by mode_mu_
-  std::string kept_journal_;   // guarded by mode_mu_
+  std::string kept_journal_;  // guarded by mode_mu_
 };
 
 }  // namespace nbd

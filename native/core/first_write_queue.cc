@@ -37,14 +37,14 @@ uint64_t env_ms(const char* name) {
 
 }  // namespace
 
-FirstWriteQueue::FirstWriteQueue(std::unique_ptr<WriteJournal> journal, uint32_t chunk_size, uint64_t max_chunks,
+FirstWriteQueue::FirstWriteQueue(OpenJournal open, uint64_t ring_size, uint32_t chunk_size, uint64_t max_chunks,
                                  Apply apply)
-    : journal_(std::move(journal)),
+    : open_journal_(std::move(open)),
+      ring_size_(ring_size & ~uint64_t{7}),
       chunk_size_(chunk_size),
       max_chunks_(std::max<uint64_t>(max_chunks, 2 * kZeroPieceChunks)),
       apply_(std::move(apply)),
       pause_ms_(env_ms("NBD_TEST_FIRST_WRITE_DELAY_MS")) {
-  applied_seq_ = journal_->next_seq() - 1;
   thread_ = std::thread([this] { run(); });
 }
 
@@ -85,6 +85,16 @@ int FirstWriteQueue::replay(WriteJournal& journal, uint32_t chunk_size, const Ap
 
 int FirstWriteQueue::append_locked(std::unique_lock<std::mutex>& lk, uint16_t type, const uint8_t* data,
                                    uint64_t offset, uint32_t length, bool may_trim) {
+  if (!journal_ && !broken_.load()) {
+    // The first entry of this run: the journal is made now (a one-time cost
+    // for the volume, under mu_, so concurrent first writers wait for it).
+    journal_ = open_journal_(journal_error_);
+    if (!journal_) {
+      broken_.store(true);  // writes are preserved inline from now on
+      cv_.notify_all();
+    }
+  }
+  if (broken_.load()) return ESHUTDOWN;
   auto q = make_entry(type, may_trim, offset, length, chunk_size_);
   const uint64_t nchunks = q->last_chunk - q->first_chunk + 1;
   if (data) q->data.assign(data, data + length);
@@ -105,6 +115,7 @@ int FirstWriteQueue::append_locked(std::unique_lock<std::mutex>& lk, uint16_t ty
   uint64_t at = 0;
   if (int e = journal_->append(type, may_trim ? WriteJournal::kFlagMayTrim : 0, offset, length, q->data.data(), dlen, at)) {
     broken_.store(true);
+    journal_error_ = std::string("appending to the journal failed: ") + strerror(e);
     cv_.notify_all();
     return e;
   }
@@ -195,6 +206,16 @@ int FirstWriteQueue::wait_applied(std::unique_lock<std::mutex>& lk, uint64_t seq
   return applied_seq_ >= seq ? 0 : (error_ ? error_ : EIO);
 }
 
+std::string FirstWriteQueue::journal_path() {
+  std::lock_guard<std::mutex> lk(mu_);
+  return journal_ ? journal_->path() : std::string();
+}
+
+std::string FirstWriteQueue::journal_error() {
+  std::lock_guard<std::mutex> lk(mu_);
+  return journal_error_;
+}
+
 int FirstWriteQueue::drain() {
   std::unique_lock<std::mutex> lk(mu_);
   // Until empty, or until an apply attempted after this call has failed: a
@@ -245,7 +266,7 @@ void FirstWriteQueue::run() {
   for (;;) {
     cv_.wait(lk, [this] { return stop_ || !fifo_.empty(); });
     if (stop_) return;
-    set_urgent(waiters_ > 0 || error_ || chunks_ * 2 > max_chunks_ || used_ * 2 > journal_->ring_size());
+    set_urgent(waiters_ > 0 || error_ || chunks_ * 2 > max_chunks_ || used_ * 2 > ring_size_);
     // The oldest entries, up to a bound on the chunks they touch.
     Batch batch;
     size_t chunks = 0;

@@ -88,8 +88,13 @@ class FirstWriteQueue {
   // image in order and flushes it. Returns 0 or an errno.
   using Apply = std::function<int(const Batch&)>;
 
-  // Takes a journal that holds nothing to replay; starts the thread.
-  FirstWriteQueue(std::unique_ptr<WriteJournal> journal, uint32_t chunk_size, uint64_t max_chunks, Apply apply);
+  // Creates the journal (and records it: journal_state.hh) when the first
+  // entry is queued, so a volume that receives no first write pins no
+  // memory and leaves no file. Null: it cannot (err says why).
+  using OpenJournal = std::function<std::unique_ptr<WriteJournal>(std::string& err)>;
+
+  // Starts the thread; the journal is made by `open` on the first submit.
+  FirstWriteQueue(OpenJournal open, uint64_t ring_size, uint32_t chunk_size, uint64_t max_chunks, Apply apply);
   // Stops the thread; queued entries stay in the journal, whose file is
   // never deleted here (CowDevice retires it with the volume's journal state).
   ~FirstWriteQueue();
@@ -122,7 +127,10 @@ class FirstWriteQueue {
   // status); returns the error of a background apply that keeps failing.
   int settle();
   uint64_t queued() const { return count_.load(); }
-  const std::string& journal_path() const { return journal_->path(); }
+  // The journal's file ("" while none was needed yet).
+  std::string journal_path();
+  // Why the journal could not be created or written ("" if it works).
+  std::string journal_error();
 
  private:
   int append_locked(std::unique_lock<std::mutex>& lk, uint16_t type, const uint8_t* data, uint64_t offset,
@@ -139,7 +147,10 @@ class FirstWriteQueue {
   void for_each_indexed(uint64_t first, uint64_t last, Fn fn) const;
   void remove_front(size_t n);
 
-  std::unique_ptr<WriteJournal> journal_;
+  const OpenJournal open_journal_;
+  const uint64_t ring_size_;
+  std::unique_ptr<WriteJournal> journal_;  // set under mu_ by the first append, then never replaced
+  std::string journal_error_;              // guarded by mu_
   const uint32_t chunk_size_;
   const uint64_t max_chunks_;
   const Apply apply_;

@@ -5,8 +5,7 @@
 import { Command } from 'commander';
 import { fromNative } from '../errors';
 import { native } from '../native';
-import { serve } from '../serve';
-import { addServeOptions, commonServeOptions, nonNegativeInt, positiveInt, printReady, runUntilSignal } from './common';
+import { addServeOptions, commonServeOptions, nonNegativeInt, positiveInt, printReady, runUntilSignal, serveOrStop } from './common';
 
 export function registerAttach(program: Command): void {
   const cmd = program
@@ -20,7 +19,9 @@ export function registerAttach(program: Command): void {
     .addHelpText('after', '\nExample:\n  node-nbd-server attach disk.img /dev/nbd0 --size 1G && mkfs.ext4 /dev/nbd0\n')
     .action(async (image: string, device: string, o: Record<string, unknown>) => {
       const common = commonServeOptions(o);
-      const { server, ports } = await serve({ images: [image], ...common, defaultListen: false });
+      const started = await serveOrStop(common.logger, { images: [image], ...common, defaultListen: false });
+      if (!started) return;
+      const { server, ports } = started;
       let attachment;
       try {
         attachment = server.attachDevice(device, {

@@ -3,6 +3,7 @@
 import { Command, Option } from 'commander';
 import { NbdError } from '../errors';
 import { createLogger, LOG_LEVELS, type Logger } from '../logger';
+import { serve, type ServeOptions, type Serving } from '../serve';
 import type { NbdServer } from '../server';
 import { parseSize } from '../size';
 
@@ -90,6 +91,50 @@ export function commonServeOptions(o: Record<string, unknown>): CommonServeOptio
     mergeRate: o.mergeRate !== undefined ? parseSize(o.mergeRate as string) : undefined,
     cowJournal: o.cowJournal !== undefined ? parseCowJournal(o.cowJournal as string) : undefined,
   };
+}
+
+/**
+ * SIGINT/SIGTERM while the server starts (opening many volumes takes a
+ * while): the returned signal aborts, and serve() stops opening volumes,
+ * closes those it opened (draining and removing their journals) and
+ * rejects. A second signal exits at once. dispose() hands over to
+ * runUntilSignal() (call both with no await in between).
+ */
+export function startupSignals(logger: Logger): { signal: AbortSignal; dispose(): void } {
+  const ac = new AbortController();
+  const handler = (sig: NodeJS.Signals) => {
+    if (ac.signal.aborted) {
+      logger.warn({ signal: sig }, 'second signal during start-up: exiting without waiting');
+      process.exit(130);
+    }
+    logger.info({ signal: sig }, 'stop requested during start-up: closing the volumes opened so far');
+    ac.abort(new NbdError('SERVER_CLOSED', `stopped by ${sig} during start-up`));
+  };
+  process.on('SIGINT', handler);
+  process.on('SIGTERM', handler);
+  return {
+    signal: ac.signal,
+    dispose() {
+      process.off('SIGINT', handler);
+      process.off('SIGTERM', handler);
+    },
+  };
+}
+
+/** serve() with start-up signals handled: null when a signal stopped it (already closed and logged). */
+export async function serveOrStop(logger: Logger, opts: ServeOptions): Promise<Serving | null> {
+  const startup = startupSignals(logger);
+  try {
+    return await serve({ ...opts, signal: startup.signal });
+  } catch (err) {
+    if (startup.signal.aborted && err === startup.signal.reason) {
+      logger.info('stopped during start-up');
+      return null;
+    }
+    throw err;
+  } finally {
+    startup.dispose();
+  }
 }
 
 /**

@@ -4,6 +4,7 @@ import { Command, CommanderError } from 'commander';
 import { EXIT_CODES, NbdError } from '../errors';
 import { packageVersion } from '../package-root';
 import { registerAttach } from './attach';
+import { registerJournal } from './journal';
 import { registerServe } from './serve';
 import { registerRollback } from './rollback';
 import { registerSnapshot } from './snapshot';
@@ -21,6 +22,7 @@ export function buildProgram(): Command {
   registerAttach(program);
   registerSnapshot(program);
   registerRollback(program);
+  registerJournal(program);
   return program;
 }
 

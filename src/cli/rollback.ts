@@ -8,6 +8,7 @@ import { Command } from 'commander';
 import { SingleBar } from 'cli-progress';
 import { callControl } from '../control';
 import { readHistory, type HistoryEntry } from '../history';
+import { ORPHAN_HINT } from '../journals';
 import { commandTrigger, type JobInfo, type RollbackResult, type VolumeSnapshots } from '../snapshots';
 import { onVolume, output } from './volume-command';
 
@@ -162,6 +163,7 @@ export function registerRollback(program: Command): void {
             `auto-rollback: ${i.autoRollback ? `${i.autoRollback.policy} to snapshot ${i.autoRollback.snapshot}` : 'off'}\n`,
         );
         printJobs(i.jobs);
+        for (const j of i.orphanJournals) process.stdout.write(`orphan journal: ${j.path} (${j.size} bytes): ${j.why}; ${ORPHAN_HINT}\n`);
       });
     });
 }

@@ -1,7 +1,6 @@
 // `node-nbd-server serve IMAGE...`: serve images until SIGINT/SIGTERM.
 import { Command } from 'commander';
-import { serve } from '../serve';
-import { addServeOptions, commonServeOptions, printReady, runUntilSignal } from './common';
+import { addServeOptions, commonServeOptions, printReady, runUntilSignal, serveOrStop } from './common';
 
 export function registerServe(program: Command): void {
   const cmd = program
@@ -21,7 +20,9 @@ export function registerServe(program: Command): void {
     )
     .action(async (images: string[], o: Record<string, unknown>) => {
       const common = commonServeOptions(o);
-      const { server, ports } = await serve({ images, ...common });
+      const started = await serveOrStop(common.logger, { images, ...common });
+      if (!started) return;
+      const { server, ports } = started;
       printReady(server, { ports, socket: common.socket ?? null });
       await runUntilSignal(common.logger, () => server.close());
     });

@@ -154,10 +154,6 @@ export interface NativeServer {
   /** Resolves once the first writes queued before the call are applied (status is then settled). */
   settle(exportName: string): Promise<void>;
   firstWrites(exportName: string): NativeFirstWrites;
-  /** A journal file's id and owner image, or null if it is not a journal of this build. */
-  inspectJournal(file: string): { id: string; owner: string } | null;
-  /** The journal a volume's journal.state names, or null. */
-  readJournalState(file: string): { id: string; path: string } | null;
   addSnapshotExport(exportName: string, id: number, viewName: string, description?: string): void;
   /** Writes a rollback job file and pauses writes until activateRollback/abortRollback. */
   prepareRollback(exportName: string, snapshotId: number, jobFile: string): Promise<void>;
@@ -195,6 +191,12 @@ interface NativeModule {
   abiVersion: number;
   /** NBD_DISCONNECT on a device attached by any process. */
   detachDevice(device: string): void;
+  /** A journal file's id and owner image, or null if it is not a journal of this build. */
+  inspectJournal(file: string): { id: string; owner: string } | null;
+  /** The journal a volume's journal.state names, or null (JOURNAL_CORRUPT if the state is damaged). */
+  readJournalState(file: string): { id: string; path: string } | null;
+  /** Forgets the volume's pending journal, durably. */
+  clearJournalState(file: string): void;
 }
 
 function load(): NativeModule {
