@@ -265,12 +265,13 @@ t.test('queued first writes: live reads see them, the raw image and the snapshot
   const srv = await serve(t, dir, { images: ['disk.img', 'sparse.img'], env: PAUSED });
   expectOk(t, await cli(['snapshot', 'create', img, 's1']), 'snapshot create disk s1');
   expectOk(t, await cli(['snapshot', 'create', sparseImg, 's1']), 'snapshot create sparse s1');
-  t.ok(fs.existsSync(journalOf(img)), 'the journal exists (in the journal directory) once the volume has a snapshot');
-  t.notOk(fs.existsSync(path.join(`${img}.nbd`, 'journal')), 'no journal inside IMAGE.nbd/ (the journal directory is usable)');
+  t.notOk(journalState(img), 'no journal before the first first write (a volume that gets none pins no memory)');
 
   const model = Buffer.from(content);
   const ops = firstWriteOps();
   await sendOps(t, srv.socket, ops, model); // no FLUSH/FUA: they wait for the (paused) preserver
+  t.ok(fs.existsSync(journalOf(img)), 'the first first write made the journal, in the journal directory, named by journal.state');
+  t.notOk(fs.readdirSync(`${img}.nbd`).some((f) => f.endsWith('.journal')), 'no journal inside IMAGE.nbd/ (the journal directory is usable)');
   t.notOk(model.equals(content), 'the writes change the model (sanity)');
 
   sameBytes(t, await readWhole(t, srv.socket, 'disk'), model, 'live export disk reads every acknowledged write (queued entries over the raw image, in order)');
