@@ -17,7 +17,9 @@
 //           dropped from the chain, manifest written -> writes resume -> files
 //           removed. No write can preserve into the snapshot between its last
 //           hand-down and the manifest, so a crash leaves it listed and intact
-//           or gone with every chunk its older neighbour needs.
+//           or gone with every chunk an older snapshot read through it
+//           handed down (to the nearest older healthy snapshot lacking it,
+//           past failed ones: CowDevice::hand_down).
 //   rollback: native writes the merge job file (pending set, synced) with
 //           writes paused -> manifest records the job -> native activates it
 //           (live reads show the snapshot from here) -> writes resume ->

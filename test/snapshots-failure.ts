@@ -12,7 +12,9 @@
 // older snapshot that read one of the lost chunks through it; a failed
 // snapshot's export answers reads with EIO, never with inexact data; later
 // writes stop copying into failed snapshots; healthy snapshots stay exact; the
-// failed state survives a restart.
+// failed state survives a restart. Deleting a snapshot hands each chunk older
+// snapshots read through it to the nearest older healthy one, past failed
+// ones, and fails (changing nothing) when that one has no room.
 import t, { type Test } from 'tap';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
@@ -594,4 +596,229 @@ t.test('a snapshot the manifest records as failed is never served as data, even 
   t.equal(l.get('S')?.state, 'failed', 'S is listed failed');
   t.equal(await srv.stop(), 0, 'server exits 0');
   srv = undefined;
+});
+
+// ---- delete hands chunks down past failed snapshots ------------------------------
+
+/**
+ * Writes 8 KiB of fresh random data inside each of `chunks` (one request
+ * each, 4 KiB into the chunk, so every one is a first write that preserves
+ * the whole chunk) and flushes; `live` (the model of the volume) follows.
+ */
+async function writeChunks(socket: string, live: Buffer, chunks: number[]): Promise<{ errors: number[]; flush: number }> {
+  const c = await RawClient.connect(socket);
+  const errors: number[] = [];
+  try {
+    await c.go('disk');
+    for (const k of chunks) {
+      const d = crypto.randomBytes(8 * KiB);
+      d.copy(live, k * CHUNK + 4 * KiB);
+      errors.push((await c.write(k * CHUNK + 4 * KiB, d)).error);
+    }
+    return { errors, flush: (await c.cmd(NBD.CMD_FLUSH, 0, 0, 0)).error };
+  } finally {
+    await c.disconnect();
+  }
+}
+
+const range = (from: number, to: number): number[] => Array.from({ length: to - from }, (_, i) => from + i);
+
+/** The chunks where two images differ (for messages). */
+function chunksDiffering(a: Buffer | undefined, b: Buffer): number[] {
+  if (!a) return [];
+  const out: number[] = [];
+  for (let k = 0; k * CHUNK < b.length; k++) if (!a.subarray(k * CHUNK, (k + 1) * CHUNK).equals(b.subarray(k * CHUNK, (k + 1) * CHUNK))) out.push(k);
+  return out;
+}
+
+/**
+ * The model check: every snapshot in `model` is read in full through its
+ * export; a healthy one must read exactly its frozen content, a failed one
+ * (null) must answer EIO. The live export must read `live`.
+ */
+async function checkModel(t: Test, srv: RunningServer, live: Buffer, model: Map<string, Buffer | null>, what: string): Promise<void> {
+  const l = await readAll(srv.socket, 'disk', live.length);
+  t.ok(l.error === 0 && l.data!.equals(live), `${what}: the live export is exact (error ${l.error})`);
+  for (const [name, frozen] of model) {
+    const r = await readAll(srv.socket, `disk@${name}`, live.length);
+    if (frozen === null) {
+      t.equal(r.error, NBD.EIO, `${what}: the failed disk@${name} answers EIO (got ${r.error})`);
+      continue;
+    }
+    const bad = chunksDiffering(r.data, frozen);
+    t.ok(r.error === 0 && bad.length === 0, `${what}: disk@${name} is exact (error ${r.error}${bad.length ? `; chunks differing: ${bad.join(', ')}` : ''})`);
+  }
+}
+
+t.test('delete hands its chunks down past a failed older neighbour (the older healthy snapshot stays exact)', async (t) => {
+  // s0 holds chunk Y; s1 fails because preserving Y into it found the disk
+  // full (s0 does not fail: it holds Y itself). With room again, s2 takes
+  // chunk X, which s0 reads through s2 (s1 lacks X). Deleting s2 must give X
+  // to s0, past the failed s1.
+  const mnt = await smallFs(t, 32);
+  if (!mnt) return;
+  const size = 4 * MiB;
+  const Y = 5;
+  const X = 20;
+  const img = path.join(mnt.dir, 'disk.img');
+  const p0 = crypto.randomBytes(size);
+  fs.writeFileSync(img, p0);
+  const live = Buffer.from(p0);
+  let srv: RunningServer | undefined = await startServer({ dir: mnt.dir, images: [img], args: CHUNK_ARGS });
+  t.teardown(() => srv?.stop('SIGKILL'));
+  let fill = '';
+  const x0 = p0.subarray(X * CHUNK, (X + 1) * CHUNK);
+  const readX = async (what: string): Promise<void> => {
+    const c = await RawClient.connect(srv!.socket);
+    try {
+      await c.go('disk@s0');
+      const r = await c.read(X * CHUNK, CHUNK);
+      t.ok(r.error === 0 && r.data!.equals(x0), `${what}: disk@s0 reads chunk X as it was when s0 was created (error ${r.error}${r.error === 0 && !r.data!.equals(x0) ? ', got different data' : ''})`);
+    } finally {
+      await c.disconnect();
+    }
+    const all = await readAll(srv!.socket, 'disk@s0', size);
+    const bad = chunksDiffering(all.data, p0);
+    t.ok(all.error === 0 && bad.length === 0, `${what}: disk@s0 is exact (error ${all.error}${bad.length ? `; chunks differing: ${bad.join(', ')}` : ''})`);
+  };
+  try {
+    t.equal((await cli(['snapshot', 'create', img, 's0'])).code, 0, 'create s0');
+    checkWrites(t, await writeChunks(srv.socket, live, [Y]), 'write Y (s0 preserves it)');
+    t.equal((await cli(['snapshot', 'create', img, 's1'])).code, 0, 'create s1');
+    fill = fillUp(mnt.dir);
+    checkWrites(t, await writeChunks(srv.socket, live, [Y]), 'write Y again with the disk full (preserving it into s1 fails)');
+    const l1 = await list(t, img, 'after the failure');
+    t.equal(l1.get('s1')?.state, 'failed', `s1 failed (${l1.get('s1')?.failure?.reason ?? ''})`);
+    t.match(l1.get('s1')?.failure?.reason ?? '', SPACE, 's1 failed for lack of space');
+    t.equal(l1.get('s0')?.state, 'active', 's0 (holds Y itself) stays active');
+    fs.rmSync(fill);
+    fill = '';
+    t.equal((await cli(['snapshot', 'create', img, 's2'])).code, 0, 'create s2 with room again');
+    checkWrites(t, await writeChunks(srv.socket, live, [X]), 'write X (s2 preserves it)');
+    const l2 = await list(t, img, 'after writing X');
+    t.same(['s0', 's1', 's2'].map((n) => l2.get(n)?.preservedChunks), [1, 0, 1], 'setup: s0 holds Y, s1 nothing, s2 holds X');
+    await readX('before the delete');
+
+    // With the disk full, s0 cannot take X: the delete is refused and
+    // nothing changes (s0 is not marked failed, s2 stays and is exact).
+    fill = fillUp(mnt.dir);
+    const full = await cli(['snapshot', 'delete', img, 's2']);
+    t.not(full.code, 0, `snapshot delete s2 on a full disk fails (exit ${full.code}: ${full.stderr.trim().split('\n').at(-1) ?? ''})`);
+    t.match(full.stderr, SPACE, 'the error says the disk is full');
+    t.match(full.stderr, /copying chunk 20 to snapshot 1\b/, 'the error names the copy of X into s0 (id 1) that failed');
+    const lf = await list(t, img, 'after the refused delete');
+    t.same([...lf.values()].map((s) => [s.name, s.state]), [['s0', 'active'], ['s1', 'failed'], ['s2', 'active']], 'all three still listed, s0 and s2 active');
+    await readX('after the refused delete');
+    const s2 = await readAll(srv.socket, 'disk@s2', size);
+    const s2want = Buffer.from(live);
+    p0.copy(s2want, X * CHUNK, X * CHUNK, (X + 1) * CHUNK);
+    t.ok(s2.error === 0 && s2.data!.equals(s2want), `disk@s2 is exact after the refused delete (error ${s2.error})`);
+    fs.rmSync(fill);
+    fill = '';
+
+    const del = await cli(['snapshot', 'delete', img, 's2']);
+    t.equal(del.code, 0, `snapshot delete s2 succeeds ${del.stderr.trim().split('\n').at(-1) ?? ''}`);
+    const l3 = await list(t, img, 'after the delete');
+    t.same([...l3.values()].map((s) => [s.name, s.state]), [['s0', 'active'], ['s1', 'failed']], 's0 active, s1 failed, s2 gone');
+    t.equal(l3.get('s0')?.preservedChunks, 2, 's0 now holds Y and X');
+    t.equal(l3.get('s1')?.preservedChunks, 0, 'nothing was copied into the failed s1');
+    await readX('after the delete');
+    t.equal((await readAll(srv.socket, 'disk@s1', size)).error, NBD.EIO, 'disk@s1 still answers EIO');
+    const lv = await readAll(srv.socket, 'disk', size);
+    t.ok(lv.error === 0 && lv.data!.equals(live), 'the live export holds every write');
+
+    t.equal(await srv.stop(), 0, 'server exits 0');
+    srv = undefined;
+    srv = await startServer({ dir: mnt.dir, images: [img], args: CHUNK_ARGS });
+    await readX('after a restart');
+  } finally {
+    if (srv) t.equal(await srv.stop(), 0, 'server exits 0');
+    srv = undefined;
+    if (fill) fs.rmSync(fill, { force: true });
+  }
+});
+
+t.test('model check: failed snapshots interleaved with healthy ones, delete the newest and then a healthy middle one', async (t) => {
+  // Chain s0 healthy, s1 failed, s2 healthy, s3 failed, s4. Each failed
+  // snapshot also holds chunks of its own (preserved before the disk filled
+  // up), which it keeps serving to older snapshots. The model is the live
+  // bytes plus each snapshot's content at creation; after every step every
+  // export is read in full and compared.
+  const mnt = await smallFs(t, 32);
+  if (!mnt) return;
+  const size = 4 * MiB; // 64 chunks
+  const img = path.join(mnt.dir, 'disk.img');
+  const p0 = crypto.randomBytes(size);
+  fs.writeFileSync(img, p0);
+  const live = Buffer.from(p0);
+  const model = new Map<string, Buffer | null>();
+  let srv: RunningServer | undefined = await startServer({ dir: mnt.dir, images: [img], args: CHUNK_ARGS });
+  t.teardown(() => srv?.stop('SIGKILL'));
+  let fill = '';
+  const create = async (name: string): Promise<void> => {
+    t.equal((await cli(['snapshot', 'create', img, name])).code, 0, `create ${name}`);
+    model.set(name, Buffer.from(live));
+  };
+  const write = async (chunks: number[], what: string): Promise<void> => checkWrites(t, await writeChunks(srv!.socket, live, chunks), what);
+  /** Writes `trigger` with the disk full: preserving it into `name` (the newest) fails. */
+  const failNewest = async (name: string, trigger: number): Promise<void> => {
+    fill = fillUp(mnt.dir);
+    await write([trigger], `write chunk ${trigger} with the disk full`);
+    const l = await list(t, img, `${name} fails`);
+    t.equal(l.get(name)?.state, 'failed', `${name} failed (${l.get(name)?.failure?.reason ?? ''})`);
+    model.set(name, null);
+    fs.rmSync(fill);
+    fill = '';
+  };
+  const states = async (what: string): Promise<void> => {
+    const l = await list(t, img, what);
+    t.same(
+      [...l.values()].map((s) => [s.name, s.state]),
+      [...model].map(([n, m]) => [n, m ? 'active' : 'failed']),
+      `${what}: the listed states match the model`,
+    );
+  };
+  try {
+    await create('s0');
+    await write(range(0, 16), 's0 preserves chunks 0-15');
+    await create('s1');
+    await write([50, 51], 's1 preserves chunks 50, 51');
+    await failNewest('s1', 0); // s0 holds chunk 0: only s1 fails
+    await write(range(16, 24), 's1 failed: s0 (the newest healthy) preserves chunks 16-23');
+    await create('s2');
+    await write(range(20, 40), 's2 preserves chunks 20-39');
+    await create('s3');
+    await write([60, 61], 's3 preserves chunks 60, 61');
+    await failNewest('s3', 20); // s2 holds chunk 20: only s3 fails
+    await write(range(40, 44), 's3 failed: s2 preserves chunks 40-43');
+    await create('s4');
+    await write(range(0, 64), 's4 preserves every chunk');
+    await states('before the deletes');
+    await checkModel(t, srv, live, model, 'before the deletes');
+
+    const d4 = await cli(['snapshot', 'delete', img, 's4']);
+    t.equal(d4.code, 0, `delete s4 (its older neighbour s3 is failed) ${d4.stderr.trim().split('\n').at(-1) ?? ''}`);
+    model.delete('s4');
+    await states('after deleting s4');
+    await checkModel(t, srv, live, model, 'after deleting s4');
+    await write([3, 30, 45, 60], 'more writes (nothing left to preserve: s2 or s3 holds every chunk)');
+    await checkModel(t, srv, live, model, 'after more writes');
+
+    const d2 = await cli(['snapshot', 'delete', img, 's2']);
+    t.equal(d2.code, 0, `delete s2 (healthy, its older neighbour s1 is failed) ${d2.stderr.trim().split('\n').at(-1) ?? ''}`);
+    model.delete('s2');
+    await states('after deleting s2');
+    await checkModel(t, srv, live, model, 'after deleting s2');
+
+    t.equal(await srv.stop(), 0, 'server exits 0');
+    srv = undefined;
+    t.ok(fs.readFileSync(img).equals(live), 'the image file holds every write');
+    srv = await startServer({ dir: mnt.dir, images: [img], args: CHUNK_ARGS });
+    await states('after a restart');
+    await checkModel(t, srv, live, model, 'after a restart');
+  } finally {
+    if (srv) t.equal(await srv.stop(), 0, 'server exits 0');
+    srv = undefined;
+    if (fill) fs.rmSync(fill, { force: true });
+  }
 });

@@ -128,6 +128,10 @@ int CowDevice::finish_remove(uint64_t id, std::string& err) {
     err = "no snapshot with id " + std::to_string(id);
     return ENOENT;
   }
+  // The same walk as the bulk steps: a chunk handed down before stops the
+  // walk at its heir (which holds it now), so only chunks preserved into the
+  // snapshot since then are copied. A heir that failed since its copy keeps
+  // it, which is harmless: the walk still stops there.
   uint64_t next = 0;
   return hand_down(id, 0, s->chunks(), next, err);  // writes stay paused until resume_writes()
 }
@@ -809,6 +813,37 @@ int CowDevice::snapshot_extents(const Chain& chain, size_t i, uint32_t count, ui
   return 0;
 }
 
+namespace {
+// The snapshot that must receive chunk c of snapshot i when i leaves the
+// chain (chain.size(): none). Walking older from i: a snapshot that holds c
+// ends the walk, since it and everything older read c from there. The first
+// HEALTHY one that lacks c is the heir: it reads c through i, and once it
+// holds c, every snapshot older than it reads c through it (or through a
+// nearer holder), so one copy is enough. Failed snapshots passed on the way
+// lack c and read it through i as well, but they are failed (their exports
+// answer EIO, rollback to them is refused) and hold nothing anyone reads c
+// from, so they get no copy: a failed store may be out of space, and a copy
+// it cannot take must not stop the delete.
+size_t heir_of(const CowDevice::Chain& chain, size_t i, uint64_t c) {
+  for (size_t j = i; j-- > 0;) {
+    if (chain[j]->map().test(c)) return chain.size();
+    if (!chain[j]->failed()) return j;
+  }
+  return chain.size();
+}
+}  // namespace
+
+// Bits of snapshots older than i change here only: preservation goes to the
+// newest healthy snapshot T and only for chunks no snapshot from T on holds,
+// so it never adds a chunk that i holds to a snapshot older than i (if T is
+// older than i, i is "from T on"). Snapshots may fail meanwhile (writes flow
+// during the bulk steps): a heir that failed before its copy was committed
+// is passed over and the next heir gets the chunk. A copy into a heir that
+// is still healthy failing (its store full, an I/O error) fails the step,
+// so the delete fails with the reason and can be retried: i is still in the
+// chain, the heir's committed copies are identical to what it read through
+// i, and what was written but not committed is outside its map. Nothing is
+// marked failed by a hand-down.
 int CowDevice::hand_down(uint64_t id, uint64_t from, uint64_t max, uint64_t& next, std::string& err) {
   if (merge_job()) {
     err = "a rollback merge is running";
@@ -824,31 +859,62 @@ int CowDevice::hand_down(uint64_t id, uint64_t from, uint64_t max, uint64_t& nex
   }
   const uint64_t total = chain[i]->chunks();
   next = std::min(total, from + max);
-  if (i == 0 || chain[i - 1]->failed()) return 0;  // nobody older needs (or can use) its chunks
+  if (i == 0) return 0;  // nobody older reads through it
   SnapshotStore& src = *chain[i];
-  SnapshotStore& dst = *chain[i - 1];
-  std::vector<ChunkSum> moved;
+  std::vector<std::vector<ChunkSum>> moved(i);  // written, not yet committed, per heir
+  size_t uncommitted = 0;
   std::vector<uint8_t> buf(chunk_size_);
-  auto commit = [&]() {
-    int e = moved.empty() ? 0 : dst.commit(moved);
-    if (e) err = std::string("committing handed-down chunks failed: ") + strerror(e);
-    moved.clear();
-    return e;
-  };
-  for (uint64_t c = from; c < next; ++c) {
-    if (!src.map().test(c) || dst.map().test(c)) continue;
-    {
+  std::vector<ChunkSum> sums;
+  // Copies chunk c of i into its heir (if any) without committing it.
+  auto give = [&](uint64_t c) -> int {
+    for (;;) {
+      const size_t h = heir_of(chain, i, c);
+      if (h == chain.size()) return 0;
       std::lock_guard<std::mutex> lk(stripes_[c % kStripes]);
       uint64_t off = c * chunk_size_;
       uint32_t len = static_cast<uint32_t>(std::min<uint64_t>(chunk_size_, src.volume_size() - off));
-      int e = src.read_data(buf.data(), len, off);
-      if (!e) e = dst.write_chunks(buf.data(), c, len, moved);
-      if (e) {
-        err = std::string("copying chunk ") + std::to_string(c) + " to the older snapshot failed: " + strerror(e);
+      if (int e = src.read_data(buf.data(), len, off)) {
+        err = "reading chunk " + std::to_string(c) + " of the snapshot being deleted failed: " + strerror(e);
         return e;
       }
+      sums.clear();
+      int e = chain[h]->write_chunks(buf.data(), c, len, sums);
+      if (!e) {
+        moved[h].insert(moved[h].end(), sums.begin(), sums.end());
+        ++uncommitted;
+        return 0;
+      }
+      if (!chain[h]->failed()) {
+        err = "copying chunk " + std::to_string(c) + " to snapshot " + std::to_string(chain[h]->id()) +
+              " (older, it reads the chunk through the one being deleted) failed: " + strerror(e);
+        return e;
+      }
+      // The heir failed meanwhile: heir_of passes over it now.
     }
-    if (moved.size() >= kHandDownBatch)
+  };
+  // Newest heir first: the chunks of a heir that failed before its commit
+  // go to older heirs, whose commits come later in the same loop.
+  auto commit = [&]() -> int {
+    for (size_t h = i; h-- > 0;) {
+      if (moved[h].empty()) continue;
+      std::vector<ChunkSum> batch;
+      batch.swap(moved[h]);
+      int e = chain[h]->commit(batch);
+      if (!e) continue;
+      if (!chain[h]->failed()) {
+        err = "committing handed-down chunks to snapshot " + std::to_string(chain[h]->id()) + " failed: " + strerror(e);
+        return e;
+      }
+      for (const ChunkSum& s : batch)
+        if (int e2 = give(s.chunk)) return e2;
+    }
+    uncommitted = 0;
+    return 0;
+  };
+  for (uint64_t c = from; c < next; ++c) {
+    if (!src.map().test(c)) continue;
+    if (int e = give(c)) return e;
+    if (uncommitted >= kHandDownBatch)
       if (int e = commit()) return e;
   }
   return commit();

@@ -125,8 +125,8 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   // Loads a snapshot at start-up (no flush; chain order = call order).
   void load_snapshot(std::shared_ptr<SnapshotStore> s);
   // Deleting, last steps: finish_remove closes the write gate and hands down
-  // whatever the older neighbour still lacks (chunks preserved since the
-  // bulk hand-down), and LEAVES WRITES PAUSED with the snapshot still in
+  // whatever older snapshots still read through it (chunks preserved since
+  // the bulk hand-down), and LEAVES WRITES PAUSED with the snapshot still in
   // the chain, so the control plane can record the deletion durably first;
   // then drop_removed() takes it out of the chain (writes still paused). If
   // recording fails the snapshot simply stays, exact. resume_writes() must
@@ -136,9 +136,13 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   void resume_writes() { gate_.open(); }
   std::shared_ptr<const Chain> chain() const;
   std::shared_ptr<SnapshotStore> find(uint64_t id) const;
-  // Gives the older neighbour of snapshot `id` the chunks it reads through
-  // `id`, for chunks [from, from + max); sets `next`. Deleting a snapshot is
-  // hand_down over all chunks, then finish_remove and drop_removed.
+  // For chunks [from, from + max) held by snapshot `id`: gives each chunk
+  // that older snapshots read through `id` to the nearest older HEALTHY
+  // snapshot lacking it, past failed ones (which get nothing), unless a
+  // snapshot on the way holds it; every older one then reads it through that
+  // heir. Sets `next`. Fails (nothing marked failed) if a healthy heir cannot
+  // take its copy. Deleting a snapshot is hand_down over all chunks, then
+  // finish_remove and drop_removed.
   int hand_down(uint64_t id, uint64_t from, uint64_t max, uint64_t& next, std::string& err);
 
   // Rollback (see the design note above). prepare closes the write gate,
