@@ -18,6 +18,7 @@
         "native/core/cow_device.cc",
         "native/core/first_write_queue.cc",
         "native/core/write_journal.cc",
+        "native/core/file_lock.cc",
         "native/binding/event_bridge.cc",
         "native/binding/server_wrap.cc",
         "native/binding/snapshot_methods.cc",
