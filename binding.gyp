@@ -19,6 +19,7 @@
         "native/core/first_write_queue.cc",
         "native/core/write_journal.cc",
         "native/core/journal_state.cc",
+        "native/core/file_lock.cc",
         "native/binding/event_bridge.cc",
         "native/binding/server_wrap.cc",
         "native/binding/snapshot_methods.cc",

@@ -10,13 +10,15 @@
 //   history.jsonl   every rollback and finished merge, one JSON line each (src/history.ts)
 //   journal.state   which first-write journal may hold acknowledged writes
 //                   (native/core/journal_state.hh)
-//   lock            the PID of the process that owns the volume
+//   lock            flock'ed by the process that owns the volume (see lockVolume);
+//                   holds its PID for messages only
 //   control.sock    the serving server's control socket
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { NbdError } from './errors';
+import { native } from './native';
 
 export const MANIFEST_FORMAT = 'node-nbd-server-volume';
 // 2: snapshots in one file each (snap-<id>.snap, store format 2). A version 1
@@ -71,7 +73,7 @@ export interface Manifest {
 
 /**
  * IMAGE.nbd beside the image's real path: a symlink to a volume finds the
- * volume's own metadata and lock (hard links are caught by the inode lock).
+ * volume's own metadata and lock (hard links are caught by the lock on the image file).
  */
 export function metaDir(image: string): string {
   let real: string;
@@ -229,74 +231,112 @@ export function validateSnapshotName(name: string): void {
 }
 
 /**
- * Takes the volume's locks for this process: IMAGE.nbd/lock, and a lock named
- * after the image's device and inode in the shared lock directory, so that a
- * hard link (another path to the same file) cannot open the volume twice.
- * Each lock is a file holding our PID, created exclusively; a lock whose
- * process is gone is stale and replaced. Returns the unlock function, which
- * also removes IMAGE.nbd/ again if it is left empty.
+ * Takes the volume for this process: an exclusive flock on IMAGE.nbd/lock, and
+ * one on the image file itself, because every hard link to the image is the
+ * same inode (native/core/file_lock.hh). The kernel keeps them while the
+ * descriptors are open and drops them when the process exits or is killed,
+ * so no lock outlives its owner and nothing has to guess whether a PID is
+ * stale. The lock file also holds the owner's PID, only so that VOLUME_BUSY
+ * can name it: it never decides ownership. A lock belongs to its open file
+ * description, so a second lockVolume() of the same volume in one process is
+ * refused too (a process opens a volume once). Nothing outside IMAGE.nbd/ is
+ * created. Returns the unlock function (idempotent), which removes the lock
+ * file while still holding it, then IMAGE.nbd/ if it is left empty.
  */
 export function lockVolume(image: string): () => void {
   const dir = metaDir(image);
-  const st = fs.statSync(image);
-  fs.mkdirSync(LOCK_DIR, { recursive: true, mode: 0o1777 });
-  const inodeLock = path.join(LOCK_DIR, `${st.dev}-${st.ino}.lock`);
-  const releaseInode = takePidLock(inodeLock, image);
-  let releaseDir: () => void;
+  const file = path.join(dir, 'lock');
+  const lockFd = lockMetaFile(dir, file, image);
+  let imageFd: number;
   try {
-    fs.mkdirSync(dir, { recursive: true });
-    releaseDir = takePidLock(path.join(dir, 'lock'), image);
+    imageFd = native.lockFile(image, 'existing');
   } catch (err) {
-    releaseInode();
-    throw err;
+    releaseMetaFile(lockFd, file, dir);
+    throw lockError(err, image);
   }
+  let held = true;
   return () => {
-    releaseDir();
-    releaseInode();
-    try {
-      fs.rmdirSync(dir); // only if empty: a volume that never had snapshots leaves nothing behind
-    } catch {
-      /* not empty */
-    }
+    if (!held) return; // never close a descriptor number twice: it may be reused meanwhile
+    held = false;
+    native.unlockFile(imageFd);
+    releaseMetaFile(lockFd, file, dir);
   };
 }
 
-/** Shared directory for inode locks (same for every process on the machine). */
-export const LOCK_DIR = path.join(os.tmpdir(), 'node-nbd-server-locks');
-
-function takePidLock(file: string, image: string): () => void {
-  for (let attempt = 0; attempt < 2; attempt++) {
+function lockMetaFile(dir: string, file: string, image: string): number {
+  for (let attempt = 0; ; attempt++) {
+    fs.mkdirSync(dir, { recursive: true });
+    let fd: number;
     try {
-      fs.writeFileSync(file, `${process.pid}\n`, { flag: 'wx' });
-      return () => {
-        try {
-          if (fs.readFileSync(file, 'utf8').trim() === String(process.pid)) fs.rmSync(file);
-        } catch {
-          /* already gone */
-        }
-      };
+      fd = native.lockFile(file, 'lock-file');
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-      let pid = 0;
-      try {
-        pid = Number(fs.readFileSync(file, 'utf8').trim());
-      } catch {
-        /* vanished meanwhile: retry */
-      }
-      if (pid && pid !== process.pid && processAlive(pid)) {
-        throw new NbdError('VOLUME_BUSY', `${image} is in use by process ${pid} (another server or command)`);
-      }
-      fs.rmSync(file, { force: true });
+      // IMAGE.nbd/ was removed between our mkdir and open by an owner
+      // releasing a volume without snapshots: create it again.
+      if ((err as { errno?: number }).errno === os.constants.errno.ENOENT && attempt < 100) continue;
+      throw lockError(err, image, file);
     }
+    try {
+      fs.ftruncateSync(fd, 0);
+      fs.writeSync(fd, `${process.pid}\n`, 0);
+    } catch {
+      /* the PID is only informational (e.g. no space left) */
+    }
+    return fd;
   }
-  throw new NbdError('VOLUME_BUSY', `cannot lock ${image}`);
 }
 
-function processAlive(pid: number): boolean {
+function releaseMetaFile(fd: number, file: string, dir: string): void {
   try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
+    native.unlockFile(fd, file);
+  } catch {
+    /* closed, but the lock file could not be unlinked: harmless, the next owner locks it */
+  }
+  try {
+    fs.rmdirSync(dir); // only if empty: a volume that never had snapshots leaves nothing behind
+  } catch {
+    /* not empty */
+  }
+}
+
+/** Maps a native LOCK_FAILED error to a coded one. `file`: the lock file (else the image itself). */
+function lockError(err: unknown, image: string, file?: string): unknown {
+  const e = err as { code?: string; errno?: number; message?: string };
+  if (e?.code !== 'LOCK_FAILED') return err;
+  const { EWOULDBLOCK, ELOOP, EINVAL } = os.constants.errno;
+  if (e.errno === EWOULDBLOCK) {
+    if (!file) {
+      return new NbdError(
+        'VOLUME_BUSY',
+        `${image} is in use by another process (the same file is open as a volume under another path, e.g. a hard link, or locked with flock)`,
+      );
+    }
+    const pid = lockHolder(file);
+    return new NbdError('VOLUME_BUSY', `${image} is in use by ${pid ? `process ${pid}` : 'another process'} (another server or command)`);
+  }
+  if (file && (e.errno === ELOOP || e.errno === EINVAL)) {
+    return new NbdError(
+      'METADATA_CORRUPT',
+      `${file} is ${e.errno === ELOOP ? 'a symbolic link' : 'not a regular file'}: refusing to use it as the volume lock (remove it if no server or command uses the volume)`,
+    );
+  }
+  return new NbdError('IMAGE_OPEN_FAILED', `cannot lock ${image}: ${e.message}`, { cause: err });
+}
+
+/** The PID the holder wrote into the lock file (for messages only), if readable. */
+function lockHolder(file: string): number | undefined {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, fs.constants.O_RDONLY | fs.constants.O_NOFOLLOW | fs.constants.O_NONBLOCK);
+  } catch {
+    return undefined;
+  }
+  try {
+    const buf = Buffer.alloc(32);
+    const pid = Number(buf.toString('utf8', 0, fs.readSync(fd, buf, 0, buf.length, 0)).trim());
+    return Number.isSafeInteger(pid) && pid > 0 ? pid : undefined;
+  } catch {
+    return undefined;
+  } finally {
+    fs.closeSync(fd);
   }
 }

@@ -15,6 +15,7 @@ import { isAlive, waitFor } from './fixtures/proc';
 import { readExport, writeExport } from './fixtures/export-io';
 import { NBD, RawClient } from './fixtures/raw-client';
 import { CLI, makeTempDir as makeDir, removeDir, startServer, type RunningServer } from './fixtures/server';
+import { holdVolumeLock } from './fixtures/lock-child';
 import { requireTools } from './fixtures/tools';
 
 const KiB = 1024;
@@ -602,20 +603,20 @@ t.test('the same image through a symlink: a second server or an offline snapshot
 t.test('offline command while a live process holds the lock without a control socket: VOLUME_BUSY, exit 7', async (t) => {
   const { img, meta, content } = makeImage(MiB);
   expectOk(t, await cli(['snapshot', 'create', img, 'keep']), 'setup');
-  const holder = spawn('sleep', ['120'], { stdio: 'ignore' });
+  const holder = await holdVolumeLock(img); // a process holding the volume lock (lockVolume), serving nothing
   try {
-    fs.writeFileSync(path.join(meta, 'lock'), `${holder.pid}\n`);
+    t.equal(fs.readFileSync(path.join(meta, 'lock'), 'utf8').trim(), String(holder.proc.pid), 'the lock file names the holder');
     const before = dirState(meta);
     for (const args of [['create', img, 'new'], ['list', img], ['list', img, '--json'], ['info', img, 'keep'], ['delete', img, 'keep']]) {
       const r = await cli(['snapshot', ...args]);
       expectError(t, r, 7, 'VOLUME_BUSY', `snapshot ${args[0]}${args[2] === '--json' ? ' --json' : ''}`);
-      t.match(r.stderr, String(holder.pid), 'names the PID holding the lock');
+      t.match(r.stderr, String(holder.proc.pid), 'names the PID holding the lock');
     }
     const s = await cli(['serve', img, '--socket', path.join(path.dirname(img), 's.sock')], { timeoutMs: 30_000 });
     expectError(t, s, 7, 'VOLUME_BUSY', 'serve', { logs: true });
     t.same(dirState(meta), before, 'IMAGE.nbd/ unchanged (the lock too)');
   } finally {
-    holder.kill('SIGKILL');
+    await holder.kill();
   }
   t.ok(fs.readFileSync(img).equals(content!), 'image unchanged');
 });

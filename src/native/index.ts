@@ -197,6 +197,17 @@ interface NativeModule {
   readJournalState(file: string): { id: string; path: string } | null;
   /** Forgets the volume's pending journal, durably. */
   clearJournalState(file: string): void;
+  /**
+   * Opens `path` and takes an exclusive flock on it (native/core/file_lock.hh).
+   * Returns the descriptor (O_CLOEXEC) that holds the lock until unlockFile().
+   * 'lock-file': created with mode 0600 if missing, never through a symlink,
+   * and checked to still be the file `path` names; 'existing': an existing
+   * file (an image) opened read-only. Throws code LOCK_FAILED with `errno`
+   * (EWOULDBLOCK: another open file description holds the lock).
+   */
+  lockFile(path: string, kind: 'lock-file' | 'existing'): number;
+  /** Unlinks `unlinkPath` if it still names the locked file, then closes `fd` (releasing the lock). */
+  unlockFile(fd: number, unlinkPath?: string): void;
 }
 
 function load(): NativeModule {
