@@ -7,7 +7,7 @@
 // native threads and is awaited.
 import * as fs from 'node:fs';
 import * as net from 'node:net';
-import { NbdError, type ErrorCode } from './errors';
+import { isErrorCode, NbdError, type ErrorCode } from './errors';
 import type { Logger } from './logger';
 import { parseAutoRollback, type VolumeSnapshots } from './snapshots';
 import { controlSocketPath } from './volume-meta';
@@ -88,7 +88,9 @@ export function serveControl(v: VolumeSnapshots, log: Logger): Promise<() => Pro
           (err: unknown) => {
             const e = err as { code?: string; message?: string };
             clog.warn({ op: req.op, err: e.message }, 'control request failed');
-            sock.write(JSON.stringify({ ok: false, code: e.code ?? 'CONTROL_FAILED', message: e.message ?? String(err) }) + '\n');
+            // Only stable codes cross the socket: a raw system error (ENOSPC from a file write) is a failed request.
+            const code = isErrorCode(e.code) ? e.code : 'CONTROL_FAILED';
+            sock.write(JSON.stringify({ ok: false, code, message: e.message ?? String(err) }) + '\n');
           },
         );
       }
@@ -142,7 +144,7 @@ export function callControl(image: string, req: ControlRequest, timeoutMs = 600_
       sock.end();
       const reply = JSON.parse(buf.slice(0, i)) as { ok: boolean; result?: unknown; code?: ErrorCode; message?: string };
       if (reply.ok) resolve({ result: reply.result });
-      else reject(new NbdError(reply.code ?? 'CONTROL_FAILED', reply.message ?? 'control request failed'));
+      else reject(new NbdError(isErrorCode(reply.code) ? reply.code : 'CONTROL_FAILED', reply.message ?? 'control request failed'));
     });
     sock.on('error', (err: NodeJS.ErrnoException) => {
       clearTimeout(timer);

@@ -86,11 +86,15 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   QUEUE_STALLED: 17,
 };
 
+export function isErrorCode(code: unknown): code is ErrorCode {
+  return typeof code === 'string' && Object.prototype.hasOwnProperty.call(EXIT_CODES, code);
+}
+
 /** Converts a native error (with a string `code`) into an NbdError. */
 export function fromNative(err: unknown): unknown {
   if (err instanceof Error && typeof (err as { code?: unknown }).code === 'string') {
     const code = (err as unknown as { code: string }).code;
-    if (code in EXIT_CODES) return new NbdError(code as ErrorCode, err.message, { cause: err });
+    if (isErrorCode(code)) return new NbdError(code, err.message, { cause: err });
   }
   return err;
 }

@@ -333,7 +333,11 @@ export class VolumeSnapshots {
         const keepBasis = basedOn && basedOn.snapshotId !== s.id ? { basedOn } : {};
         // Recorded first, then out of the chain: if the manifest cannot be
         // written (disk full), the snapshot stays in the chain and exact.
-        this.save({ ...m, ...keepBasis, snapshots: this.manifest.snapshots.filter((x) => x.id !== s.id) });
+        try {
+          this.save({ ...m, ...keepBasis, snapshots: this.manifest.snapshots.filter((x) => x.id !== s.id) });
+        } catch (err) {
+          throw new NbdError('SNAPSHOT_DELETE_FAILED', `cannot record the deletion (the snapshot stays, exact): ${(err as Error).message}`);
+        }
         this.native.dropSnapshot(this.exportName, s.id);
       } catch (err) {
         if (this.manifest.snapshots.some((x) => x.id === s.id)) this.exportView(s);

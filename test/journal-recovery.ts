@@ -255,8 +255,8 @@ t.test('kill -9 during snapshot create with a first write queued: the snapshot h
 
 // ---- 3 --------------------------------------------------------------------------------
 
-/** Room left on the full filesystem: not enough for a 2 MiB write (the queue's partial applies then fill it). */
-const ROOM = 1024 * KiB;
+/** Room left on the full filesystem: not enough for a 1 MiB write (the queue's partial applies then fill it). */
+const ROOM = 384 * KiB;
 
 t.test('queued first writes that cannot be applied (full filesystem): errors within seconds, no hang, the journal kept and drained later', async (t) => {
   const mnt = await smallFs(t, 24);
@@ -267,12 +267,12 @@ t.test('queued first writes that cannot be applied (full filesystem): errors wit
   let weight = ballast(mnt.dir, ROOM);
 
   // A first write larger than the room left: acknowledged (queued); its apply has no room.
-  const big = crypto.randomBytes(2 * MiB);
+  const big = crypto.randomBytes(1 * MiB); // one journal entry (a larger write is queued in 1 MiB pieces)
   let c = await connect(srv.socket);
   t.equal((await c.write(0, big)).error, 0, 'the first write is acknowledged (queued)');
   const flush = await within(c.cmd(NBD.CMD_FLUSH, 0, 0, 0), 30_000, null);
   t.ok(flush && flush.error !== 0, `FLUSH reports the error within 30 s (error ${flush?.error})`);
-  t.ok((await within(c.read(0, 2 * MiB), 30_000, null))?.data?.equals(big), 'reads still see the acknowledged write');
+  t.ok((await within(c.read(0, 1 * MiB), 30_000, null))?.data?.equals(big), 'reads still see the acknowledged write');
   const other = await within(c.write(12 * MiB, crypto.randomBytes(4 * KiB)), 30_000, null);
   t.ok(other !== null, `a new write is answered within 30 s (error ${other?.error})`);
   await c.disconnect();
@@ -297,12 +297,12 @@ t.test('queued first writes that cannot be applied (full filesystem): errors wit
   c = await connect(srv.socket);
   t.equal((await c.cmd(NBD.CMD_FLUSH, 0, 0, 0)).error, 0, 'FLUSH succeeds once applied');
   await c.disconnect();
-  t.ok(fs.readFileSync(img).subarray(0, 2 * MiB).equals(big), 'the RAW image holds the write');
+  t.ok(fs.readFileSync(img).subarray(0, 1 * MiB).equals(big), 'the RAW image holds the write');
 
   // Again with a healthy snapshot, then SIGTERM while stalled: exits, keeps the journal, says so.
   expectOk(t, await cli(['snapshot', 'create', img, 's3']), 'snapshot create s3 (room again)');
   weight = ballast(mnt.dir, ROOM);
-  const big2 = crypto.randomBytes(2 * MiB);
+  const big2 = crypto.randomBytes(1 * MiB);
   c = await connect(srv.socket);
   t.equal((await c.write(6 * MiB, big2)).error, 0, 'a first write into s3 is acknowledged (queued)');
   const f2 = await within(c.cmd(NBD.CMD_FLUSH, 0, 0, 0), 30_000, null);
@@ -319,9 +319,9 @@ t.test('queued first writes that cannot be applied (full filesystem): errors wit
   fs.rmSync(weight);
   srv = await serve(t, mnt.dir, { args: ['--log-level', 'info'] });
   t.ok(replayed(srv).length === 1 && (replayed(srv)[0]?.entries ?? 0) > 0, 'the next start replays them');
-  t.ok((await readRange(t, srv.socket, 'disk', 6 * MiB, 2 * MiB)).equals(big2), 'live holds the kept write');
+  t.ok((await readRange(t, srv.socket, 'disk', 6 * MiB, 1 * MiB)).equals(big2), 'live holds the kept write');
   t.equal(await srv.stop('SIGTERM'), 0, 'graceful stop');
-  t.ok(fs.readFileSync(img).subarray(6 * MiB, 8 * MiB).equals(big2), 'the RAW image holds it');
+  t.ok(fs.readFileSync(img).subarray(6 * MiB, 7 * MiB).equals(big2), 'the RAW image holds it');
 });
 
 // ---- 4 --------------------------------------------------------------------------------

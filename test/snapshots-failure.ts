@@ -486,7 +486,8 @@ t.test('snapshot delete on a full disk: refused, and every snapshot stays exact 
     fill = fillUp(mnt.dir);
     t.comment(`free after filling: ${freeBytes(mnt.dir)} bytes`);
     const del = await cli(['snapshot', 'delete', img, 'B']);
-    t.not(del.code, 0, `snapshot delete B on a full disk fails (exit ${del.code}: ${del.stderr.trim().split('\n').at(-1)})`);
+    t.equal(del.code, 10, `snapshot delete B on a full disk fails with exit 10 (exit ${del.code}: ${del.stderr.trim().split('\n').at(-1)})`);
+    t.match(del.stderr.trim().split('\n').at(-1) ?? '', /\[SNAPSHOT_DELETE_FAILED\]$/, 'a stable error code, never a raw system error code');
     t.match(del.stderr, SPACE, 'the error says the disk is full');
     const after = await list(t, img, 'after the refused delete');
     t.same([...after.keys()], ['A', 'B'], 'A and B are both still listed');
@@ -703,7 +704,8 @@ t.test('delete hands its chunks down past a failed older neighbour (the older he
     // nothing changes (s0 is not marked failed, s2 stays and is exact).
     fill = fillUp(mnt.dir);
     const full = await cli(['snapshot', 'delete', img, 's2']);
-    t.not(full.code, 0, `snapshot delete s2 on a full disk fails (exit ${full.code}: ${full.stderr.trim().split('\n').at(-1) ?? ''})`);
+    t.equal(full.code, 10, `snapshot delete s2 on a full disk fails with exit 10 (exit ${full.code}: ${full.stderr.trim().split('\n').at(-1) ?? ''})`);
+    t.match(full.stderr.trim().split('\n').at(-1) ?? '', /\[SNAPSHOT_DELETE_FAILED\]$/, 'a stable error code, never a raw system error code');
     t.match(full.stderr, SPACE, 'the error says the disk is full');
     t.match(full.stderr, /copying chunk 20 to snapshot 1\b/, 'the error names the copy of X into s0 (id 1) that failed');
     const lf = await list(t, img, 'after the refused delete');

@@ -30,7 +30,7 @@ export function reportError(err: unknown): number {
   if (err instanceof CommanderError) return err.exitCode === 0 ? 0 : 2;
   if (err instanceof NbdError) {
     process.stderr.write(`node-nbd-server: error: ${err.message} [${err.code}]\n`);
-    return EXIT_CODES[err.code];
+    return EXIT_CODES[err.code] ?? 1;
   }
   const code = (err as { code?: unknown })?.code;
   process.stderr.write(`node-nbd-server: error: ${(err as Error)?.message ?? String(err)}${code ? ` [${String(code)}]` : ''}\n`);
