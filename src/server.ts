@@ -28,7 +28,16 @@ export interface ServerOptions {
    * preserves first writes inline. Default defaultCowJournal(volume size).
    */
   cowJournal?: number;
+  /**
+   * Server-wide bound on first-write journal memory, bytes (every volume's
+   * journal ring is reserved from it; a volume that finds it spent preserves
+   * first writes inline). Default DEFAULT_JOURNAL_MEMORY.
+   */
+  journalMemory?: number;
 }
+
+/** Default server-wide journal memory: 1 GiB (16 volumes at the largest default ring). */
+export const DEFAULT_JOURNAL_MEMORY = 1024 * 1024 * 1024;
 
 /** Default first-write journal: 1/16 of the volume, from 4 MiB to 64 MiB. */
 export function defaultCowJournal(size: number): number {
@@ -95,6 +104,7 @@ export class NbdServer extends EventEmitter {
         maxPayload: options.maxPayload,
         handshakeTimeoutMs: options.handshakeTimeoutMs,
         maxConnections: options.maxConnections,
+        journalMemoryMiB: Math.floor((options.journalMemory ?? DEFAULT_JOURNAL_MEMORY) / (1024 * 1024)),
         onEvent: (ev) => this.onNativeEvent(ev),
       });
     } catch (err) {

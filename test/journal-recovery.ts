@@ -499,3 +499,31 @@ t.test('SIGTERM/SIGINT during start-up: logged, every journal left holds pending
   t.equal(await all.stop('SIGTERM'), 0, 'graceful stop');
   t.same(fs.readdirSync(J).filter((f) => f !== path.basename(orphan)), [], 'after a clean stop only the orphan is left');
 });
+
+// ---- 7 --------------------------------------------------------------------------------
+
+t.test('--journal-memory bounds journal memory across volumes: beyond it, first writes are preserved inline', async (t) => {
+  const dir = newDir();
+  const J = newJournalDir();
+  const images = ['a.img', 'b.img', 'c.img'].map((n) => path.join(dir, n));
+  // 64 MiB volumes: 4 MiB rings; a budget of 8 MiB takes two of them.
+  const srv = await serve(t, dir, { images, size: '64M', args: ['--journal-memory', '8M'], env: { NBD_JOURNAL_DIR: J } });
+  const data = images.map(() => crypto.randomBytes(64 * KiB));
+  const modes: string[] = [];
+  for (const [i, img] of images.entries()) {
+    expectOk(t, await cli(['snapshot', 'create', img, 's1']), `${path.basename(img)}: snapshot create s1`);
+    const c = await connect(srv.socket, path.basename(img, '.img'));
+    t.equal((await c.write(0, data[i]!)).error, 0, `${path.basename(img)}: first write acknowledged`);
+    await c.disconnect();
+    const info = await cli(['info', img, '--json']);
+    modes.push((JSON.parse(info.stdout) as { firstWrites: { mode: string } }).firstWrites.mode);
+  }
+  t.same(modes.slice(0, 2), ['journal', 'journal'], 'the first two volumes journal their first writes');
+  t.match(modes[2], /^inline \(journal unavailable: .*--journal-memory/, 'the third preserves inline, and says why');
+  t.equal(fs.readdirSync(J).length, 2, 'two journal files');
+  for (const [i, img] of images.entries()) {
+    const name = path.basename(img, '.img');
+    t.ok((await readRange(t, srv.socket, name, 0, 64 * KiB)).equals(data[i]!), `${name}: live holds the write`);
+    t.ok((await readRange(t, srv.socket, `${name}@s1`, 0, 64 * KiB)).equals(Buffer.alloc(64 * KiB)), `${name}@s1: zeroes`);
+  }
+});

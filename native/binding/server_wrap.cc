@@ -90,6 +90,8 @@ ServerWrap::ServerWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Server
   cfg.handshake_timeout_ms = opt_u32(o, "handshakeTimeoutMs", cfg.handshake_timeout_ms, 1, 3600 * 1000);
   cfg.max_connections = opt_u32(o, "maxConnections", cfg.max_connections, 1, 1u << 20);
   cfg.drain_timeout_ms = opt_u32(o, "drainTimeoutMs", cfg.drain_timeout_ms, 0, 3600 * 1000);
+  const uint64_t budget_mib = opt_u32(o, "journalMemoryMiB", 1024, 0, 1u << 24);
+  journal_budget_ = std::make_shared<nbd::MemoryBudget>(budget_mib << 20);
   Napi::Value cb = o.Get("onEvent");
   if (!cb.IsFunction()) throw Napi::TypeError::New(env, "onEvent must be a function");
   events_ = std::make_shared<EventBridge>(env, cb.As<Napi::Function>());

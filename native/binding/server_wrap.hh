@@ -8,6 +8,7 @@
 
 #include "../core/cow_device.hh"
 #include "../core/kernel_device.hh"
+#include "../core/memory_budget.hh"
 #include "../core/server.hh"
 #include "event_bridge.hh"
 
@@ -66,6 +67,7 @@ class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
 
   std::shared_ptr<nbd::Server> server_;
   std::shared_ptr<EventBridge> events_;
+  std::shared_ptr<nbd::MemoryBudget> journal_budget_;  // shared by every volume's journal
   // Kernel devices attached by this server, by id. Main thread only; the
   // NBD_DO_IT thread reports its end as a "device-detached" event.
   std::map<uint32_t, std::unique_ptr<nbd::KernelDevice>> devices_;

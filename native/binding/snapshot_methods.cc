@@ -65,6 +65,7 @@ std::shared_ptr<nbd::Device> ServerWrap::open_volume(Napi::Env env, const std::s
                         : 0;
     if (cfg.dir.empty()) cfg.ring_size = 0;
     cfg.read_only = o.Has("readOnly") && o.Get("readOnly").ToBoolean().Value();
+    cfg.budget = journal_budget_;
     uint64_t replayed = 0;
     std::string err, note;
     nbd::CowDevice::JournalError kind;

@@ -425,16 +425,6 @@ int for_runs(uint64_t offset, uint64_t count, uint32_t chunk, Pred pred, Fn fn) 
 }
 }  // namespace
 
-void CowDevice::overlay(const FirstWriteQueue::Batch& entries, uint8_t* buf, uint32_t count, uint64_t offset) {
-  const uint64_t end = offset + count;
-  for (auto& q : entries) {  // oldest first: later entries win
-    uint64_t a = std::max<uint64_t>(offset, q->offset), b = std::min<uint64_t>(end, q->offset + q->length);
-    if (a >= b) continue;
-    if (q->type == WriteJournal::kWrite) std::memcpy(buf + (a - offset), q->data.data() + (a - q->offset), b - a);
-    else std::memset(buf + (a - offset), 0, b - a);
-  }
-}
-
 int CowDevice::pread(void* buf, uint32_t count, uint64_t offset) {
   auto job = merge_job();
   if (!job) {
@@ -442,9 +432,9 @@ int CowDevice::pread(void* buf, uint32_t count, uint64_t offset) {
     if (!q || q->empty()) return next_->pread(buf, count, offset);
     // Entries first, then live: an entry that leaves the queue meanwhile was
     // applied to live before it left, and laying it over again is harmless.
-    auto entries = q->entries_in(offset, count);
+    auto over = q->overlay_in(offset, count);
     int e = next_->pread(buf, count, offset);
-    if (e == 0 && !entries.empty()) overlay(entries, static_cast<uint8_t*>(buf), count, offset);
+    if (e == 0 && !over.empty()) FirstWriteQueue::lay(over, static_cast<uint8_t*>(buf), count, offset);
     return e;
   }
   // A rollback is merging: pending chunks still read as its snapshot.
@@ -642,7 +632,7 @@ int CowDevice::apply_queued(const FirstWriteQueue::Batch& batch) {
   for (auto& q : batch) {
     IoFlags f;
     f.may_trim = q->may_trim;
-    int e = q->type == WriteJournal::kWrite ? next_->pwrite(q->data.data(), q->length, q->offset, IoFlags{})
+    int e = q->type == WriteJournal::kWrite ? next_->pwrite(q->data, q->length, q->offset, IoFlags{})
                                             : next_->zero(q->length, q->offset, f);
     if (e) return e;
   }
@@ -654,6 +644,12 @@ void CowDevice::start_queue() {
   // none pins no memory and leaves no file): complete and synced before
   // the state names it; entries are appended only after (journal_state.hh).
   auto open = [this](std::string& err) -> std::unique_ptr<WriteJournal> {
+    std::shared_ptr<void> reserved;
+    if (journal_cfg_.budget && !(reserved = journal_cfg_.budget->reserve(journal_cfg_.ring_size))) {
+      err = "the server's journal memory (" + std::to_string(journal_cfg_.budget->limit() >> 20) +
+            " MiB, --journal-memory) is taken by other volumes' journals";
+      return nullptr;
+    }
     JournalState st;
     st.id = new_journal_id();
     st.path = journal_cfg_.dir + "/" + id_hex(st.id) + ".journal";
@@ -667,6 +663,7 @@ void CowDevice::start_queue() {
       journal.reset();
       ::unlink(st.path.c_str());
     }
+    if (journal) journal->hold(std::move(reserved));
     return journal;
   };
   const uint64_t max_chunks = std::max<uint64_t>(1024, (256u << 20) / chunk_size_);

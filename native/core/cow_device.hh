@@ -57,6 +57,7 @@
 
 #include "device.hh"
 #include "first_write_queue.hh"
+#include "memory_budget.hh"
 #include "merge_job.hh"
 #include "snapshot_store.hh"
 #include "write_gate.hh"
@@ -94,6 +95,7 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
     std::string owner;       // the image path, recorded in the journal
     uint64_t ring_size = 0;  // 0: first writes are preserved inline
     bool read_only = false;  // served read-only: nothing may be written
+    std::shared_ptr<MemoryBudget> budget;  // the server's bound on journal memory (null: none)
   };
   // Why open_journal failed, for the control plane's error code.
   enum class JournalError { kNone, kPending, kMissing, kCorrupt, kIo };
@@ -184,7 +186,6 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   // Drops the queue (thread stopped); when it holds nothing, the volume's
   // journal state, then the journal file.
   void retire_queue();
-  static void overlay(const FirstWriteQueue::Batch& entries, uint8_t* buf, uint32_t count, uint64_t offset);
   static constexpr size_t kHandDownBatch = 65536;  // chunks per hand-down commit
   int preserve(uint64_t offset, uint64_t count);
   // Preserves those of `chunks` the target still needs; stripes held.

@@ -44,9 +44,7 @@ FirstWriteQueue::FirstWriteQueue(OpenJournal open, uint64_t ring_size, uint32_t 
       chunk_size_(chunk_size),
       max_chunks_(std::max<uint64_t>(max_chunks, 2 * kZeroPieceChunks)),
       apply_(std::move(apply)),
-      pause_ms_(env_ms("NBD_TEST_FIRST_WRITE_DELAY_MS")) {
-  thread_ = std::thread([this] { run(); });
-}
+      pause_ms_(env_ms("NBD_TEST_FIRST_WRITE_DELAY_MS")) {}
 
 FirstWriteQueue::~FirstWriteQueue() {
   {
@@ -69,7 +67,8 @@ int FirstWriteQueue::replay(WriteJournal& journal, uint32_t chunk_size, const Ap
   for (auto& r : recs) {
     auto q = make_entry(r.type, r.flags & WriteJournal::kFlagMayTrim, r.offset, r.length, chunk_size);
     q->seq = r.seq;
-    q->data = std::move(r.data);
+    q->owned = std::move(r.data);
+    q->data = q->owned.data();
     batch.push_back(std::move(q));
   }
   if (int e = apply(batch)) {
@@ -92,12 +91,13 @@ int FirstWriteQueue::append_locked(std::unique_lock<std::mutex>& lk, uint16_t ty
     if (!journal_) {
       broken_.store(true);  // writes are preserved inline from now on
       cv_.notify_all();
+    } else {
+      thread_ = std::thread([this] { run(); });
     }
   }
   if (broken_.load()) return ESHUTDOWN;
   auto q = make_entry(type, may_trim, offset, length, chunk_size_);
   const uint64_t nchunks = q->last_chunk - q->first_chunk + 1;
-  if (data) q->data.assign(data, data + length);
   const uint32_t dlen = data ? length : 0;
   // Room: in the ring, and under the bound on queued chunks.
   auto settled = [&] {
@@ -113,7 +113,7 @@ int FirstWriteQueue::append_locked(std::unique_lock<std::mutex>& lk, uint16_t ty
   q->span = journal_->span_of(dlen);
   const uint64_t seq = journal_->next_seq();
   uint64_t at = 0;
-  if (int e = journal_->append(type, may_trim ? WriteJournal::kFlagMayTrim : 0, offset, length, q->data.data(), dlen, at)) {
+  if (int e = journal_->append(type, may_trim ? WriteJournal::kFlagMayTrim : 0, offset, length, data, dlen, at)) {
     broken_.store(true);
     journal_error_ = std::string("appending to the journal failed: ") + strerror(e);
     cv_.notify_all();
@@ -121,6 +121,7 @@ int FirstWriteQueue::append_locked(std::unique_lock<std::mutex>& lk, uint16_t ty
   }
   q->seq = seq;
   q->journal_at = at;
+  if (data) q->data = journal_->data_at(at);
   used_ += q->span;
   chunks_ += nchunks;
   std::shared_ptr<const QueuedWrite> cq = q;
@@ -178,18 +179,36 @@ std::vector<uint64_t> FirstWriteQueue::chunks_in(uint64_t first, uint64_t last) 
   return out;
 }
 
-FirstWriteQueue::Batch FirstWriteQueue::entries_in(uint64_t offset, uint64_t length) {
-  Batch out;
+FirstWriteQueue::Overlay FirstWriteQueue::overlay_in(uint64_t offset, uint64_t length) {
+  Overlay out;
   if (count_.load() == 0 || length == 0) return out;
-  const uint64_t first = offset / chunk_size_, last = (offset + length - 1) / chunk_size_;
+  const uint64_t first = offset / chunk_size_, last = (offset + length - 1) / chunk_size_, end = offset + length;
   std::lock_guard<std::mutex> lk(mu_);
+  Batch hits;
   for_each_indexed(first, last, [&](uint64_t, const std::vector<std::shared_ptr<const QueuedWrite>>& v) {
     for (auto& q : v)
-      if (q->offset < offset + length && offset < q->offset + q->length) out.push_back(q);
+      if (q->offset < end && offset < q->offset + q->length) hits.push_back(q);
   });
-  std::sort(out.begin(), out.end(), [](auto& a, auto& b) { return a->seq < b->seq; });
-  out.erase(std::unique(out.begin(), out.end()), out.end());
+  std::sort(hits.begin(), hits.end(), [](auto& a, auto& b) { return a->seq < b->seq; });
+  hits.erase(std::unique(hits.begin(), hits.end()), hits.end());
+  for (auto& q : hits) {
+    OverlayPiece p;
+    p.offset = std::max<uint64_t>(offset, q->offset);
+    p.length = static_cast<uint32_t>(std::min<uint64_t>(end, q->offset + q->length) - p.offset);
+    p.zero = q->type != WriteJournal::kWrite;
+    if (!p.zero) p.bytes.assign(q->data + (p.offset - q->offset), q->data + (p.offset - q->offset) + p.length);
+    out.push_back(std::move(p));
+  }
   return out;
+}
+
+void FirstWriteQueue::lay(const Overlay& o, uint8_t* buf, uint32_t count, uint64_t offset) {
+  for (auto& p : o) {  // oldest first: later entries win
+    // Each piece lies inside [offset, offset + count): overlay_in() clipped it.
+    if (p.offset < offset || p.offset + p.length > offset + count) continue;
+    if (p.zero) std::memset(buf + (p.offset - offset), 0, p.length);
+    else std::memcpy(buf + (p.offset - offset), p.bytes.data(), p.length);
+  }
 }
 
 template <typename Pred>

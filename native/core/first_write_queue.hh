@@ -14,7 +14,7 @@
 // the entries to the live image in order (page cache). Then the journal's
 // checkpoint moves past the batch (synced) and the entries leave the queue.
 // Reads of queued chunks are served from the live image with the queued
-// entries laid over it in order (entries_in()).
+// entries laid over it in order (overlay_in()).
 //
 // The journal is there for crashes of the server process (SIGKILL, OOM
 // killer, a fault): it lives in memory-backed storage by default
@@ -75,7 +75,13 @@ struct QueuedWrite {
   bool may_trim = false;
   uint64_t offset = 0;
   uint32_t length = 0;
-  std::vector<uint8_t> data;  // kWrite only
+  // kWrite: the bytes. While the entry is queued they are read in place from
+  // the journal's mapping (its ring space is not reused before the entry
+  // leaves the queue), so queued data is not held twice; replayed entries
+  // own theirs (`owned`). Only the first-write thread and the owner of a
+  // Batch use it: readers get copies (overlay_in()).
+  const uint8_t* data = nullptr;
+  std::vector<uint8_t> owned;
   uint64_t journal_at = 0;    // where the entry starts in the journal
   uint64_t span = 0;          // journal bytes it holds (with any skipped ring tail)
   uint64_t first_chunk = 0, last_chunk = 0;
@@ -93,7 +99,7 @@ class FirstWriteQueue {
   // memory and leaves no file. Null: it cannot (err says why).
   using OpenJournal = std::function<std::unique_ptr<WriteJournal>(std::string& err)>;
 
-  // Starts the thread; the journal is made by `open` on the first submit.
+  // The journal and the thread are made by the first submit.
   FirstWriteQueue(OpenJournal open, uint64_t ring_size, uint32_t chunk_size, uint64_t max_chunks, Apply apply);
   // Stops the thread; queued entries stay in the journal, whose file is
   // never deleted here (CowDevice retires it with the volume's journal state).
@@ -113,8 +119,21 @@ class FirstWriteQueue {
   bool accepting() const { return !broken_.load(); }
   // True when some chunk of the range has queued entries.
   bool touches(uint64_t offset, uint64_t length);
-  // Queued entries overlapping the range, oldest first.
-  Batch entries_in(uint64_t offset, uint64_t length);
+  // What queued entries put over [offset, offset + length): the overlapping
+  // parts, oldest first, COPIED under the lock (an entry's bytes in the ring
+  // may be reused once it has left the queue). Take it before reading live,
+  // then lay() it over what live returned: an entry that left the queue
+  // meanwhile was applied to live before it left, so laying it over again
+  // changes nothing.
+  struct OverlayPiece {
+    uint64_t offset = 0;
+    uint32_t length = 0;
+    bool zero = false;
+    std::vector<uint8_t> bytes;
+  };
+  using Overlay = std::vector<OverlayPiece>;
+  Overlay overlay_in(uint64_t offset, uint64_t length);
+  static void lay(const Overlay& o, uint8_t* buf, uint32_t count, uint64_t offset);
   // Sorted chunks of [first, last] with queued entries.
   std::vector<uint64_t> chunks_in(uint64_t first, uint64_t last);
   bool empty() const { return count_.load() == 0; }

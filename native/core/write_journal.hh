@@ -105,6 +105,9 @@ class WriteJournal {
   int append(uint16_t type, uint16_t flags, uint64_t offset, uint32_t length, const uint8_t* data, uint32_t dlen,
              uint64_t& at);
   uint64_t next_seq() const { return next_seq_; }
+  // The data of the entry that starts at `at` (in the mapping; valid while
+  // the entry's ring space is not reused).
+  const uint8_t* data_at(uint64_t at) const { return map_ + at + kEntryHeader; }
   // Durably records that replay must start at entry `seq` found at `off`.
   int checkpoint(uint64_t seq, uint64_t off);
   // Empties the journal (everything applied): the next entry starts the
@@ -113,6 +116,8 @@ class WriteJournal {
   int reset();
   uint64_t head() const { return head_; }
   const std::string& path() const { return path_; }
+  // Keeps `h` (a memory reservation) until the journal is closed.
+  void hold(std::shared_ptr<void> h) { hold_ = std::move(h); }
 
  private:
   WriteJournal(uint64_t volume_size, uint32_t chunk_size, uint64_t ring_size);
@@ -123,6 +128,7 @@ class WriteJournal {
   int load_super(int& code, std::string& err);
 
   Id id_{};
+  std::shared_ptr<void> hold_;
   std::string path_;
   const uint64_t volume_size_;
   const uint32_t chunk_size_;

@@ -45,6 +45,10 @@ export function addServeOptions(cmd: Command, listenHelp: string): Command {
       '--cow-journal <size>',
       'journal for first writes after a snapshot: they are acknowledged at once and their chunks preserved in the background; ' +
         '0 or off preserves inline (default: volume size / 16, 4M..64M)',
+    )
+    .option(
+      '--journal-memory <size>',
+      'server-wide bound on first-write journal memory (memory-backed): volumes beyond it preserve first writes inline (default 1G)',
     );
 }
 
@@ -54,6 +58,12 @@ export function parseCowJournal(text: string): number {
   if (n !== 0 && (n < 4 * 1024 * 1024 || n > 4 * 1024 * 1024 * 1024)) {
     throw new NbdError('BAD_ARGUMENT', `--cow-journal must be 0 (off) or from 4M to 4G, got "${text}"`);
   }
+  return n;
+}
+
+export function parseJournalMemory(text: string): number {
+  const n = parseSize(text);
+  if (n < 0 || n > 2 ** 44) throw new NbdError('BAD_ARGUMENT', `--journal-memory must be from 0 to 16T, got "${text}"`);
   return n;
 }
 
@@ -76,6 +86,7 @@ export interface CommonServeOptions {
   chunkSize?: number;
   mergeRate?: number;
   cowJournal?: number;
+  journalMemory?: number;
 }
 
 export function commonServeOptions(o: Record<string, unknown>): CommonServeOptions {
@@ -90,6 +101,7 @@ export function commonServeOptions(o: Record<string, unknown>): CommonServeOptio
     chunkSize: o.chunkSize !== undefined ? parseChunkSize(o.chunkSize as string) : undefined,
     mergeRate: o.mergeRate !== undefined ? parseSize(o.mergeRate as string) : undefined,
     cowJournal: o.cowJournal !== undefined ? parseCowJournal(o.cowJournal as string) : undefined,
+    journalMemory: o.journalMemory !== undefined ? parseJournalMemory(o.journalMemory as string) : undefined,
   };
 }
 

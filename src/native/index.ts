@@ -9,6 +9,8 @@ export interface NativeServerOptions {
   handshakeTimeoutMs?: number;
   maxConnections?: number;
   drainTimeoutMs?: number;
+  /** Server-wide bound on first-write journal memory, MiB (memory_budget.hh). Default 1024. */
+  journalMemoryMiB?: number;
   /** Called on the main thread for events raised on native threads. */
   onEvent: (ev: NativeEvent) => void;
 }
