@@ -87,6 +87,23 @@ function scenarios() {
     env: { KT_FS: 'ext4', KT_TRANSPORT: 'unix', KT_CONNS: 2, KT_SIZE: '32M' },
     timeout: 300,
   });
+  // Faults on the live image (its filesystem on a dm device), the snapshot
+  // stores healthy: one scenario per path, each booted on its own.
+  for (const [kcase, what] of [
+    ['queued-eio', 'first writes queued (default --cow-journal), live device failing (dm-flakey error_writes, then the error target): writes acknowledged, reads show them, FLUSH/FUA fail, no FLUSH succeeds while acknowledged writes are not on the disk; a queued write that cannot be applied stalls the queue: create/delete/rollback fail QUEUE_STALLED; SIGTERM keeps the journal and says so; healed, the next start replays it; every acknowledged write on the image, healthy snapshots exact'],
+    ['queued-enospc', 'first writes queued, the image\'s filesystem full (ENOSPC): FLUSH/FUA fail, reads show the writes, create/delete/rollback fail QUEUE_STALLED; freeing space drains the queue while serving; a stall over SIGTERM is replayed at the next start; every acknowledged write on the image, snapshots exact'],
+    ['inline', '--cow-journal 0: the preserve copy succeeds and the live write fails (FUA under dm-flakey; ENOSPC on a full filesystem): NBD errors, no dishonest FLUSH, snapshots exact, every acknowledged write on the image after recovery'],
+    ['merge', 'a rollback merge (--merge-rate 128K) while the live device fails (flakey, then error): the merge reports the error and retries, live reads the snapshot for pending chunks, nothing hangs; healed, the merge finishes and live = snapshot + later writes'],
+    ['handdown', 'snapshot delete (hand-down from the stores) while every I/O to the live image fails: succeeds, the older snapshot exact, nothing lost'],
+  ]) {
+    list.push({
+      name: `live-eio-${kcase}`,
+      description: `live image on a failing device, snapshot stores healthy (python3-libnbd clients, unix socket): ${what}`,
+      script: 'live-eio.sh',
+      env: { KT_CASE: kcase, KT_TRANSPORT: 'unix', KT_CONNS: 1, KT_FS: 'ext4', KT_SIZE: '16M' },
+      timeout: 300,
+    });
+  }
   list.push({
     name: 'rollback',
     description: 'ext4 on /dev/nbd0 (unix, -C 4): files, `snapshot create golden`, modify/delete/add, umount, online `rollback` (device stays attached), raw writes during the merge survive it, fsck, old files back, new files gone; history/jobs; auto-rollback=on-disconnect: detach rolls back (history policy:on-disconnect); auto-rollback=off: detach keeps the changes',
@@ -144,11 +161,18 @@ const TOOLS = [
   ['timeout', 'coreutils'],
   ['sha256sum', 'coreutils'],
   ['blockdev', 'util-linux'],
+  ['dmsetup', 'dmsetup'],
+  ['losetup', 'mount'],
 ];
 
 function missingTools() {
   const missing = [];
   for (const [tool, pkg] of TOOLS) if (!which(tool)) missing.push({ what: tool, pkg });
+  // The live-eio scenarios' clients (test/kernel/live-eio.py) run with the
+  // guest's /usr/bin/python3 and its libnbd binding.
+  if (spawnSync('/usr/bin/python3', ['-c', 'import nbd'], { stdio: 'ignore', timeout: 30_000 }).status !== 0) {
+    missing.push({ what: '/usr/bin/python3 with the nbd module', pkg: 'python3-libnbd' });
+  }
   if (which('linux.uml')) {
     const modRoot = '/usr/lib/uml/modules';
     const found = fs.existsSync(modRoot) && fs.readdirSync(modRoot).some((v) => fs.existsSync(path.join(modRoot, v, 'kernel/drivers/block/nbd.ko')));
@@ -244,6 +268,20 @@ function runScenario(sc, runDir) {
       resolve({ sc, dir, secs, ok: false, reason });
     });
   });
+}
+
+// A scenario that records its checks one by one (test/kernel/live-eio.sh)
+// leaves "ok - NAME" / "not ok - NAME" lines in RESULTS/checks: shown
+// indented under the scenario's own line.
+function readChecks(dir) {
+  let text;
+  try {
+    text = fs.readFileSync(path.join(dir, 'checks'), 'utf8');
+  } catch {
+    return null;
+  }
+  const lines = text.split('\n').filter((l) => /^(not )?ok - /.test(l));
+  return lines.length ? lines.map((l) => `    ${l}`).join('\n') : null;
 }
 
 function printFailure(r) {
@@ -370,14 +408,17 @@ async function main() {
     while (queue.length) {
       const sc = queue.shift();
       const r = await runScenario(sc, runDir);
+      const checks = readChecks(r.dir);
       if (r.ok) {
         passed++;
         console.log(`ok - ${sc.name} (${r.secs.toFixed(1)}s)`);
+        if (checks) console.log(checks);
         if (!opts.keep) fs.rmSync(r.dir, { recursive: true, force: true });
       } else {
         failed++;
         failures.push(r);
         console.log(`not ok - ${sc.name} (${r.secs.toFixed(1)}s): ${r.reason}`);
+        if (checks) console.log(checks);
         printFailure(r);
       }
     }
