@@ -92,6 +92,8 @@ export class NbdServer extends EventEmitter {
   private readonly beforeClose: (() => Promise<void>)[] = [];
   private readonly mergeRate?: number;
   private readonly cowJournal?: number;
+  /** After close(): exports whose final flush failed. */
+  flushFailures: { export: string; error: string }[] = [];
 
   constructor(options: ServerOptions = {}) {
     super();
@@ -271,7 +273,14 @@ export class NbdServer extends EventEmitter {
       const jobs = [...this.volumes.values()].map((v) => v.stopJobs().catch(() => undefined));
       this.closing = Promise.all([...hooks.map((h) => h().catch(() => undefined)), ...jobs])
         .then(() => this.native.stop())
-        .then(() => {
+        .then((failed) => {
+          for (const f of failed) {
+            this.log.error(
+              { export: f.export, error: f.error },
+              'the image could not be flushed: writes acknowledged since its last successful flush may not be on disk (a write-back error; every request to it failed since)',
+            );
+          }
+          this.flushFailures = failed;
         for (const v of this.volumes.values()) {
           const kept = v.firstWrites()?.kept;
           if (kept) this.log.error({ volume: v.image }, `queued first writes could not be applied to the image: ${kept}`);

@@ -39,6 +39,7 @@ struct StopCall {
   Napi::ObjectReference keep;  // keeps the ServerWrap alive while stop() runs
   ServerWrap* wrap;
   std::shared_ptr<EventBridge> events;
+  std::vector<std::pair<std::string, int>> errors;  // set by the stop thread before the call
 };
 
 }  // namespace
@@ -241,17 +242,26 @@ Napi::Value ServerWrap::Stop(const Napi::CallbackInfo& info) {
   // Draining may take as long as the slowest client, so it runs on a thread
   // of our own rather than the libuv pool: process.exit() joins the pool, and
   // must not wait for a drain (the env cleanup hook forces it instead).
-  auto* call = new StopCall{Napi::Promise::Deferred::New(env), Napi::Persistent(Value()), this, events_};
+  auto* call = new StopCall{Napi::Promise::Deferred::New(env), Napi::Persistent(Value()), this, events_, {}};
   Napi::Promise promise = call->deferred.Promise();
   auto done = Napi::ThreadSafeFunction::New(env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}),
                                             "nbd-server-stop", 0, 1);
   std::thread([server = server_, done, call]() mutable {
     server->stop();
+    call->errors = server->stop_errors();
     done.BlockingCall(call, [](Napi::Env env, Napi::Function, StopCall* c) {  // main thread
       if (env != nullptr) {
         c->events->unref(env);
         c->wrap->ReleaseSelf();
-        c->deferred.Resolve(env.Undefined());
+        // [{export, error}] for exports whose final flush failed.
+        Napi::Array failed = Napi::Array::New(env, c->errors.size());
+        for (size_t i = 0; i < c->errors.size(); ++i) {
+          Napi::Object o = Napi::Object::New(env);
+          o.Set("export", c->errors[i].first);
+          o.Set("error", strerror(c->errors[i].second));
+          failed.Set(static_cast<uint32_t>(i), o);
+        }
+        c->deferred.Resolve(failed);
       }
       delete c;
     });

@@ -3,7 +3,10 @@
 // Design: one shared fd per image, used concurrently by every connection
 // thread with positioned I/O only (never lseek+read), so no locking is needed.
 // The page cache does write-back; FLUSH is fdatasync on that fd, which covers
-// writes from every connection (multi-conn). FUA uses pwritev2(RWF_DSYNC).
+// writes from every connection (multi-conn). FUA is a write, then the same
+// fdatasync. A failed fdatasync latches the device (see lost_ in the header):
+// every later request fails, because the kernel has forgotten the error and
+// may have dropped the data.
 //
 // Zeroing: without NO_HOLE we punch a hole (reads back as zero, frees space);
 // with NO_HOLE we use FALLOC_FL_ZERO_RANGE; when the filesystem supports
@@ -77,6 +80,7 @@ std::shared_ptr<FileDevice> FileDevice::open(const std::string& path, bool read_
 FileDevice::~FileDevice() { ::close(fd_); }
 
 int FileDevice::pread(void* buf, uint32_t count, uint64_t offset) {
+  if (int e = lost_.load()) return e;  // the page cache may hold data the disk lost, or old data
   auto* p = static_cast<char*>(buf);
   // First try the page cache alone: RWF_NOWAIT fails with EAGAIN instead of
   // waiting for the disk, which tells the connection that this load is
@@ -108,37 +112,41 @@ int FileDevice::pread(void* buf, uint32_t count, uint64_t offset) {
 
 int FileDevice::pwrite(const void* buf, uint32_t count, uint64_t offset, IoFlags flags) {
   if (read_only_) return EPERM;
+  if (int e = lost_.load()) return e;
   const auto* p = static_cast<const char*>(buf);
-  bool dsync = flags.fua;
-  if (dsync) io_waited = true;
   while (count > 0) {
-    struct iovec iov = {const_cast<char*>(p), count};
-    ssize_t r = dsync ? ::pwritev2(fd_, &iov, 1, static_cast<off_t>(offset), RWF_DSYNC)
-                      : ::pwrite(fd_, p, count, static_cast<off_t>(offset));
+    ssize_t r = ::pwrite(fd_, p, count, static_cast<off_t>(offset));
     if (r < 0) {
       if (errno == EINTR) continue;
-      if (dsync && (errno == EOPNOTSUPP || errno == ENOSYS)) {  // old kernel: write then sync
-        dsync = false;
-        int e = pwrite(p, count, offset, IoFlags{});
-        return e ? e : flush();
-      }
-      return errno;
+      return errno;  // nothing of it is acknowledged: not a write-back error
     }
     p += r;
     count -= static_cast<uint32_t>(r);
     offset += static_cast<uint64_t>(r);
   }
-  return 0;
+  // FUA: the same serialised fdatasync as FLUSH (RWF_DSYNC would sync
+  // concurrently, and a concurrent sync can swallow another's error).
+  return flags.fua ? sync() : 0;
+}
+
+int FileDevice::sync() {
+  io_waited = true;
+  std::lock_guard<std::mutex> lk(sync_mu_);
+  if (int e = lost_.load()) return e;
+  if (::fdatasync(fd_) == 0) return 0;
+  int e = errno;
+  lost_.store(e == EINTR ? EIO : e);
+  return lost_.load();
 }
 
 int FileDevice::flush() {
   if (read_only_) return 0;
-  io_waited = true;
-  return ::fdatasync(fd_) == 0 ? 0 : errno;
+  return sync();
 }
 
 int FileDevice::trim(uint32_t count, uint64_t offset, IoFlags flags) {
   if (read_only_) return EPERM;
+  if (int e = lost_.load()) return e;
   int r;
   if (is_block_) {
     uint64_t range[2] = {offset, count};
@@ -164,6 +172,7 @@ int FileDevice::write_zero_buffer(uint32_t count, uint64_t offset) {
 
 int FileDevice::zero(uint32_t count, uint64_t offset, IoFlags flags) {
   if (read_only_) return EPERM;
+  if (int e = lost_.load()) return e;
   int e = -1;  // -1: not done yet
   if (is_block_) {
     uint64_t range[2] = {offset, count};

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <atomic>
+#include <mutex>
 #include <string>
 
 #include "device.hh"
@@ -28,6 +29,8 @@ class FileDevice final : public Device {
   int extents(uint32_t count, uint64_t offset, uint32_t max_extents, std::vector<Extent>& out) override;
 
   int fd() const { return fd_; }
+  // The write-back error that made the image untrustworthy (0: none).
+  int lost() const { return lost_.load(); }
 
  private:
   FileDevice(int fd, uint64_t size, bool read_only, bool is_block)
@@ -41,6 +44,17 @@ class FileDevice final : public Device {
   // preadv2(RWF_NOWAIT) works here (cleared on the first EOPNOTSUPP). A
   // benign race: threads may each see the old value once.
   std::atomic<bool> nowait_reads_{true};
+  // A failed fdatasync is sticky. Linux reports a write-back error once per
+  // open file and marks the failed pages clean: a later fdatasync returns 0
+  // although acknowledged writes never reached the disk, and once the pages
+  // are evicted reads return the old data. So after the first failure every
+  // request fails (EIO or that error) until the server restarts: never a
+  // FLUSH that lies, never data that silently reverts. Syncs are serialised
+  // (sync_mu_), so no concurrent fdatasync can swallow the error that
+  // another one is about to latch.
+  std::mutex sync_mu_;
+  std::atomic<int> lost_{0};
+  int sync();  // fdatasync under sync_mu_, latching a failure
 };
 
 }  // namespace nbd

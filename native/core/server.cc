@@ -245,7 +245,10 @@ void Server::stop() {
   }
   for (auto& e : exports_.list()) {
     e->device->drain();  // queued first writes reach the image: it is current once stopped
-    e->device->flush();
+    if (int err = e->device->flush()) {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_errors_.push_back({e->name, err});
+    }
   }
   stopped_.store(true);
 }

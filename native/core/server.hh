@@ -52,6 +52,12 @@ class Server {
   // Stops accepting, lets in-flight requests finish, flushes every export.
   // Blocking; safe to call more than once.
   void stop();
+  // After stop(): the exports whose final flush failed, with the errno (their
+  // acknowledged writes may not be on disk).
+  std::vector<std::pair<std::string, int>> stop_errors() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return stop_errors_;
+  }
   // Like stop(), but does not wait for in-flight requests: connections are
   // shut at once, including those a concurrent stop() is still draining.
   void stop_now();
@@ -79,6 +85,7 @@ class Server {
   std::thread accept_thread_;
   std::atomic<bool> started_{false}, stopping_{false}, stopped_{false}, force_{false};
   std::mutex stop_mu_;  // serialises stop()
+  std::vector<std::pair<std::string, int>> stop_errors_;  // guarded by mu_
 
   mutable std::mutex mu_;  // guards conns_ and stats_; lock order: leaf
   std::condition_variable cv_;

@@ -40,6 +40,7 @@ export function registerAttach(program: Command): void {
       await runUntilSignal(common.logger, onSignal, attachment.detached);
       const result = await attachment.detached;
       await server.close();
+      if (server.flushFailures.length) process.exitCode = 1; // logged by close(): data may be lost
       if (result.error) {
         common.logger.error({ device, error: result.error }, 'device ended with an error');
         process.exitCode = 1;

@@ -25,5 +25,6 @@ export function registerServe(program: Command): void {
       const { server, ports } = started;
       printReady(server, { ports, socket: common.socket ?? null });
       await runUntilSignal(common.logger, () => server.close());
+      if (server.flushFailures.length) process.exitCode = 1; // logged by close(): data may be lost
     });
 }

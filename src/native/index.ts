@@ -124,7 +124,8 @@ export interface NativeServer {
   listenTcp(host: string, port: number): number;
   listenUnix(path: string): void;
   start(): void;
-  stop(): Promise<void>;
+  /** Resolves with the exports whose final flush failed (their acknowledged writes may not be on disk). */
+  stop(): Promise<{ export: string; error: string }[]>;
   stats(): NativeServerStats;
   /** Binds an export to a kernel /dev/nbdN; returns a device id. */
   attachDevice(opts: NativeAttachOptions): number;
