@@ -86,9 +86,22 @@ void CowDevice::load_snapshot(std::shared_ptr<SnapshotStore> s) {
   std::atomic_store(&chain_, std::shared_ptr<const Chain>(next));
 }
 
-int CowDevice::begin_add(std::string& err) {
+int CowDevice::pause_and_drain(std::string& err) {
+  // Writes pause only for what is left: first apply what is queued while
+  // writes still flow, then cap the queue small and wait until it is under
+  // the cap, and only then close the gate and drain the rest. If the queue
+  // cannot be applied, that is found out before the pause (and reported by
+  // the drain below at once).
+  auto q = queue();
+  if (q && !q->empty() && q->settle() == 0) q->shrink_to(kPauseDrainChunks);
   gate_.close();  // in-flight writes drain; new ones wait
-  int e = drain_queue(err);  // queued first writes reach live: the new snapshot holds them
+  int e = drain_queue(err);
+  if (q) q->uncap();  // the gate holds writers back now
+  return e;  // the gate stays closed, whatever the result
+}
+
+int CowDevice::begin_add(std::string& err) {
+  int e = pause_and_drain(err);  // queued first writes reach live: the new snapshot holds them
   if (!e && merge_job()) {  // snapshot views read raw live, which a merge is still changing
     err = "a rollback merge is running";
     e = EBUSY;
@@ -117,8 +130,7 @@ bool CowDevice::drop_from_chain(uint64_t id) {
 }
 
 int CowDevice::finish_remove(uint64_t id, std::string& err) {
-  gate_.close();
-  if (int e = drain_queue(err)) return e;  // writes stay paused until resume_writes(), as on every return
+  if (int e = pause_and_drain(err)) return e;  // writes stay paused until resume_writes(), as on every return
   if (merge_job()) {
     err = "a rollback merge is running";
     return EBUSY;  // writes stay paused until resume_writes(), as on every return
@@ -288,6 +300,10 @@ int CowDevice::merge_range(uint64_t offset, uint64_t count) {
 
 int CowDevice::merge_step(uint64_t from, uint64_t max, uint64_t& next, std::string& err) {
   GateGuard g(gate_);
+  if (int e = next_->health()) {  // the image lost a write-back: merging would fail snapshots on the way
+    err = std::string("the image cannot be written: ") + strerror(e);
+    return e;
+  }
   auto job = merge_job();
   if (!job) {
     err = "no rollback merge is running";
@@ -324,9 +340,8 @@ int CowDevice::merge_step(uint64_t from, uint64_t max, uint64_t& next, std::stri
 }
 
 int CowDevice::prepare_rollback(uint64_t snapshot_id, const std::string& job_path, std::string& err) {
-  gate_.close();
   // Live and the bitmaps must include every queued first write.
-  int e = drain_queue(err);
+  int e = pause_and_drain(err);
   auto chain_ptr = chain();
   const Chain& chain = *chain_ptr;
   const size_t k = index_of(chain, snapshot_id);
@@ -507,6 +522,7 @@ std::optional<int> CowDevice::via_queue(const void* data, uint32_t count, uint64
 
 int CowDevice::pwrite(const void* buf, uint32_t count, uint64_t offset, IoFlags flags) {
   GateGuard g(gate_);
+  if (int e = next_->health()) return e;  // it cannot land: preserve nothing, queue nothing
   if (auto r = via_queue(buf, count, offset, false, flags)) return *r;
   if (int e = merge_range(offset, count)) return e;
   preserve(offset, count);
@@ -516,6 +532,7 @@ int CowDevice::pwrite(const void* buf, uint32_t count, uint64_t offset, IoFlags 
 
 int CowDevice::trim(uint32_t count, uint64_t offset, IoFlags flags) {
   GateGuard g(gate_);
+  if (int e = next_->health()) return e;  // it cannot land: preserve nothing, queue nothing
   // Queued as a zeroing that may punch a hole: what a trim does here.
   if (auto r = via_queue(nullptr, count, offset, true, flags)) return *r;
   if (int e = merge_range(offset, count)) return e;
@@ -526,6 +543,7 @@ int CowDevice::trim(uint32_t count, uint64_t offset, IoFlags flags) {
 
 int CowDevice::zero(uint32_t count, uint64_t offset, IoFlags flags) {
   GateGuard g(gate_);
+  if (int e = next_->health()) return e;  // it cannot land: preserve nothing, queue nothing
   // A fast zero must not copy old data first: refuse at once if it would.
   if (flags.fast_only) {
     auto q = queue();
@@ -612,6 +630,9 @@ std::string CowDevice::first_write_mode() const {
 // cache; FLUSH and FUA flush live). Preservation failure marks snapshots failed, as inline; the
 // writes are applied either way.
 int CowDevice::apply_queued(const FirstWriteQueue::Batch& batch) {
+  // The image lost a write-back: nothing more lands (the entries stay
+  // journalled for the next start, and no snapshot is failed for it).
+  if (int e = next_->health()) return e;
   auto chain_ptr = chain();
   const Chain& chain = *chain_ptr;
   const size_t t = target_of(chain);

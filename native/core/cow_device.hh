@@ -180,6 +180,10 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   std::optional<int> via_queue(const void* data, uint32_t count, uint64_t offset, bool may_trim, IoFlags flags);
   int apply_queued(const FirstWriteQueue::Batch& batch);
   void start_queue();  // gate closed (or at open); the journal is made by the first first write
+  // Closes the gate with the queue drained, keeping the pause short (see the
+  // .cc). Returns with the gate CLOSED, also on error (err says why).
+  int pause_and_drain(std::string& err);
+  static constexpr uint64_t kPauseDrainChunks = 64;  // queued chunks left for the drain with writes paused
   // Gate closed: no new entries. 0, or the error that keeps the queue from
   // being applied (err says so).
   int drain_queue(std::string& err);

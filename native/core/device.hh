@@ -64,6 +64,11 @@ class Device {
   // server calls it once when stopping, before the final flush; no request
   // follows). Default: nothing to do.
   virtual void drain() {}
+  // 0, or the error that makes every request to this device fail from now on
+  // (the bottom's sticky write-back error, file_device.hh): layers that do
+  // work before forwarding a write (copy-on-write) check it first, so a
+  // write that cannot land does not fail a snapshot on its way.
+  virtual int health() const { return 0; }
   // Appends extents covering [offset, offset + count) in order (at most
   // max_extents of them; the last may end early). Must append at least one.
   virtual int extents(uint32_t count, uint64_t offset, uint32_t max_extents, std::vector<Extent>& out) = 0;
@@ -89,6 +94,7 @@ class FilterDevice : public Device {
   int trim(uint32_t count, uint64_t offset, IoFlags f) override { return next_->trim(count, offset, f); }
   int zero(uint32_t count, uint64_t offset, IoFlags f) override { return next_->zero(count, offset, f); }
   int cache(uint32_t count, uint64_t offset) override { return next_->cache(count, offset); }
+  int health() const override { return next_->health(); }
   int extents(uint32_t count, uint64_t offset, uint32_t max, std::vector<Extent>& out) override {
     return next_->extents(count, offset, max, out);
   }

@@ -30,7 +30,7 @@ class FileDevice final : public Device {
 
   int fd() const { return fd_; }
   // The write-back error that made the image untrustworthy (0: none).
-  int lost() const { return lost_.load(); }
+  int health() const override { return lost_.load(); }
 
  private:
   FileDevice(int fd, uint64_t size, bool read_only, bool is_block)

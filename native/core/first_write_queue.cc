@@ -103,7 +103,7 @@ int FirstWriteQueue::append_locked(std::unique_lock<std::mutex>& lk, uint16_t ty
   auto settled = [&] {
     return broken_.load() || stop_ || error_ ||
            (used_ + journal_->span_of(dlen) + kRingSlack <= journal_->ring_size() &&
-            (fifo_.empty() || chunks_ + nchunks <= max_chunks_));
+            (fifo_.empty() || chunks_ + nchunks <= std::min(max_chunks_, cap_)));
   };
   if (!settled()) wait_for_thread(lk, settled);
   if (broken_.load() || stop_) return ESHUTDOWN;
@@ -223,6 +223,23 @@ int FirstWriteQueue::wait_applied(std::unique_lock<std::mutex>& lk, uint64_t seq
   // An apply that keeps failing is reported instead of waited for forever.
   wait_for_thread(lk, [&] { return applied_seq_ >= seq || stop_ || error_; });
   return applied_seq_ >= seq ? 0 : (error_ ? error_ : EIO);
+}
+
+int FirstWriteQueue::shrink_to(uint64_t chunks) {
+  std::unique_lock<std::mutex> lk(mu_);
+  cap_ = chunks;
+  const uint64_t seen = failures_;
+  wait_for_thread(lk, [&] { return chunks_ <= cap_ || stop_ || failures_ > seen; });
+  if (chunks_ <= cap_) return 0;
+  return error_ ? error_ : ESHUTDOWN;
+}
+
+void FirstWriteQueue::uncap() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    cap_ = UINT64_MAX;
+  }
+  cv_.notify_all();
 }
 
 std::string FirstWriteQueue::journal_path() {

@@ -33,9 +33,11 @@
 //     preserves first;
 //   - a chunk with queued entries is never written directly: every write to
 //     it is queued behind them (CowDevice routes by touches());
-//   - entries leave the queue only after live is flushed and the checkpoint
-//     past them is durable, so a replay never re-applies an entry over a
-//     later direct write;
+//   - entries leave the queue only after they are applied to live (page
+//     cache) and the checkpoint past them is durable, so a replay never
+//     re-applies an entry over a later direct write; live itself is made
+//     durable by FLUSH and FUA (settle, then the image's fdatasync, whose
+//     failure is sticky: file_device.hh), not per batch;
 //   - process crash (SIGKILL): acknowledged entries are in the journal, and
 //     replay at the next open preserves, then applies them;
 //   - power loss: a completed FLUSH or FUA write is in the flushed live
@@ -145,6 +147,12 @@ class FirstWriteQueue {
   // Waits until everything queued before the call has been applied (FLUSH,
   // status); returns the error of a background apply that keeps failing.
   int settle();
+  // Lowers the bound on queued chunks to `chunks` (writers that would pass it
+  // wait for room) and waits until the queue holds no more than that: so a
+  // drain with writes paused that follows is short. 0, or the error of an
+  // apply that fails meanwhile. uncap() restores the bound.
+  int shrink_to(uint64_t chunks);
+  void uncap();
   uint64_t queued() const { return count_.load(); }
   // The journal's file ("" while none was needed yet).
   std::string journal_path();
@@ -184,6 +192,7 @@ class FirstWriteQueue {
   uint64_t applied_seq_ = 0;   // newest entry applied and checkpointed
   int error_ = 0;              // outstanding background failure
   uint64_t failures_ = 0;      // failed applies so far (drain waits for a fresh one)
+  uint64_t cap_ = UINT64_MAX;  // temporary lower bound on queued chunks (shrink_to)
   int waiters_ = 0;            // threads waiting for the queue to make progress
   bool urgent_ = true;         // the thread's scheduling class (set_urgent)
   bool stop_ = false;
