@@ -125,7 +125,8 @@ t.test('online rollback to an older snapshot: visible at once, merged, every sna
   );
   t.equal(r.type, 'rollback-merge', 'the result describes the merge job');
   t.equal(r.snapshot, 'a', 'to snapshot a');
-  t.ok(r.visibleMs >= 0 && r.visibleMs < 5000, `visible after ${r.visibleMs.toFixed(1)} ms`);
+  // How fast is a benchmark's business (tools/bench-rollback.ts); "at once" is checked by the read below.
+  t.ok(Number.isFinite(r.visibleMs) && r.visibleMs >= 0, `visibleMs reported (${r.visibleMs.toFixed(1)} ms)`);
   t.ok(r.total > 0 && r.total <= size / CHUNK, `${r.total} chunks to merge (changed since a)`);
   t.equal(r.trigger, 'command', 'trigger: command');
   t.match(r.by, new RegExp(`@.+ pid \\d+$`), `by: user@host pid N (${r.by})`);
@@ -176,10 +177,13 @@ t.test('online rollback to an older snapshot: visible at once, merged, every sna
   t.ok(list.every((s) => s.volume === fs.realpathSync(img) || s.volume === img), 'list: each snapshot names its volume');
 });
 
-t.test('rollback to the newest snapshot, then to an older one while it may still merge (replaces it)', async (t) => {
+t.test('rollback to the newest snapshot, then to an older one while it still merges (replaces it)', async (t) => {
   const size = 8 * MiB;
-  // Merges at 1 MiB/s: the first is still running when the second comes.
-  const { img, srv, p0, p1 } = await threeGenerations(t, size, ['--merge-rate', '1M']);
+  // Merges at 128 KiB/s (8 chunks/s): the merge to b (about 256 chunks) runs
+  // for half a minute, far longer than the few commands before the second
+  // rollback take on any machine. The server is then restarted without the
+  // limit, so that the rest runs at full speed.
+  const { dir, img, srv: slow, p0, p1 } = await threeGenerations(t, size, ['--merge-rate', '128K']);
   expectOk(t, await cli(['rollback', img, 'b']), 'rollback b');
   const running = JSON.parse((await cli(['jobs', img, '--json'])).stdout) as Job[];
   t.equal(running[0]?.snapshot, 'b', 'the merge to b is running');
@@ -187,9 +191,14 @@ t.test('rollback to the newest snapshot, then to an older one while it may still
   expectError(t, snapRefused, 7, 'ROLLBACK_RUNNING', 'online create while merging', /rollback to "b" is merging/);
   const listed = await json<{ name: string; merge?: { percent: number } }[]>(t, ['snapshot', 'list', img], 'list while merging');
   t.ok(listed.find((s) => s.name === 'b')?.merge !== undefined, 'snapshot list shows the merge progress on b');
-  t.ok((await readAll(srv.socket, 'disk', size)).equals(p1), 'live shows b');
+  t.ok((await readAll(slow.socket, 'disk', size)).equals(p1), 'live shows b');
   expectOk(t, await cli(['rollback', img, 'a']), 'rollback a right after');
-  t.ok((await readAll(srv.socket, 'disk', size)).equals(p0), 'live shows a');
+  t.ok((await readAll(slow.socket, 'disk', size)).equals(p0), 'live shows a');
+  const second = (await json<HistoryEntry[]>(t, ['history', img], 'history after the second rollback')).filter((e) => e.event === 'rollback');
+  t.equal(second[1]?.replaced, 'b', 'the second rollback replaced the running merge to b');
+  t.equal(await slow.stop(), 0, 'the rate-limited server exits 0 mid-merge');
+  const srv = await serve(dir, img);
+  t.ok((await readAll(srv.socket, 'disk', size)).equals(p0), 'restarted: live shows a');
   await waitNoJobs(t, img, 'after both');
   t.ok((await readAll(srv.socket, 'disk', size)).equals(p0), 'after the merge live is a');
   t.ok((await readAll(srv.socket, 'disk@a', size)).equals(p0), 'a exact');
@@ -232,12 +241,14 @@ t.test('offline rollback: the command merges to the end itself; the raw file is 
 });
 
 t.test('a merge interrupted by SIGKILL: snapshot commands are refused until it finishes; serve resumes it', async (t) => {
-  // 64 MiB rewritten entirely, merged at 8 MiB/s (--merge-rate): about 8 s of merge.
+  // 64 MiB rewritten entirely, merged at 2 MiB/s (--merge-rate): about 32 s
+  // of merge, far longer than the one command between the rollback and the
+  // kill takes on any machine; the restart has no limit.
   const size = 64 * MiB;
   const { dir, img } = dirs();
   const p0 = pattern(size);
   fs.writeFileSync(img, p0);
-  let srv = await serve(dir, img, ['--chunk-size', '16K', '--merge-rate', '8M']);
+  let srv = await serve(dir, img, ['--chunk-size', '16K', '--merge-rate', '2M']);
   expectOk(t, await cli(['snapshot', 'create', img, 'a']), 'create a');
   const p1 = pattern(size);
   const writes: [number, Buffer][] = [];
@@ -250,19 +261,16 @@ t.test('a merge interrupted by SIGKILL: snapshot commands are refused until it f
   t.ok(jobs.length === 1 && jobs[0]!.percent < 100, `the merge was still running when killed (${jobs[0]?.percent ?? 'no job'}%)`);
   t.equal(jobs[0]?.total, size / (16 * KiB), 'every chunk was pending');
   const m = JSON.parse(fs.readFileSync(path.join(`${img}.nbd`, 'manifest.json'), 'utf8')) as { manifest: { rollback?: unknown } };
-  if (m.manifest.rollback) {
-    // Offline, with the job unfinished: create and delete are refused, nothing changes.
-    const c = await cli(['snapshot', 'create', img, 'x']);
-    expectError(t, c, 7, 'ROLLBACK_RUNNING', 'create while a merge is pending', /jobs .+ --wait/);
-    const d = await cli(['snapshot', 'delete', img, 'a']);
-    expectError(t, d, 7, 'ROLLBACK_RUNNING', 'delete while a merge is pending');
-    const j = JSON.parse((await cli(['jobs', img, '--json'])).stdout) as Job[];
-    t.equal(j.length, 1, 'offline jobs lists the unfinished merge');
-    t.equal(j[0]?.snapshot, 'a', 'to a');
-    t.ok(j[0]!.percent < 100, `offline progress ${j[0]?.percent}%`);
-  } else {
-    t.comment('the merge finished before the kill: the pending-job checks were not exercised this run');
-  }
+  t.ok(m.manifest.rollback, 'the manifest still records the unfinished merge after the kill');
+  // Offline, with the job unfinished: create and delete are refused, nothing changes.
+  const c = await cli(['snapshot', 'create', img, 'x']);
+  expectError(t, c, 7, 'ROLLBACK_RUNNING', 'create while a merge is pending', /jobs .+ --wait/);
+  const d = await cli(['snapshot', 'delete', img, 'a']);
+  expectError(t, d, 7, 'ROLLBACK_RUNNING', 'delete while a merge is pending');
+  const j = JSON.parse((await cli(['jobs', img, '--json'])).stdout) as Job[];
+  t.equal(j.length, 1, 'offline jobs lists the unfinished merge');
+  t.equal(j[0]?.snapshot, 'a', 'to a');
+  t.ok(j[0]!.percent < 100, `offline progress ${j[0]?.percent}%`);
   srv = await serve(dir, img, ['--chunk-size', '16K']);
   t.ok((await readAll(srv.socket, 'disk', size)).equals(p0), 'after the restart live shows a');
   t.ok((await readAll(srv.socket, 'disk@a', size)).equals(p0), 'a exact while merging');
@@ -350,7 +358,8 @@ t.test('auto-rollback on-disconnect: the last client leaving rolls the volume ba
   t.ok(r1.data?.equals(scribble), 'no rollback while a client is still connected');
   const before = (await json<HistoryEntry[]>(t, ['history', img], 'history before')).length;
   await keep.disconnect();
-  const deadline = Date.now() + 10_000;
+  // Wait for the state (the policy's rollback in the history); the bound only stops a hang.
+  const deadline = Date.now() + 120_000;
   while (Date.now() < deadline && (JSON.parse((await cli(['history', img, '--json'])).stdout) as HistoryEntry[]).length === before) {
     await new Promise((r) => setTimeout(r, 50));
   }

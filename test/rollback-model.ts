@@ -29,8 +29,11 @@
 // for an unknown snapshot (exit 8) and a failed one (exit 12).
 //
 // A second test makes merges long (a 96 MiB volume changed everywhere, 16K
-// chunks: two merge steps of 64 MiB and 32 MiB) so that create/delete
-// requests, writes, reads and a replacing rollback land while the merge runs.
+// chunks, served with --merge-rate so that a merge takes about three seconds
+// on any machine) so that create/delete requests, writes, reads and a
+// replacing rollback land while the merge runs; what ran during a merge is
+// counted from observed state (a refusal, `jobs` or the list showing the
+// merge, an acknowledgement before the merge-finished time), never assumed.
 //
 // TRIM is modelled as zeroing (a punched hole reads back as zeroes).
 // The seed is printed; NBD_TEST_SEED=<seed> replays a run.
@@ -85,6 +88,8 @@ interface RunConfig {
   seed: number;
   /** Initial content of the image (default: zeros, sparse). */
   initial?: Buffer;
+  /** Extra `serve` options. */
+  serveArgs?: string[];
 }
 
 class Failure extends Error {}
@@ -182,7 +187,7 @@ class RollbackRun {
 
   async start(): Promise<void> {
     this.tracker.restart(); // a new server process: no dirty set yet
-    this.srv = await startServer({ dir: this.dir, images: ['disk.img'], args: ['--chunk-size', this.cfg.chunk] });
+    this.srv = await startServer({ dir: this.dir, images: ['disk.img'], args: ['--chunk-size', this.cfg.chunk, ...(this.cfg.serveArgs ?? [])] });
     for (const h of this.liveHandles) {
       const r = await this.py.open(h, this.srv.uri('disk'));
       this.check(r.ok, `cannot connect ${h} to export disk: ${r.error}`);
@@ -882,7 +887,11 @@ t.test('rollback model: unaligned 8 MiB + 5555 bytes, 16 KiB chunks', (t) =>
 // ---- Test 2: long merges ---------------------------------------------------------------------------
 //
 // Every chunk differs between the snapshots and live, so a rollback to any of
-// them merges the whole volume in three 64 MiB steps. Each round, right
+// them merges the whole volume. The server runs with --merge-rate 32M: a
+// whole-volume merge takes about 3 s however fast the machine is, while the
+// requests that must find it running are sent within milliseconds of the
+// rollback reply (a full read of every export and the CLI create come later
+// and may find it finished; both outcomes are checked). Each round, right
 // after the rollback reply (control socket): a create and a delete (must be
 // refused: the merge runs), a burst of writes (they win), a full read of
 // every export while the merge may still run, sometimes a second rollback
@@ -891,13 +900,22 @@ t.test('rollback model: writes, reads and snapshot requests during multi-step me
   if (!requireTools(t, ['python3-libnbd'])) return;
   const seed = (SEED + 2) >>> 0;
   const size = 96 * MiB + 4321;
-  const cfg: RunConfig = { label: 'long merges', size, steps: 0, chunk: '16K', chunkSize: 16 * KiB, seed, initial: dataFor(`${seed}-initial`, size) };
+  const cfg: RunConfig = {
+    label: 'long merges',
+    size,
+    steps: 0,
+    chunk: '16K',
+    chunkSize: 16 * KiB,
+    seed,
+    initial: dataFor(`${seed}-initial`, size),
+    serveArgs: ['--merge-rate', '32M'],
+  };
   t.comment(`seed ${cfg.seed}, size ${cfg.size}`);
   const run = new RollbackRun(t, cfg);
   t.teardown(() => run.cleanup());
   const started = Date.now();
   const ROUNDS = 6;
-  /** Chunks per native merge step (src/snapshots.ts: 64 MiB per step). */
+  /** Rollback targets have more chunks than this to merge: 64 MiB, over 2 s at 32M/s. */
   const STEP_CHUNKS = (64 * MiB) / cfg.chunkSize;
   try {
     await run.start();

@@ -452,6 +452,14 @@ t.test('model: 72 MiB + 100 bytes, 4 KiB chunks (18433 chunks: multi-step hand-d
 //           sent is in; every write submitted after the reply is out; and a
 //           write in it implies every write acknowledged before that one was
 //           submitted is in too. Older snapshots stay exact.
+// Overlap is made, not hoped for: the burst holds its remaining writes once
+// `startAfter` are acknowledged, the test sends the create/delete and only
+// then lets them go, and the server's first-write thread waits
+// FIRST_WRITE_DELAY_MS before each batch (NBD_TEST_FIRST_WRITE_DELAY_MS), so
+// a create or delete, which drains the queued first writes, lasts about that
+// long: the released writes are submitted while it runs. (Not in the first
+// round of a test: with no snapshot yet nothing is queued.)
+const FIRST_WRITE_DELAY_MS = '1000';
 async function concurrentRounds(t: Test, which: 'create' | 'delete', seed: number): Promise<void> {
   if (!requireTools(t, ['python3-libnbd'])) return;
   t.comment(`seed ${seed}`);
@@ -460,7 +468,7 @@ async function concurrentRounds(t: Test, which: 'create' | 'delete', seed: numbe
   const cs = 64 * KiB;
   const dir = makeTempDir('nbd-snapconc-');
   const image = sparseImage(dir, 'disk.img', size);
-  const srv = await startServer({ dir, images: ['disk.img'], args: ['--chunk-size', '64K'] });
+  const srv = await startServer({ dir, images: ['disk.img'], args: ['--chunk-size', '64K'], env: { NBD_TEST_FIRST_WRITE_DELAY_MS: FIRST_WRITE_DELAY_MS } });
   const py = new PyClient();
   t.teardown(async () => {
     await srv.stop('SIGKILL');
@@ -526,9 +534,10 @@ async function concurrentRounds(t: Test, which: 'create' | 'delete', seed: numbe
           repNs = monoNs();
           py.send('stop');
         });
+        py.send('go'); // the held writes: submitted after reqNs, while the operation runs
       }
     };
-    const br = await py.request({ op: 'burst', hs, depth: 4, ops });
+    const br = await py.request({ op: 'burst', hs, depth: 4, ops, hold: startAfter });
     py.onEvent = undefined;
     if (!opDone) throw new Error('the burst ended before the snapshot operation started');
     await opDone;
