@@ -262,7 +262,8 @@ export class VolumeSnapshots {
     this.armHold(); // the policy may have changed (set, create, delete)
   }
 
-  create(name: string, opts: { autoRollback?: AutoRollbackPolicy | 'off' } = {}): Promise<SnapshotInfo> {
+  /** Resolves with the snapshot, and how long writes were paused for it (pausedMs). */
+  create(name: string, opts: { autoRollback?: AutoRollbackPolicy | 'off' } = {}): Promise<SnapshotInfo & { pausedMs?: number }> {
     validateSnapshotName(name);
     return this.serial(async () => {
       this.refuseWhileMerging('create a snapshot');
@@ -305,8 +306,9 @@ export class VolumeSnapshots {
       this.native.addSnapshot(this.exportName, id); // ...to here: the snapshot is in the chain
       this.exportView(rec);
       const ms = Number(process.hrtime.bigint() - started) / 1e6;
-      this.log.info({ snapshot: name, id, ms }, 'snapshot created');
-      return this.describe(rec);
+      const pausedMs = this.firstWrites()?.lastPauseMs;
+      this.log.info({ snapshot: name, id, ms, pausedMs }, 'snapshot created');
+      return { ...this.describe(rec), pausedMs };
     });
   }
 

@@ -79,11 +79,12 @@ function startServer(o: Options, work: string, images: string[], sock: string, e
   return child;
 }
 
-async function snapshotCreate(image: string, name: string): Promise<number> {
+/** Creates a snapshot through the control socket: the request-to-reply time, and how long writes were paused. */
+async function snapshotCreate(image: string, name: string): Promise<{ ms: number; pausedMs: number }> {
   const t0 = process.hrtime.bigint();
   const r = await callControl(image, { op: 'snapshot-create', name }, 120_000);
   if (!r) throw new Error(`no server answers for ${image}`);
-  return Number(process.hrtime.bigint() - t0) / 1e6;
+  return { ms: Number(process.hrtime.bigint() - t0) / 1e6, pausedMs: (r.result as { pausedMs?: number }).pausedMs ?? NaN };
 }
 
 async function pauses(o: Options, work: string): Promise<string[][]> {
@@ -91,7 +92,7 @@ async function pauses(o: Options, work: string): Promise<string[][]> {
   fs.writeFileSync(img, '');
   fs.truncateSync(img, o.size);
   const sock = path.join(work, 'p.sock');
-  const server = startServer(o, work, [img], sock, { NBD_JOURNAL_DIR: path.join(work, 'journal') });
+  const server = startServer(o, work, [img], sock, { NBD_JOURNAL_DIR: journalDir(work) });
   try {
     await waitSocket(sock, server, path.join(work, 'server.log'));
     await snapshotCreate(img, 's0');
@@ -106,12 +107,15 @@ async function pauses(o: Options, work: string): Promise<string[][]> {
       { stdio: 'ignore' },
     );
     const creates: number[] = [];
+    const paused: number[] = [];
     const done = new Promise<number | null>((r) => fio.once('exit', (c) => r(c)));
     let finished = false;
     void done.then(() => (finished = true));
     await sleep(2000); // past fio's start, into the sustained first writes
     for (let k = 1; !finished; k++) {
-      creates.push(await snapshotCreate(img, `p${k}`));
+      const c = await snapshotCreate(img, `p${k}`);
+      creates.push(c.ms);
+      paused.push(c.pausedMs);
       await sleep(o.interval * 1000);
     }
     if ((await done) !== 0) throw new Error('fio failed');
@@ -121,6 +125,7 @@ async function pauses(o: Options, work: string): Promise<string[][]> {
     return [
       ['snapshot creates during the run', String(creates.length)],
       ['create latency, median / max (ms)', `${fmtNum(median(creates), 1)} / ${fmtNum(Math.max(...creates), 1)}`],
+      ['writes paused by a create, median / max (ms)', `${fmtNum(median(paused), 1)} / ${fmtNum(Math.max(...paused), 1)}`],
       ['4k randwrite QD32 IOPS during the run', fmtNum(w.iops)],
       ['write completion latency p50 / p99 / p99.9 (ms)', `${ms(w.clat_ns.percentile['50.000000'])} / ${ms(w.clat_ns.percentile['99.000000'])} / ${ms(w.clat_ns.percentile['99.900000'])}`],
       ['longest write stall = max completion latency (ms)', ms(w.clat_ns.max)],
@@ -128,6 +133,13 @@ async function pauses(o: Options, work: string): Promise<string[][]> {
   } finally {
     await stopChild(server);
   }
+}
+
+/** A journal directory of the run's own, memory-backed like the default (/dev/shm). */
+function journalDir(work: string): string {
+  const d = fs.mkdtempSync(path.join(fs.existsSync('/dev/shm') ? '/dev/shm' : work, 'nbd-bench-journal-'));
+  tempPaths.add(d);
+  return d;
 }
 
 function procStatus(pid: number): Record<string, number> {
@@ -158,7 +170,7 @@ async function volumes(o: Options, work: string): Promise<string[][]> {
     images.push(img);
   }
   const sock = path.join(work, 'v.sock');
-  const jdir = path.join(work, 'vjournal');
+  const jdir = journalDir(work);
   const server = startServer(o, work, images, sock, { NBD_JOURNAL_DIR: jdir });
   try {
     await waitSocket(sock, server, path.join(work, 'server.log'), 300_000);
@@ -215,7 +227,7 @@ async function main(): Promise<void> {
     }
   } finally {
     cleanupProcesses();
-    fs.rmSync(work, { recursive: true, force: true });
+    for (const p of tempPaths) fs.rmSync(p, { recursive: true, force: true });
   }
 }
 

@@ -247,6 +247,8 @@ Napi::Value ServerWrap::FirstWrites(const Napi::CallbackInfo& info) {
   Napi::Object o = Napi::Object::New(env);
   o.Set("mode", cow->first_write_mode());
   o.Set("queued", Napi::Number::New(env, static_cast<double>(cow->queued_writes())));
+  o.Set("lastPauseMs", Napi::Number::New(env, static_cast<double>(cow->last_pause_us()) / 1000.0));
+  o.Set("maxPauseMs", Napi::Number::New(env, static_cast<double>(cow->max_pause_us()) / 1000.0));
   const std::string name = info[0].As<Napi::String>().Utf8Value();
   auto it = journal_replayed_.find(name);
   o.Set("replayedAtOpen", Napi::Number::New(env, it == journal_replayed_.end() ? 0.0 : static_cast<double>(it->second)));

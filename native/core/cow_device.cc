@@ -89,11 +89,16 @@ void CowDevice::load_snapshot(std::shared_ptr<SnapshotStore> s) {
 int CowDevice::pause_and_drain(std::string& err) {
   // Writes pause only for what is left: first apply what is queued while
   // writes still flow, then cap the queue small and wait until it is under
-  // the cap, and only then close the gate and drain the rest. If the queue
+  // the cap, write back the image's dirty pages, and only then close the
+  // gate and drain (and the caller flush) the rest. If the queue
   // cannot be applied, that is found out before the pause (and reported by
   // the drain below at once).
   auto q = queue();
   if (q && !q->empty() && q->settle() == 0) q->shrink_to(kPauseDrainChunks);
+  // Write back what is dirty now, so that the flush with writes paused
+  // (begin_add) has only what was written meanwhile left to do. Its error
+  // is the paused flush's to report (a failed sync is sticky).
+  next_->flush();
   gate_.close();  // in-flight writes drain; new ones wait
   int e = drain_queue(err);
   if (q) q->uncap();  // the gate holds writers back now

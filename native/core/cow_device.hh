@@ -111,6 +111,9 @@ class CowDevice : public FilterDevice, public std::enable_shared_from_this<CowDe
   // "inline", "journal" or "inline (journal unavailable: ...)", and queued entries.
   std::string first_write_mode() const;
   uint64_t queued_writes() const;
+  // Write pauses (create, delete, rollback): the last and the longest, µs.
+  uint64_t last_pause_us() const { return gate_.last_pause_us(); }
+  uint64_t max_pause_us() const { return gate_.max_pause_us(); }
 
   // Control plane (any thread). Creating a snapshot is two steps around the
   // manifest write: begin_add() pauses writes, applies every queued first

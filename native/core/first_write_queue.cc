@@ -17,6 +17,7 @@ namespace {
 constexpr uint64_t kWritePiece = 1u << 20;    // data bytes per journal entry, at most
 constexpr uint64_t kZeroPieceChunks = 256;    // chunks per zeroing entry, at most
 constexpr uint64_t kRingSlack = 64;           // never fill the ring to the last byte
+constexpr uint64_t kBatchChunks = 1024;       // chunks preserved per batch (one snapshot commit), at most
 
 // A queued entry's fields, and the chunks it touches.
 std::shared_ptr<QueuedWrite> make_entry(uint16_t type, bool may_trim, uint64_t offset, uint32_t length, uint32_t chunk_size) {
@@ -308,9 +309,10 @@ void FirstWriteQueue::run() {
     size_t chunks = 0;
     for (auto& q : fifo_) {
       size_t n = q->last_chunk - q->first_chunk + 1;
-      // A quarter of the bound per batch: writers keep filling the rest while
-      // a batch is preserved, instead of waiting for one batch of everything.
-      if (!batch.empty() && chunks + n > max_chunks_ / 4) break;
+      // A bounded batch (a quarter of the bound, at most kBatchChunks):
+      // writers keep filling the rest while a batch is preserved, and a
+      // writer waiting for room waits for one batch, not for everything.
+      if (!batch.empty() && chunks + n > std::min<uint64_t>(max_chunks_ / 4, kBatchChunks)) break;
       batch.push_back(q);
       chunks += n;
     }

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 
@@ -37,19 +38,31 @@ class WriteGate {
     std::unique_lock<std::mutex> lk(mu_);
     cv_.wait(lk, [this] { return !closed_.load(); });  // one closer at a time
     closed_.store(true);
+    closed_at_ = std::chrono::steady_clock::now();
     cv_.wait(lk, [this] { return active_.load() == 0; });
   }
   void open() {
     std::lock_guard<std::mutex> lk(mu_);
+    if (closed_.load()) {
+      auto us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - closed_at_).count();
+      last_pause_us_.store(static_cast<uint64_t>(us));
+      if (static_cast<uint64_t>(us) > max_pause_us_.load()) max_pause_us_.store(static_cast<uint64_t>(us));
+    }
     closed_.store(false);
     cv_.notify_all();
   }
+  // How long writes were paused (close() to open()), for status: the last
+  // pause and the longest since the volume was opened, in microseconds.
+  uint64_t last_pause_us() const { return last_pause_us_.load(); }
+  uint64_t max_pause_us() const { return max_pause_us_.load(); }
 
  private:
   std::atomic<int> active_{0};
   std::atomic<bool> closed_{false};
   std::mutex mu_;  // leaf lock
   std::condition_variable cv_;
+  std::chrono::steady_clock::time_point closed_at_;  // guarded by mu_
+  std::atomic<uint64_t> last_pause_us_{0}, max_pause_us_{0};
 };
 
 // RAII for WriteGate::enter/leave.

@@ -63,6 +63,9 @@ export interface NativeFirstWrites {
   mode: string;
   /** Entries waiting for the background preserver. */
   queued: number;
+  /** Writes paused by the last snapshot create/delete/rollback, and the longest pause since open (ms). */
+  lastPauseMs: number;
+  maxPauseMs: number;
   /** Entries a previous run left in the journal, replayed when this volume was opened. */
   replayedAtOpen: number;
   /** Why a journal the volume recorded was not replayed (lost with a restart of the machine). */
