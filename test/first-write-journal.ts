@@ -39,7 +39,7 @@ import { cli, expectError, expectOk, lastLine } from './fixtures/cli-expect';
 import { readExport } from './fixtures/export-io';
 import { currentSuper, ENTRY_HEADER, journalOf, journalState, pendingEntries, readSupers, RING_BASE, SLOTS, T_WRITE, T_ZERO, type Entry } from './fixtures/journal';
 import { NBD, RawClient } from './fixtures/raw-client';
-import { logLines, makeTempDir, removeDir, startServer, type RunningServer } from './fixtures/server';
+import { logLines, startServer, tempDirs, type RunningServer } from './fixtures/server';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -52,14 +52,8 @@ const REPLAY_MSG = 'applied first writes journalled before the last stop (preser
 
 // ---- directories, servers, CLI -------------------------------------------------------
 
-const dirs: string[] = [];
-t.teardown(() => dirs.forEach(removeDir));
-
-function newDir(): string {
-  const d = makeTempDir('nbd-fwjournal-');
-  dirs.push(d);
-  return d;
-}
+const tempDir = tempDirs(t);
+const newDir = () => tempDir('nbd-fwjournal-');
 
 /** A fully allocated image of random content. */
 function makeImage(dir: string, name = 'disk.img'): { img: string; content: Buffer } {

@@ -35,28 +35,18 @@ import { cli, expectError, expectOk, lastLine } from './fixtures/cli-expect';
 import { readExport } from './fixtures/export-io';
 import { crc32c, currentSuper, journalOf, journalState, pendingEntries, RING_BASE } from './fixtures/journal';
 import { NBD, RawClient } from './fixtures/raw-client';
-import { CLI, logLines, makeTempDir, removeDir, startServer, type RunningServer } from './fixtures/server';
+import { CLI, logLines, startServer, tempDirs, type RunningServer } from './fixtures/server';
 import { ballast, smallFs } from './fixtures/small-fs';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
 const PAUSED = { NBD_TEST_FIRST_WRITE_DELAY_MS: '120000' };
 
-const dirs: string[] = [];
-t.teardown(() => dirs.forEach(removeDir));
-
-function newDir(prefix = 'nbd-jrecovery-'): string {
-  const d = makeTempDir(prefix);
-  dirs.push(d);
-  return d;
-}
-
+const tempDir = tempDirs(t);
+const newDir = () => tempDir('nbd-jrecovery-');
 /** A journal directory of its own, memory-backed like the default. */
-function newJournalDir(): string {
-  const d = fs.mkdtempSync(path.join(fs.existsSync('/dev/shm') ? '/dev/shm' : '/tmp', 'nbd-jrecovery-j-'));
-  dirs.push(d);
-  return d;
-}
+const shmDir = tempDirs(t, fs.existsSync('/dev/shm') ? '/dev/shm' : undefined);
+const newJournalDir = () => shmDir('nbd-jrecovery-j-');
 
 async function serve(t: Test, dir: string, opts: { images?: string[]; env?: NodeJS.ProcessEnv; args?: string[]; size?: string } = {}): Promise<RunningServer> {
   const srv = await startServer({ dir, images: opts.images ?? ['disk.img'], env: opts.env, args: opts.args, size: opts.size });

@@ -14,7 +14,7 @@ import { exec, type ExecResult } from './fixtures/exec';
 import { isAlive, waitFor } from './fixtures/proc';
 import { readExport, writeExport } from './fixtures/export-io';
 import { NBD, RawClient } from './fixtures/raw-client';
-import { CLI, makeTempDir as makeDir, removeDir, startServer, type RunningServer } from './fixtures/server';
+import { CLI, tempDirs, startServer, type RunningServer } from './fixtures/server';
 import { holdVolumeLock } from './fixtures/lock-child';
 import { requireTools } from './fixtures/tools';
 
@@ -23,13 +23,7 @@ const MiB = 1024 * KiB;
 const CHUNK = 16 * KiB; // the default chunk size
 
 // Every test directory goes at the end (kept with NBD_KEEP_TEST_DIRS=1).
-const dirs: string[] = [];
-function makeTempDir(prefix: string): string {
-  const d = makeDir(prefix);
-  dirs.push(d);
-  return d;
-}
-t.teardown(() => dirs.forEach(removeDir));
+const makeTempDir = tempDirs(t);
 
 // ---- helpers -------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import { NBD, RawClient } from './fixtures/raw-client';
 import { CLI, logLines as serverLog, makeTempDir, removeDir, startServer, type RunningServer } from './fixtures/server';
 
 const logLines = (srv: RunningServer) => serverLog<{ snapshot: string; reason: string }>(srv);
-import { STRICT } from './fixtures/tools';
+import { ballast, fillUp, freeBytes, smallFs } from './fixtures/small-fs';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -36,75 +36,6 @@ const SPACE = /space|ENOSPC/i;
 
 function cli(args: string[]): Promise<ExecResult> {
   return exec(process.execPath, [CLI, ...args], { timeoutMs: 60_000 });
-}
-
-// ---- a small filesystem of our own -------------------------------------------------
-
-/**
- * Mounts a filesystem of `sizeMiB` on a fresh directory and unmounts it at the
- * end of the test. Returns null after failing (NBD_STRICT_TESTS=1) or skipping
- * the test with the exact reason when no mount works here.
- */
-async function smallFs(t: Test, sizeMiB: number): Promise<{ dir: string; kind: string } | null> {
-  const dir = makeTempDir('nbd-snapfail-');
-  const errors: string[] = [];
-  let backingDir = '';
-  const tmpfs = await exec('mount', ['-t', 'tmpfs', '-o', `size=${sizeMiB}m`, 'tmpfs', dir]);
-  let kind = '';
-  if (tmpfs.code === 0) kind = `tmpfs size=${sizeMiB}m`;
-  else {
-    errors.push(`mount -t tmpfs: exit ${tmpfs.code} ${tmpfs.stderr.trim()}`);
-    backingDir = makeTempDir('nbd-snapfail-fs-');
-    const backing = path.join(backingDir, 'fs.img');
-    fs.writeFileSync(backing, '');
-    fs.truncateSync(backing, sizeMiB * MiB);
-    const mk: ExecResult = await exec('mkfs.ext4', ['-F', '-q', '-m', '0', backing]).catch((e: Error) => ({ code: -1, signal: null, stdout: '', stderr: e.message }));
-    if (mk.code !== 0) errors.push(`mkfs.ext4: exit ${mk.code} ${mk.stderr.trim()}`);
-    else {
-      const lo = await exec('mount', ['-o', 'loop', backing, dir]);
-      if (lo.code === 0) kind = `ext4 on a ${sizeMiB} MiB loop-mounted file`;
-      else errors.push(`mount -o loop (ext4): exit ${lo.code} ${lo.stderr.trim()}`);
-    }
-  }
-  const cleanup = () => {
-    fs.rmSync(dir, { recursive: true, force: true }); // only once unmounted: the mount point is empty then
-    if (backingDir) removeDir(backingDir);
-  };
-  if (!kind) {
-    cleanup();
-    const msg = `CANNOT MOUNT A SMALL FILESYSTEM for the out-of-space test: ${errors.join('; ')}`;
-    process.stderr.write(`\n*** ${msg}\n`);
-    if (STRICT) t.fail(`${msg}; NBD_STRICT_TESTS=1 forbids skipping`);
-    else t.plan(0, `SKIP ${msg}`);
-    return null;
-  }
-  t.comment(`the image lives on ${kind} at ${dir}`);
-  t.teardown(async () => {
-    for (let i = 0; i < 20; i++) {
-      if ((await exec('umount', [dir])).code === 0) return cleanup();
-      await new Promise((r) => setTimeout(r, 250));
-    }
-    if ((await exec('umount', ['-l', dir])).code === 0) cleanup();
-  });
-  return { dir, kind };
-}
-
-function freeBytes(dir: string): number {
-  const s = fs.statfsSync(dir);
-  return s.bavail * s.bsize;
-}
-
-/** Leaves about `leave` bytes free on the filesystem of `dir` (a file of zeroes, allocated). */
-function ballast(dir: string, leave: number): string {
-  const file = path.join(dir, 'ballast');
-  const size = freeBytes(dir) - leave;
-  if (size <= 0) throw new Error(`only ${freeBytes(dir)} bytes free, wanted to leave ${leave}`);
-  const fd = fs.openSync(file, 'w');
-  const block = Buffer.alloc(MiB);
-  for (let done = 0; done < size; done += MiB) fs.writeSync(fd, block, 0, Math.min(MiB, size - done));
-  fs.fsyncSync(fd);
-  fs.closeSync(fd);
-  return file;
 }
 
 // ---- I/O helpers -------------------------------------------------------------------
@@ -359,27 +290,6 @@ t.test('a snapshot that holds every chunk stays healthy and exact while a newer 
     srv = undefined;
   }
 });
-
-/** Fills the filesystem of `dir` to the last block (a file written until ENOSPC). */
-function fillUp(dir: string): string {
-  const file = path.join(dir, 'fill');
-  const fd = fs.openSync(file, 'w');
-  try {
-    for (const step of [MiB, 4096]) {
-      const block = Buffer.alloc(step, 1);
-      for (;;) {
-        try {
-          fs.writeSync(fd, block);
-        } catch {
-          break;
-        }
-      }
-    }
-  } finally {
-    fs.closeSync(fd);
-  }
-  return file;
-}
 
 t.test('the failure is durable when the disk is completely full (no room for a new map record or the manifest)', async (t) => {
   const mnt = await smallFs(t, 32);

@@ -16,18 +16,13 @@ import * as path from 'node:path';
 import { exec, type ExecResult } from './fixtures/exec';
 import { LockChild } from './fixtures/lock-child';
 import { isAlive } from './fixtures/proc';
-import { CLI, makeTempDir as makeDir, removeDir, startServer } from './fixtures/server';
+import { CLI, tempDirs, startServer } from './fixtures/server';
 import { lockVolume } from '../src/volume-meta';
 
 const MiB = 1024 * 1024;
 
-const dirs: string[] = [];
-function makeTempDir(prefix: string): string {
-  const d = makeDir(prefix);
-  dirs.push(d);
-  return d;
-}
-t.teardown(() => dirs.forEach(removeDir));
+// Every test directory goes at the end (kept with NBD_KEEP_TEST_DIRS=1).
+const makeTempDir = tempDirs(t);
 
 /** A test directory with a sparse 1 MiB disk.img and a private TMPDIR for the processes it starts. */
 function setup(prefix: string): { dir: string; img: string; meta: string; tmp: string; env: NodeJS.ProcessEnv } {
