@@ -32,6 +32,7 @@
 //           refused until the merge finishes.
 import * as fs from 'node:fs';
 import * as os from 'node:os';
+import { crashPoint } from './crash-point';
 import { fromNative, NbdError } from './errors';
 import { orphanJournals } from './journals';
 import { appendHistory, readHistory, type HistoryEntry } from './history';
@@ -284,6 +285,7 @@ export class VolumeSnapshots {
         removeFiles();
         throw fromNative(err);
       }
+      crashPoint('snapshot.create.prepared');
       // Writes pause and every queued first write reaches the image before
       // the manifest lists the snapshot: a crash after the manifest write
       // never replays a write queued under the old chain into it.
@@ -303,6 +305,7 @@ export class VolumeSnapshots {
         removeFiles();
         throw new NbdError('SNAPSHOT_CREATE_FAILED', `cannot record the snapshot: ${(err as Error).message}`);
       }
+      crashPoint('snapshot.create.manifest');
       this.native.addSnapshot(this.exportName, id); // ...to here: the snapshot is in the chain
       this.exportView(rec);
       const ms = Number(process.hrtime.bigint() - started) / 1e6;
@@ -331,6 +334,7 @@ export class VolumeSnapshots {
       this.native.removeExport(this.viewName(s));
       try {
         await this.native.removeSnapshot(this.exportName, s.id); // writes are paused from here...
+        crashPoint('snapshot.delete.removed');
         const { basedOn, ...m } = this.manifest;
         const keepBasis = basedOn && basedOn.snapshotId !== s.id ? { basedOn } : {};
         // Recorded first, then out of the chain: if the manifest cannot be
@@ -340,7 +344,9 @@ export class VolumeSnapshots {
         } catch (err) {
           throw new NbdError('SNAPSHOT_DELETE_FAILED', `cannot record the deletion (the snapshot stays, exact): ${(err as Error).message}`);
         }
+        crashPoint('snapshot.delete.manifest');
         this.native.dropSnapshot(this.exportName, s.id);
+        crashPoint('snapshot.delete.dropped');
       } catch (err) {
         if (this.manifest.snapshots.some((x) => x.id === s.id)) this.exportView(s);
         throw fromNative(err);

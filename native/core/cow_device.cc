@@ -9,6 +9,7 @@
 #include <cstring>
 #include <optional>
 
+#include "crash_point.hh"
 #include "journal_state.hh"
 #include "nbd_protocol.hh"
 
@@ -112,6 +113,7 @@ int CowDevice::begin_add(std::string& err) {
     e = EBUSY;
   }
   if (!e && (e = next_->flush())) err = std::string("flushing the volume failed: ") + strerror(e);
+  if (!e) crash_point("snapshot.create.begun");
   if (e) gate_.open();
   return e;  // on success writes stay paused until commit_add() or resume_writes()
 }
@@ -120,6 +122,7 @@ void CowDevice::commit_add(std::shared_ptr<SnapshotStore> s) {
   load_snapshot(std::move(s));
   if (!queue() && journal_cfg_.ring_size > 0 && !journal_cfg_.read_only) start_queue();
   gate_.open();
+  crash_point("snapshot.create.added");
 }
 
 bool CowDevice::drop_from_chain(uint64_t id) {
@@ -615,7 +618,9 @@ void CowDevice::retire_queue() {
   std::string err;
   // State first, then the file: a crash in between leaves an unnamed,
   // drained journal, never a named one that is missing.
-  if (clear_journal_state(journal_cfg_.state_file, err) == 0) ::unlink(path.c_str());
+  if (clear_journal_state(journal_cfg_.state_file, err) != 0) return;
+  crash_point("journal.retire.cleared");
+  ::unlink(path.c_str());
 }
 
 uint64_t CowDevice::queued_writes() const {
@@ -655,7 +660,9 @@ int CowDevice::apply_queued(const FirstWriteQueue::Batch& batch) {
       unlock_stripes(stripes);
     }
   }
+  scoped_crash_point("apply.preserved");
   for (auto& q : batch) {
+    if (crash_armed() && &q == &batch[batch.size() / 2]) scoped_crash_point("apply.half");
     IoFlags f;
     f.may_trim = q->may_trim;
     int e = q->type == WriteJournal::kWrite ? next_->pwrite(q->data, q->length, q->offset, IoFlags{})
@@ -685,10 +692,12 @@ void CowDevice::start_queue() {
                                               std::chrono::system_clock::now().time_since_epoch())
                                               .count());
     auto journal = WriteJournal::create(st.path, st.id, journal_cfg_.owner, size(), chunk_size_, journal_cfg_.ring_size, err);
+    if (journal) crash_point("journal.create.made");
     if (journal && save_journal_state(journal_cfg_.state_file, st, err) != 0) {
       journal.reset();
       ::unlink(st.path.c_str());
     }
+    if (journal) crash_point("journal.create.recorded");
     if (journal) journal->hold(std::move(reserved));
     return journal;
   };
@@ -750,6 +759,7 @@ int CowDevice::open_journal(const JournalConfig& cfg, uint64_t& replayed, std::s
         const std::string path = journal->path();
         journal.reset();
         if (clear_journal_state(cfg.state_file, err) != 0) return failed(JournalError::kIo, EIO);
+        crash_point("replay.cleared");
         ::unlink(path.c_str());
       }
     }
@@ -923,6 +933,7 @@ int CowDevice::hand_down(uint64_t id, uint64_t from, uint64_t max, uint64_t& nex
       std::vector<ChunkSum> batch;
       batch.swap(moved[h]);
       int e = chain[h]->commit(batch);
+      if (!e) crash_point("snapshot.delete.committed");
       if (!e) continue;
       if (!chain[h]->failed()) {
         err = "committing handed-down chunks to snapshot " + std::to_string(chain[h]->id()) + " failed: " + strerror(e);
@@ -937,6 +948,7 @@ int CowDevice::hand_down(uint64_t id, uint64_t from, uint64_t max, uint64_t& nex
   for (uint64_t c = from; c < next; ++c) {
     if (!src.map().test(c)) continue;
     if (int e = give(c)) return e;
+    crash_point("snapshot.delete.copied");
     if (uncommitted >= kHandDownBatch)
       if (int e = commit()) return e;
   }

@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "crash_point.hh"
+
 namespace nbd {
 
 namespace {
@@ -45,7 +47,8 @@ FirstWriteQueue::FirstWriteQueue(OpenJournal open, uint64_t ring_size, uint32_t 
       chunk_size_(chunk_size),
       max_chunks_(std::max<uint64_t>(max_chunks, 2 * kZeroPieceChunks)),
       apply_(std::move(apply)),
-      pause_ms_(env_ms("NBD_TEST_FIRST_WRITE_DELAY_MS")) {}
+      pause_ms_(env_ms("NBD_TEST_FIRST_WRITE_DELAY_MS")),
+      min_batch_(std::max<uint64_t>(1, env_ms("NBD_TEST_FIRST_WRITE_BATCH"))) {}
 
 FirstWriteQueue::~FirstWriteQueue() {
   {
@@ -60,6 +63,7 @@ FirstWriteQueue::~FirstWriteQueue() {
 
 int FirstWriteQueue::replay(WriteJournal& journal, uint32_t chunk_size, const Apply& apply, uint64_t& entries,
                             std::string& err) {
+  CrashScope scope("replay");  // names the batch apply's points "replay.*"
   std::vector<JournalRecord> recs;
   if (int e = journal.read_pending(recs, err)) return e;
   entries = recs.size();
@@ -76,10 +80,12 @@ int FirstWriteQueue::replay(WriteJournal& journal, uint32_t chunk_size, const Ap
     err = std::string("applying ") + std::to_string(recs.size()) + " journalled writes failed: " + strerror(e);
     return e;
   }
+  crash_point("replay.applied");
   if (int e = journal.reset()) {
     err = std::string("resetting the journal failed: ") + strerror(e);
     return e;
   }
+  crash_point("replay.reset");
   return 0;
 }
 
@@ -129,7 +135,8 @@ int FirstWriteQueue::append_locked(std::unique_lock<std::mutex>& lk, uint16_t ty
   for (uint64_t c = q->first_chunk; c <= q->last_chunk; ++c) index_[c].push_back(cq);
   fifo_.push_back(std::move(cq));
   count_.store(fifo_.size());
-  if (fifo_.size() == 1) cv_.notify_all();  // the thread sleeps only on an empty queue
+  // The thread sleeps only on an empty queue (or, under the test hook, a short one).
+  if (fifo_.size() == 1 || fifo_.size() == min_batch_) cv_.notify_all();
   return 0;
 }
 
@@ -216,6 +223,7 @@ template <typename Pred>
 void FirstWriteQueue::wait_for_thread(std::unique_lock<std::mutex>& lk, Pred done) {
   ++waiters_;
   set_urgent(true);  // someone waits: the thread must not idle
+  if (min_batch_ > 1) cv_.notify_all();  // test hook: a short queue is taken now
   cv_.wait(lk, done);
   --waiters_;
 }
@@ -299,9 +307,12 @@ void FirstWriteQueue::set_urgent(bool urgent) {
 }
 
 void FirstWriteQueue::run() {
+  CrashScope scope("queue");  // names the batch apply's points "queue.*"
   std::unique_lock<std::mutex> lk(mu_);
   for (;;) {
-    cv_.wait(lk, [this] { return stop_ || !fifo_.empty(); });
+    // (Test hook: with min_batch_ > 1, a batch is taken once that many
+    // entries are queued, or as soon as someone waits for the thread.)
+    cv_.wait(lk, [this] { return stop_ || fifo_.size() >= min_batch_ || (!fifo_.empty() && waiters_ > 0); });
     if (stop_) return;
     set_urgent(waiters_ > 0 || error_ || chunks_ * 2 > max_chunks_ || used_ * 2 > ring_size_);
     // The oldest entries, up to a bound on the chunks they touch.
@@ -319,6 +330,7 @@ void FirstWriteQueue::run() {
     lk.unlock();
     if (pause_ms_) std::this_thread::sleep_for(std::chrono::milliseconds(pause_ms_));
     int e = apply_(batch);
+    if (!e) crash_point("queue.applied");
     uint64_t seq = 0, at = 0;
     if (!e) {
       lk.lock();
@@ -331,6 +343,7 @@ void FirstWriteQueue::run() {
       }
       lk.unlock();
       e = journal_->checkpoint(seq, at);
+      if (!e) crash_point("queue.checkpointed");
     }
     lk.lock();
     if (e) {

@@ -182,6 +182,11 @@ class FirstWriteQueue {
   const uint64_t max_chunks_;
   const Apply apply_;
   const uint64_t pause_ms_;  // test hook: NBD_TEST_FIRST_WRITE_DELAY_MS
+  // Test hook NBD_TEST_FIRST_WRITE_BATCH=N: the thread takes a batch only
+  // once N entries are queued, or someone waits for it (FLUSH, FUA, a drain,
+  // a writer without room, stop), so a test can make batches of a known
+  // least size without timing. Default 1: any queued entry.
+  const uint64_t min_batch_;
 
   std::mutex mu_;
   std::condition_variable cv_;  // entries queued / removed, stop

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <random>
 
+#include "crash_point.hh"
 #include "crc32c.hh"
 #include "errors.hh"
 #include "file_io.hh"
@@ -245,7 +246,9 @@ int WriteJournal::write_super(std::string* err) {
   put<uint64_t>(s + 56, epoch_);
   std::memcpy(s + 64, id_.data(), kIdSize);
   put<uint32_t>(s + kSuperSize - 4, crc32c(0, s, kSuperSize - 4));
+  crash_point_torn("journal.super.torn", fd_, s, sizeof s / 2, kSlot[gen_ % 2]);
   int e = pwrite_all(fd_, s, sizeof s, kSlot[gen_ % 2]);
+  crash_point("journal.super.unsynced");
   if (!e && fdatasync(fd_) != 0) e = errno;
   if (e && err) *err = errstr("write journal superblock", e);
   return e;
@@ -321,15 +324,19 @@ int WriteJournal::append(uint16_t type, uint16_t flags, uint64_t offset, uint32_
     if (head_ + kEntryHeader <= ring_end()) {
       header(h, kWrap, 0, 0, 0, nullptr, 0);
       std::memcpy(map_ + head_, h, kEntryHeader);
+      crash_point("journal.append.wrap");
     }
     head_ = kRingBase;
   }
   header(h, type, flags, offset, length, data, dlen);
   if (dlen) std::memcpy(map_ + head_ + kEntryHeader, data, dlen);
+  crash_point("journal.append.torn");
   std::memcpy(map_ + head_, h, kEntryHeader);
   at = head_;
   head_ += need;
   ++next_seq_;
+  if (head_ == ring_end()) crash_point("journal.append.ring-end");
+  crash_point("journal.append.done");
   return 0;
 }
 
@@ -343,7 +350,10 @@ uint32_t WriteJournal::epoch_seed() const {
 int WriteJournal::checkpoint(uint64_t seq, uint64_t off) {
   replay_seq_ = seq;
   replay_off_ = off;
-  return write_super(nullptr);
+  crash_point("journal.checkpoint.before-super");
+  int e = write_super(nullptr);
+  if (!e && off == ring_end()) crash_point("journal.checkpoint.at-ring-end");
+  return e;
 }
 
 int WriteJournal::reset() {
