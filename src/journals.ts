@@ -67,6 +67,35 @@ function samePath(a: string, b: string): boolean {
   }
 }
 
+/**
+ * Removes the journals in `dir` that record `image` as their owner but that
+ * its journal.state does not name: nothing will ever replay them (left by a
+ * crash between making and recording a journal, or between forgetting and
+ * deleting a drained one). Call it with the volume open (its lock held) and
+ * its pending journal already replayed. Returns the removed paths.
+ */
+export function removeOwnOrphans(image: string, dir = journalDir()): string[] {
+  const removed: string[] = [];
+  let own: string;
+  try {
+    own = fs.realpathSync(image);
+  } catch {
+    return removed;
+  }
+  for (const j of orphanJournals(dir)) {
+    let owner = '';
+    try {
+      owner = j.owner ? fs.realpathSync(j.owner) : '';
+    } catch {
+      continue;
+    }
+    if (owner !== own) continue;
+    fs.rmSync(j.path, { force: true });
+    removed.push(j.path);
+  }
+  return removed;
+}
+
 /** How to remove an orphan journal, for log lines and docs. */
 export const ORPHAN_HINT = 'no volume will replay it; remove it with rm, or list them with: node-nbd-server journal list';
 

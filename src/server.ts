@@ -8,6 +8,7 @@ import { fromNative, NbdError } from './errors';
 import { silentLogger, type Logger } from './logger';
 import { native, type NativeEvent, type NativeServer, type NativeServerStats } from './native';
 import { VolumeSnapshots } from './snapshots';
+import { removeOwnOrphans } from './journals';
 import { journalDirFor, journalStatePath } from './volume-meta';
 import { prepareImage, type ImageSpec, type PreparedImage } from './volume';
 
@@ -157,6 +158,10 @@ export class NbdServer extends EventEmitter {
       for (const st of info.snapshots) if (st.failed) v.recordFailure(st.id, st.failure, st.failedAt);
       const fw = v.firstWrites();
       if (fw?.note) this.log.warn({ volume: prepared.path }, fw.note);
+      if (!prepared.readOnly) {
+        const gone = removeOwnOrphans(prepared.path);
+        if (gone.length) this.log.info({ volume: prepared.path, journals: gone }, 'removed journals of this volume that nothing will replay (left by an interrupted start or stop)');
+      }
       if (fw?.replayedAtOpen) {
         this.log.info({ volume: prepared.path, entries: fw.replayedAtOpen }, 'applied first writes journalled before the last stop (preserved first)');
       }

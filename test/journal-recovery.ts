@@ -470,22 +470,29 @@ t.test('SIGTERM/SIGINT during start-up: logged, every journal left holds pending
       t.ok(pendingEntries(fs.readFileSync(file)).length > 0, `${sig}: ${f} holds pending writes`);
     }
   }
-  // An orphan: a copy of nothing any volume names.
-  const orphan = path.join(J, `${'0'.repeat(32)}.journal`);
+  // Two orphans: a copy of a pending journal under an id no volume names (its
+  // owner is a served volume: its open removes it), and a file that is no
+  // journal of this build (an older build's): named, never removed.
   const some = fs.readdirSync(J)[0];
-  if (some) fs.copyFileSync(path.join(J, some), orphan);
+  const own = path.join(J, `${'0'.repeat(32)}.journal`);
+  if (some) fs.copyFileSync(path.join(J, some), own);
+  const foreign = path.join(J, '65024-12345-1700000000000000000.journal');
+  fs.writeFileSync(foreign, Buffer.alloc(8192, 1));
   const all = await serve(t, dir, { images, env: { NBD_JOURNAL_DIR: J }, args: ['--log-level', 'info'] });
   for (let i = 0; i < N; i += 2) {
     t.ok((await readRange(t, all.socket, `v${i}`, 0, 16 * KiB)).equals(data[i]!), `v${i}: the pending write is there after the full start`);
   }
   if (some) {
-    t.ok(logLines(all).some((l) => /orphan first-write journal/.test(l.msg ?? '') && (l as { journal?: string }).journal === orphan), 'serve names the orphan journal');
-    const info = await cli(['info', images[0]!, '--json']);
-    expectOk(t, info, 'info --json');
-    t.ok((JSON.parse(info.stdout) as { orphanJournals: { path: string }[] }).orphanJournals.some((o) => o.path === orphan), 'info lists the orphan');
-    const list = await cli(['journal', 'list', '--json'], { NBD_JOURNAL_DIR: J });
-    t.ok((JSON.parse(list.stdout) as { orphans: { path: string }[] }).orphans.some((o) => o.path === orphan), 'journal list lists it');
+    t.ok(logLines<{ journals: string[] }>(all).some((l) => /^removed journals of this volume/.test(l.msg ?? '') && (l.journals ?? []).includes(own)), 'the copy (owned by a served volume, not named by it) is removed at its open');
+    t.notOk(fs.existsSync(own), 'it is gone');
   } else t.fail('setup: a pending journal was left to copy');
+  t.ok(logLines(all).some((l) => /orphan first-write journal/.test(l.msg ?? '') && (l as { journal?: string }).journal === foreign), 'serve names the foreign journal file');
+  const info = await cli(['info', images[0]!, '--json']);
+  expectOk(t, info, 'info --json');
+  t.ok((JSON.parse(info.stdout) as { orphanJournals: { path: string }[] }).orphanJournals.some((o) => o.path === foreign), 'info lists it');
+  const list = await cli(['journal', 'list', '--json'], { NBD_JOURNAL_DIR: J });
+  t.ok((JSON.parse(list.stdout) as { orphans: { path: string }[] }).orphans.some((o) => o.path === foreign), 'journal list lists it');
+  const orphan = foreign;
   t.equal(await all.stop('SIGTERM'), 0, 'graceful stop');
   t.same(fs.readdirSync(J).filter((f) => f !== path.basename(orphan)), [], 'after a clean stop only the orphan is left');
 });

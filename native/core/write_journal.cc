@@ -162,15 +162,13 @@ bool WriteJournal::inspect(const std::string& path, Id& id, std::string& owner) 
   if (j.fd_ < 0) return false;
   uint8_t s[kSuperSize];
   size_t got = 0;
-  bool ok = false;
+  id.fill(0);  // no valid superblock: it never held an entry (the first is synced before any append)
   for (uint64_t slot : kSlot) {
     if (pread_all(j.fd_, s, sizeof s, slot, &got) != 0 || got < sizeof s) continue;
     if (std::memcmp(s, kMagic, 8) != 0 || get<uint32_t>(s + 8) != kVersion) continue;
     if (get<uint32_t>(s + kSuperSize - 4) != crc32c(0, s, kSuperSize - 4)) continue;
     std::memcpy(id.data(), s + 64, kIdSize);
-    ok = true;
   }
-  if (!ok) return false;
   uint8_t h[12];
   owner.clear();
   if (pread_all(j.fd_, h, sizeof h, kOwnerAt, &got) == 0 && got == sizeof h && std::memcmp(h, kOwnerMagic, 8) == 0) {
@@ -182,7 +180,8 @@ bool WriteJournal::inspect(const std::string& path, Id& id, std::string& owner) 
         owner.assign(reinterpret_cast<const char*>(b.data() + sizeof h), n);
     }
   }
-  return true;
+  // A journal of this build has its owner record (written first at creation).
+  return !owner.empty() || id != Id{};
 }
 
 std::unique_ptr<WriteJournal> WriteJournal::create(const std::string& path, const Id& id, const std::string& owner,

@@ -89,7 +89,9 @@ class WriteJournal {
                                               uint64_t volume_size, uint32_t chunk_size, uint64_t ring_size,
                                               std::string& err);
   // What a journal file says about itself, for listing journals that
-  // belong to no volume: its id and owner (false if it is not a journal).
+  // belong to no volume: its id (all zero when no superblock is valid: then
+  // it never held an entry) and owner ("" if unknown); false if it is not a
+  // journal of this build.
   static bool inspect(const std::string& path, Id& id, std::string& owner);
   ~WriteJournal();
 
