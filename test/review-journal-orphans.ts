@@ -123,3 +123,39 @@ t.test('B: image and IMAGE.nbd/ moved with a journal pending: `journal list` cal
   t.ok(r.data?.equals(w), 'the moved volume replays the journal: the acknowledged write is there');
   t.equal(await srv.stop('SIGTERM'), 0, 'graceful stop');
 });
+
+// C. The stale superblock slot damaged (its version field; magic intact),
+//    the current slot intact: the journal must open from the current slot
+//    (write_journal.hh: "the valid one with the higher generation wins").
+//    WriteJournal::load_super checks the version BEFORE the CRC and returns
+//    at once, so the volume refuses to open (JOURNAL_CORRUPT) and the error
+//    says the only way out is `journal discard` (losing what it holds).
+t.test('C: damage to the stale superblock slot only: the journal still opens from the current slot', async (t) => {
+  const dir = newDir();
+  const J = newJournalDir();
+  const img = path.join(dir, 'disk.img');
+  let srv = await startServer({ dir, size: '16M', env: { NBD_JOURNAL_DIR: J } });
+  expectOk(t, await cli(['snapshot', 'create', img, 's1'], { NBD_JOURNAL_DIR: J }), 'snapshot create s1');
+  const c = await RawClient.connect(srv.socket);
+  await c.go('disk');
+  t.equal((await c.write(0, crypto.randomBytes(4 * KiB))).error, 0, 'a first write');
+  t.equal((await c.cmd(0x3 /* FLUSH */, 0, 0, 0)).error, 0, 'FLUSH: applied, checkpoint written (second superblock slot)');
+  await c.disconnect();
+  await srv.stop('SIGKILL');
+  const st = journalState(img);
+  if (!st) return t.fail('journal.state names a journal');
+  const j = fs.readFileSync(st.path);
+  const gen = (slot: number) => j.readBigUInt64LE(slot + 32);
+  t.ok(j.subarray(0, 8).toString() === 'NBDJRNL1' && j.subarray(2048, 2056).toString() === 'NBDJRNL1', 'both slots hold a superblock');
+  const stale = gen(0) < gen(2048) ? 0 : 2048;
+  const fd = fs.openSync(st.path, 'r+');
+  fs.writeSync(fd, Buffer.from([7, 0, 0, 0]), 0, 4, stale + 8); // the stale slot's version field
+  fs.closeSync(fd);
+  srv = await startServer({ dir, env: { NBD_JOURNAL_DIR: J } }).catch((err: Error) => {
+    t.fail(`the volume opens from the intact current slot: ${err.message.split('\n').filter((l) => /error:/.test(l)).join(' ')}`);
+    return undefined as never;
+  });
+  if (!srv) return;
+  t.pass('the volume opens from the intact current slot');
+  t.equal(await srv.stop('SIGTERM'), 0, 'graceful stop');
+});
