@@ -21,6 +21,8 @@ export interface OrphanJournal {
   /** The image the journal says it belongs to ('' if unknown). */
   owner: string;
   why: string;
+  /** Its volume could not be checked (not found where recorded): not known to be safe to remove. */
+  unknown?: boolean;
 }
 
 /** Journal files in the journal directory (and beside none of the given volumes) that no volume's state names. */
@@ -47,14 +49,20 @@ export function orphanJournals(dir = journalDir()): OrphanJournal[] {
       out.push({ path: file, size, owner: '', why: 'not a journal this build reads (an older build\'s, or damaged)' });
       continue;
     }
+    if (!info.owner || !path.isAbsolute(info.owner) || !fs.existsSync(info.owner)) {
+      // Its volume is not where the journal says (moved with its IMAGE.nbd/,
+      // or on a filesystem not mounted now): it may still be pending there.
+      out.push({ path: file, size, owner: info.owner, why: `its volume ${info.owner || '(unrecorded)'} is not found: if it was moved, serving it replays this journal; remove it only if that volume is gone`, unknown: true });
+      continue;
+    }
     let named: { id: string; path: string } | null = null;
     try {
-      named = info.owner ? native.readJournalState(journalStatePath(info.owner)) : null;
+      named = native.readJournalState(journalStatePath(info.owner));
     } catch {
       continue; // the owner's state is damaged: its open reports that; do not call its journal an orphan
     }
     if (named?.id === info.id && samePath(named.path, file)) continue;
-    out.push({ path: file, size, owner: info.owner, why: info.owner ? `volume ${info.owner} does not name it (not pending)` : 'no owner recorded' });
+    out.push({ path: file, size, owner: info.owner, why: `volume ${info.owner} does not name it: nothing will replay it` });
   }
   return out;
 }
@@ -97,7 +105,7 @@ export function removeOwnOrphans(image: string, dir = journalDir()): string[] {
 }
 
 /** How to remove an orphan journal, for log lines and docs. */
-export const ORPHAN_HINT = 'no volume will replay it; remove it with rm, or list them with: node-nbd-server journal list';
+export const ORPHAN_HINT = 'see: node-nbd-server journal list (each entry says whether it is safe to remove)';
 
 /**
  * Forgets a volume's pending journal and deletes it: its acknowledged writes

@@ -7,6 +7,9 @@
 // resolves promises; inputs are copied into plain structs first.
 #include <napi.h>
 
+#include <climits>
+#include <cstdlib>
+
 #include "../core/cow_device.hh"
 #include "errors.hh"
 #include "server_wrap.hh"
@@ -59,7 +62,13 @@ std::shared_ptr<nbd::Device> ServerWrap::open_volume(Napi::Env env, const std::s
     nbd::CowDevice::JournalConfig cfg;
     cfg.state_file = o.Get("journalState").As<Napi::String>().Utf8Value();
     if (o.Has("journalDir") && o.Get("journalDir").IsString()) cfg.dir = o.Get("journalDir").As<Napi::String>().Utf8Value();
+    // The owner record names the image by its absolute, resolved path: a
+    // journal must be traceable to its volume from any directory.
     cfg.owner = o.Get("path").IsString() ? o.Get("path").As<Napi::String>().Utf8Value() : std::string();
+    if (char* real = ::realpath(cfg.owner.c_str(), nullptr)) {
+      cfg.owner = real;
+      free(real);
+    }
     cfg.ring_size = o.Has("journalSize") && o.Get("journalSize").IsNumber()
                         ? static_cast<uint64_t>(o.Get("journalSize").As<Napi::Number>().DoubleValue())
                         : 0;

@@ -243,6 +243,10 @@ void CowDevice::preserve_locked(const Chain& chain, std::vector<uint64_t> needed
     uint64_t len = std::min<uint64_t>((needed[e - 1] + 1) * chunk_size_, vol) - off;
     buf.resize(len);
     int err = next_->pread(buf.data(), static_cast<uint32_t>(len), off);
+    // The image lost a write-back meanwhile (a concurrent FLUSH latched it):
+    // the write this preserves for cannot land either, so nothing is lost
+    // and no snapshot is failed for it.
+    if (err && next_->health()) return;
     if (err) reason = std::string("reading old data from the volume failed: ") + strerror(err);
     else if ((err = chain[t]->write_chunks(buf.data(), needed[k], len, sums)))
       reason = std::string("writing to the snapshot store failed: ") + strerror(err);
@@ -694,8 +698,12 @@ void CowDevice::start_queue() {
     auto journal = WriteJournal::create(st.path, st.id, journal_cfg_.owner, size(), chunk_size_, journal_cfg_.ring_size, err);
     if (journal) crash_point("journal.create.made");
     if (journal && save_journal_state(journal_cfg_.state_file, st, err) != 0) {
+      // The state may be on disk already (the failure can come after the
+      // rename): forget it first; if even that fails, keep the (empty)
+      // journal it may name rather than leave a named journal missing.
       journal.reset();
-      ::unlink(st.path.c_str());
+      std::string ignored;
+      if (clear_journal_state(journal_cfg_.state_file, ignored) == 0) ::unlink(st.path.c_str());
     }
     if (journal) crash_point("journal.create.recorded");
     if (journal) journal->hold(std::move(reserved));

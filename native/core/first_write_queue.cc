@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <system_error>
 
 #include "crash_point.hh"
 
@@ -99,7 +100,13 @@ int FirstWriteQueue::append_locked(std::unique_lock<std::mutex>& lk, uint16_t ty
       broken_.store(true);  // writes are preserved inline from now on
       cv_.notify_all();
     } else {
-      thread_ = std::thread([this] { run(); });
+      try {
+        thread_ = std::thread([this] { run(); });
+      } catch (const std::system_error& e) {  // no thread to be had (a task limit): preserve inline
+        journal_error_ = std::string("cannot start the first-write thread: ") + e.what();
+        broken_.store(true);
+        cv_.notify_all();
+      }
     }
   }
   if (broken_.load()) return ESHUTDOWN;

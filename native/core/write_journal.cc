@@ -93,12 +93,14 @@ int WriteJournal::load_super(int& code, std::string& err) {
     if (pread_all(fd_, s, sizeof s, slot, &got) != 0 || got < sizeof s) continue;
     if (std::memcmp(s, kMagic, 8) != 0) continue;
     any_magic = true;
+    // The CRC first: a damaged slot (the older one, say) is skipped, never
+    // read as a verdict on the journal.
+    if (get<uint32_t>(s + kSuperSize - 4) != crc32c(0, s, kSuperSize - 4)) continue;
     if (get<uint32_t>(s + 8) != kVersion) {
       err = path_ + ": journal format version " + std::to_string(get<uint32_t>(s + 8)) + ", this build reads " +
             std::to_string(kVersion);
       return code;
     }
-    if (get<uint32_t>(s + kSuperSize - 4) != crc32c(0, s, kSuperSize - 4)) continue;
     if (get<uint32_t>(s + 12) != chunk_size_ || get<uint64_t>(s + 16) != volume_size_) {
       err = path_ + ": the journal does not match the volume (chunk size or size differ)";
       return code;
