@@ -14,41 +14,67 @@
 # small filesystem filled up with a ballast file. Healing: the linear table
 # again.
 #
+# The server's contract (docs/architecture.md, "Shutdown" and "First writes
+# through a journal"): the first failed fdatasync of the image LATCHES it:
+# from then on every request to that image (read, write, FLUSH, FUA) fails
+# with EIO until the server restarts (Linux forgets a write-back error once
+# reported and keeps the failed pages as clean ones, so a later FLUSH would
+# lie and the data would silently revert once they are evicted). A write to a
+# latched image fails before it preserves anything, so no snapshot is failed
+# for it; queued first writes are not applied (they stay in the journal and
+# the next start replays them); a stop logs "the image could not be flushed"
+# and exits 1. A write that fails at once (ENOSPC) does not latch. What must
+# hold after a restart: every write a successful FLUSH or FUA covered, and
+# every write kept in the journal; a write acknowledged after the last
+# successful FLUSH (or one that failed) may hold its old or its new data,
+# sector by sector (the model of live-eio.py follows this); healthy
+# snapshots stay active and exact.
+#
 # KT_CASE picks one path (each is its own scenario, booted on its own):
-#   queued-eio     first writes queued (default --cow-journal); stage A
-#                  (flakey): writes acknowledged (the apply reaches the page
-#                  cache; write-back fails), reads show them, also once clean
-#                  pages are dropped; FLUSH/FUA fail, and neither a FLUSH nor
-#                  a snapshot create succeeds while acknowledged writes are
-#                  not on the disk; stage B (error target, caches dropped): a
-#                  sub-page first write whose apply must read the page fails:
-#                  the queue stalls; create/delete/rollback fail
-#                  QUEUE_STALLED; SIGTERM keeps the journal and reports what
-#                  it could not flush; healed, the next start replays.
+#   queued-eio     first writes queued (default --cow-journal). Stage A
+#                  (flakey): first writes acknowledged and applied (page
+#                  cache), reads show them; the FLUSH fails and latches the
+#                  image: a later FLUSH fails too, writes fail without
+#                  failing a snapshot, reads fail with EIO (never stale
+#                  data, also once clean pages are dropped), snapshot create
+#                  fails; SIGTERM exits 1 and says so; healed, a restart
+#                  serves old or new data there, and the failed ranges can
+#                  be rewritten. Stage B (error target): a sub-page first
+#                  write whose apply must read the page stalls the queue (no
+#                  latch: FLUSH fails, create/delete/rollback fail
+#                  QUEUE_STALLED); a direct write is acknowledged and a FUA
+#                  write then latches the image; SIGTERM keeps the journal,
+#                  exits 1; healed, a restart on the same kernel (the pages
+#                  whose write-back failed still cached) replays the kept
+#                  write and serves data that does not change when clean
+#                  pages are dropped.
 #   queued-enospc  first writes queued, the image's filesystem full: the
-#                  queue stalls (ENOSPC); the same contract; freeing space
-#                  drains it while the server runs; a second stall over a
-#                  SIGTERM is replayed by the next start.
+#                  queue stalls (ENOSPC, no latch: reads work); the same
+#                  QUEUE_STALLED contract; freeing space drains it while the
+#                  server runs; a second stall over a SIGTERM (exit 0: the
+#                  final flush succeeds) is replayed by the next start.
 #   inline         --cow-journal 0: the preserve copy succeeds (store
-#                  healthy) and the live write fails (FUA under flakey;
-#                  ENOSPC on a second volume on a full filesystem); the
-#                  snapshots stay exact.
+#                  healthy) and the live write fails (FUA under flakey: the
+#                  image latches, also after the device heals, until a
+#                  restart; ENOSPC on a second volume on a full filesystem:
+#                  no latch, the failed ranges can be rewritten once there
+#                  is room); the snapshots stay exact.
 #   merge          a rollback merge (--merge-rate small, so it runs) while
-#                  the live device fails: the merge reports the error and
-#                  retries, the live export keeps reading the snapshot's data
-#                  for pending chunks, nothing hangs; healed, the merge
-#                  finishes and live = the snapshot + later writes.
+#                  the live device fails: the merge's FUA fails and latches
+#                  the image; the merge reports the error and retries,
+#                  pending chunks still read the snapshot's data, the rest
+#                  fails with EIO, nothing hangs; healed, the merge stays
+#                  unfinished until a restart, after which it finishes and
+#                  live = the snapshot + the writes that could land.
 #   handdown       `snapshot delete` of the newer of two snapshots while every
-#                  I/O to live fails: the hand-down reads from the stores and
-#                  succeeds; nothing is lost.
+#                  I/O to live fails (nothing flushed: no latch): the
+#                  hand-down reads from the stores and succeeds; nothing is
+#                  lost.
 #
 # Every check is recorded in $R/checks ("ok - NAME" / "not ok - NAME") and the
 # scenario goes on after a failed one; the verdict lists the failed checks.
-# Failures of the set-up are fatal (step). A check that a FLUSH is honest
-# ("flush_honest") accepts a FLUSH that fails, or one that succeeds when
-# every acknowledged write is on the disk (the image read with O_DIRECT).
-# Every client call runs under timeout(1): no answer within its limit is a
-# hang, and a failed check.
+# Failures of the set-up are fatal (step). Every client call runs under
+# timeout(1): no answer within its limit is a hang, and a failed check.
 . "$KT_ROOT/test/kernel/lib.sh"
 
 : "${KT_CASE:=queued-eio}"
@@ -115,7 +141,8 @@ io() {
 }
 # w EXPORT TAG OFF LEN ok|error|any [fua]: a write of random data; the model follows.
 w() { io write "$SOCK" "$1" "$MODELS/$1" "$2" "$3" "$4" "$5" $6; }
-fl() { io flush "$SOCK" "$1" "$2"; }
+# fl VOLUME ok|error|any: a FLUSH; a successful one makes the model's disk view its live view.
+fl() { io flush "$SOCK" "$1" "$MODELS/$1" "$2"; }
 # verify EXPORT MODEL [OFF LEN] [--errors-ok]
 verify() {
   __v_e=$1
@@ -123,29 +150,16 @@ verify() {
   shift 2
   io verify "$SOCK" "$__v_e" "$MODELS/$__v_m" "$@"
 }
-# on_disk NAME: the image file, read with O_DIRECT, holds every acknowledged write.
+# verify_fails EXPORT [OFF LEN]: every read fails with EIO (a latched image).
+verify_fails() { io verify-fails "$SOCK" "$@"; }
+# on_disk NAME: the image file, read with O_DIRECT, matches the model's disk
+# view: every write a FLUSH or FUA covered; old or new data where not.
 on_disk() { io verify-file "$(img "$1")" "$MODELS/$1"; }
 model_snap() { io snap "$MODELS/$1" "$2" >/dev/null; }
-
-# flush_honest EXPORT: a FLUSH fails, or it succeeds and every write
-# acknowledged before it is on the disk (docs: "A successful FLUSH reply is
-# sent only after fdatasync returned, so every write acknowledged before the
-# FLUSH was received is durable").
-flush_honest() {
-  fl "$1" any
-  case $? in
-    0) on_disk "$1" || { log "the FLUSH succeeded, but acknowledged writes are not on the disk"; return 1; } ;;
-    3) log "(the FLUSH failed: allowed)" ;;
-    *) return 1 ;;
-  esac
-}
-
-# flush_answers EXPORT: a FLUSH gets an answer, either one (not a hang).
-flush_answers() {
-  fl "$1" any
-  __fa_rc=$?
-  [ $__fa_rc -eq 0 ] || [ $__fa_rc -eq 3 ]
-}
+model_copy() { for __e in img mask cand log; do cp "$MODELS/$1.$__e" "$MODELS/$2.$__e" || return 1; done; }
+# rewrite_failed VOLUME TAG ok|error: new data over every range a write failed
+# on (and every sector not known exactly); each write must get that result.
+rewrite_failed() { io rewrite-failed "$SOCK" "$1" "$MODELS/$1" "$2" "$3"; }
 
 # cli_fails SECS CODES ARGS...: the CLI answers within SECS (more is a hang)
 # and fails with one of CODES (an ERE of codes: the [CODE] ending its error
@@ -273,21 +287,39 @@ kept_logged() {
   grep 'could not be applied to the image' "$SRV_LOG" | cut -c1-400
 }
 
-# The server reports, at stop, that the image could not be flushed: an
-# error-level line about the flush, other than the kept-journal one.
-stop_flush_failure_logged() {
-  if grep -E '"level":(50|60)' "$SRV_LOG" | grep -v 'keeps them for the next start' | grep -Eiq 'flush|durab|not on the disk|lost'; then
-    grep -E '"level":(50|60)' "$SRV_LOG" | grep -v 'keeps them for the next start' | grep -Ei 'flush|durab|lost' | cut -c1-300
-    return 0
-  fi
-  log "exit status $(cat "$SRV_RC"); no error-level log line says that the final flush of the image failed"
-  return 1
+# flush_failed_logged EXPORT: the stop logged that EXPORT's image could not
+# be flushed (an error-level line naming it).
+flush_failed_logged() {
+  grep '"msg":"the image could not be flushed' "$SRV_LOG" | grep -q "\"export\":\"$1\""
 }
 
-stopped_ok() {
+# stopped RC FAILED-VOLUMES OTHER-VOLUMES: SIGTERM; the server must exit
+# within 60 s with status RC, having logged "the image could not be flushed"
+# for each of FAILED-VOLUMES (space-separated) and for none of
+# OTHER-VOLUMES. The models follow what the log says, whatever the check's
+# outcome: a volume whose final flush failed keeps old or new data where no
+# FLUSH covered its writes (io stop MODEL failed), the others are durable.
+stopped() {
+  __s_rc=$1
+  __s_failed=$2
+  __s_others=$3
   term_server || return 1
-  [ "$(cat "$SRV_RC")" = 0 ] || { log "exit status $(cat "$SRV_RC"), not 0"; return 1; }
+  __s_bad=
+  [ "$(cat "$SRV_RC")" = "$__s_rc" ] || { log "exit status $(cat "$SRV_RC"), not $__s_rc"; __s_bad=1; }
+  grep '"msg":"the image could not be flushed' "$SRV_LOG" | cut -c1-400
+  for __s_v in $__s_failed $__s_others; do
+    if flush_failed_logged "$__s_v"; then
+      io stop "$MODELS/$__s_v" failed
+      case " $__s_failed " in *" $__s_v "*) ;; *) log "the stop logged that $__s_v could not be flushed"; __s_bad=1 ;; esac
+    else
+      io stop "$MODELS/$__s_v" ok
+      case " $__s_failed " in *" $__s_v "*) log "no 'the image could not be flushed' line for export $__s_v"; __s_bad=1 ;; esac
+    fi
+  done
+  [ -z "$__s_bad" ]
 }
+# stopped_ok VOLUME...: exit 0, every final flush succeeded.
+stopped_ok() { stopped 0 "" "$*"; }
 
 # journal.state names a journal file that exists.
 journal_named() {
@@ -296,6 +328,14 @@ journal_named() {
   cat "$__jf"
   __jp=$(sed -n 's/^path=//p' "$__jf")
   [ -n "$__jp" ] && [ -f "$__jp" ] || { log "journal.state names $__jp, which does not exist"; return 1; }
+}
+
+# No journal is kept: journal.state names none, and NBD_JOURNAL_DIR is empty.
+no_journal_kept() {
+  __jf="$(img "$1").nbd/journal.state"
+  [ ! -f "$__jf" ] || { cat "$__jf"; log "$__jf names a journal"; return 1; }
+  __left=$(ls -A "$NBD_JOURNAL_DIR")
+  [ -z "$__left" ] || { log "left in $NBD_JOURNAL_DIR: $__left"; return 1; }
 }
 
 replayed_logged() {
@@ -385,9 +425,11 @@ make_volume() {
 }
 
 # remount FS: unmount and mount again (every page of it leaves the cache:
-# what is read after is what the disk holds). Bind mounts of its images too.
+# what is read after is what the disk holds). Bind mounts of its images too
+# (those of images on other filesystems stay).
 remount_fs() {
   for _b in "$VOLDIR"/*.img; do
+    [ -f "$RUN/$1.fs/$(basename "$_b")" ] || continue
     grep -q " $_b " /proc/mounts && { umount "$_b" || return 1; }
   done
   umount "$RUN/$1.fs" || return 1
@@ -423,67 +465,116 @@ case_queued_eio() {
   step "snapshot create s1 (holds nothing yet; s0 holds R)" create_snapshot disk s1
   check "healthy: the FLUSH made every acknowledged write durable" on_disk disk
 
-  log "---- stage A: live device -> flakey error_writes (reads pass, writes fail)"
+  log "---- stage A: live device -> flakey error_writes (reads pass, writes fail): one failed FLUSH latches the image"
   step "flakey" set_table live flakey
   step "injection works: O_DIRECT writes fail with EIO" probe_writes_fail live
   step "injection works: reads pass" probe_reads_pass live
   check "A: first writes after a snapshot are acknowledged (into the journal)" w disk A1 8M 1M ok
   check "A: a 4 KiB first write is acknowledged" w disk A2 9437184 4K ok
   check "A: first writes go through the journal" first_write_mode disk journal
-  check "A: reads show the acknowledged writes" verify disk disk
+  check "A: reads show the acknowledged writes (no sync has failed yet)" verify disk disk
   check "A: FLUSH returns an NBD error" fl disk error
-  check "A: a second FLUSH, the device still failing: fails, or every acknowledged write is on the disk" flush_honest disk
+  # The original bug: Linux reported the write-back error once, and the
+  # next fdatasync returned 0 although the data never reached the disk.
+  check "A: a second FLUSH returns an NBD error too (a failed write-back is never forgotten)" fl disk error
   check "A: a FUA first write returns an NBD error" w disk A3 10M 4K error fua
-  if ! check "A: snapshot create fails within 60 s ([QUEUE_STALLED] or [SNAPSHOT_CREATE_FAILED]): the image cannot be flushed" \
-    cli_fails 60 'QUEUE_STALLED|SNAPSHOT_CREATE_FAILED' snapshot create "$(img disk)" sA; then
+  check "A: a write to a chunk s1 must preserve returns an NBD error (the image is latched)" w disk A4 0 4K error
+  check "A: reads fail with EIO (never data the disk may not hold)" verify_fails disk
+  if ! check "A: snapshot create fails within 60 s with [SNAPSHOT_CREATE_FAILED] or [QUEUE_STALLED] (the image cannot be flushed)" \
+    cli_fails 60 'SNAPSHOT_CREATE_FAILED|QUEUE_STALLED' snapshot create "$(img disk)" sA; then
     if [ "$(snap_state disk sA)" = active ]; then
       log "sA was created: its point in time is the model now"
       model_snap disk sA
     fi
   fi
-  check "A: reads still show every acknowledged write" verify disk disk
+  check "A: s0 listed active" snap_is disk s0 active
+  check "A: s1 listed active (a write refused by the latch preserves nothing and fails no snapshot)" snap_is disk s1 active
+  check "A: disk@s0, the chunks in its store (R), exact" verify disk@s0 disk@s0 0 2M
+  check "A: disk@s1, the chunks in its store (MiB 8-9 + 4 KiB, preserved before the apply), exact" verify disk@s1 disk@s1 8M 1M
+  check "A: disk@s0 elsewhere reads the live image: fails with EIO" verify_fails disk@s0 4M 2M
   # Clean pages may leave the page cache at any time (memory pressure); a
-  # page whose write-back failed is clean.
+  # page whose write-back failed is clean, and holds data the disk does not.
   step "drop clean pages" drop_page_cache
-  check "A: after clean pages are dropped, reads still show every acknowledged write" verify disk disk
-  [ -f "$MODELS/disk@sA.img" ] && check "A: sA (created after the failed FLUSH) exact, after clean pages are dropped" verify disk@sA disk@sA
+  check "A: after clean pages are dropped, reads still fail with EIO (never the old data)" verify_fails disk
+  check "A: a third FLUSH, after clean pages are dropped, returns an NBD error" fl disk error
   check "A: the server runs" server_alive
+  check "A: SIGTERM: exit 1, the log says the image could not be flushed" stopped 1 disk ""
+  check "A: no journal is kept (every queued write was applied before the failed FLUSH)" no_journal_kept disk
+
+  log "---- stage A, restart: live device -> linear (the pages whose write-back failed were dropped above)"
+  step "heal" set_table live linear
+  step "start server again" serve "$(img disk)"
+  check "restart: reads show every write a FLUSH covered; the rest old or new (pinned as read)" verify disk disk --pin
+  step "drop clean pages" drop_page_cache
+  check "restart: after clean pages are dropped, reads show the same data (nothing reverts)" verify disk disk
+  check "restart: s0 exact" verify disk@s0 disk@s0
+  check "restart: s1 exact" verify disk@s1 disk@s1
+  [ -f "$MODELS/disk@sA.img" ] && check "restart: sA (created after the failed FLUSH) exact, or listed failed with a reason" exact_or_failed disk sA
+  check "restart: FLUSH succeeds" fl disk ok
+  check "restart: the image (O_DIRECT) holds what reads showed" on_disk disk
+  check "restart: the failed ranges can be rewritten" rewrite_failed disk A-again ok
+  check "restart: FLUSH after the rewrite succeeds" fl disk ok
+  check "restart: the image (O_DIRECT) holds every acknowledged write" on_disk disk
 
   log "---- stage B: live device -> error target (every I/O fails), clean pages dropped"
+  step "snapshot create s2 (newest: first writes preserve into it)" create_snapshot disk s2
   step "error target" set_table live error
   step "drop clean pages" drop_page_cache
   step "injection works: reads fail with EIO" probe_reads_fail live
-  # A 512-byte first write into chunk 64 (in R, which s0 holds and s1 does
-  # not): its apply must read the page (not cached), which fails.
-  check "B: a 512-byte first write in R is acknowledged (into the journal)" w disk B1 1050112 512 ok
+  # A 512-byte first write into chunk 128 (MiB 8: s1 holds it, s2 does
+  # not): s2's preservation must read it (fails: s2 fails, s1 is not
+  # involved), and its apply must read the page (not cached), which fails
+  # at once: the queue stalls, nothing is synced, the image is not latched.
+  check "B: a 512-byte first write (MiB 8 + 1 KiB) is acknowledged (into the journal)" w disk B1 8389632 512 ok
   check "B: FLUSH returns an NBD error (the queued write cannot be applied)" fl disk error
   log "queued first writes: $(queued disk)"
-  check "B: s0 (holds R: needs nothing from live) stays active" snap_is disk s0 active
   check "B: snapshot create fails within 60 s with [QUEUE_STALLED] (exit 17) or [SNAPSHOT_CREATE_FAILED]" \
     cli_fails 60 'QUEUE_STALLED|SNAPSHOT_CREATE_FAILED' snapshot create "$(img disk)" sB
   check "B: snapshot delete s1 fails within 60 s with [QUEUE_STALLED] (exit 17)" \
     cli_fails 60 'QUEUE_STALLED' snapshot delete "$(img disk)" s1
   check "B: rollback to s0 fails within 60 s with [QUEUE_STALLED] (exit 17)" \
     cli_fails 60 'QUEUE_STALLED' rollback "$(img disk)" s0
-  check "B: a new write to the stalled chunk gets an NBD error or succeeds (within 90 s)" w disk B2 1056768 4K any
-  check "B: a new write to another chunk of R gets an NBD error or succeeds (within 90 s)" w disk B3 1310720 4K any
-  check "B: reads never return wrong data (they may fail: the device cannot be read)" verify disk disk --errors-ok
+  check "B: s0 listed active" snap_is disk s0 active
+  check "B: s1 listed active" snap_is disk s1 active
+  # A full-page write to chunk 130 (s1 holds it; s2 failed): no
+  # preservation, not queued: it lands in the page cache.
+  check "B: a full-page write that needs no preservation (MiB 8 + 128 KiB) is acknowledged" w disk D 8519680 4K ok
+  check "B: a FUA write (MiB 8 + 192 KiB) returns an NBD error (its sync fails: the image latches)" w disk F 8585216 4K error fua
+  check "B: FLUSH returns an NBD error" fl disk error
+  check "B: a write elsewhere returns an NBD error (latched)" w disk B4 12M 4K error
+  check "B: reads fail with EIO" verify_fails disk
+  check "B: s0 listed active" snap_is disk s0 active
+  check "B: s1 listed active" snap_is disk s1 active
   check "B: the server runs" server_alive
-  check "B: SIGTERM: the server exits within 60 s" term_server
+  # B1 is in the journal: the next start replays it.
+  io kept "$MODELS/disk" 8389632 512
+  check "B: SIGTERM: exit 1, the log says the image could not be flushed" stopped 1 disk ""
   check "B: the log says the queued writes were kept in the journal for the next start" kept_logged
   check "B: IMAGE.nbd/journal.state names the journal, which exists" journal_named disk
-  check "B: the stop reports that the image could not be flushed (acknowledged writes not on the disk)" stop_flush_failure_logged
 
-  log "---- recovery: live device -> linear"
+  # The restart runs on the same kernel, whose page cache still holds D's
+  # and F's pages: their write-back failed, so they are clean and hold data
+  # the disk does not. What the restarted server serves must not change
+  # when they are evicted.
+  log "---- stage B, recovery: live device -> linear, the same kernel (its page cache kept)"
   step "heal" set_table live linear
   step "start server again" serve "$(img disk)"
   check "recovery: the start replays the kept journal" replayed_logged
-  check "recovery: the live export holds every acknowledged write" verify disk disk
+  # Pinned in a copy of the model, so that a revert fails this one check
+  # and the model then follows what the disk holds.
+  step "model: disk-seen = disk" model_copy disk disk-seen
+  check "recovery: reads show every write a FLUSH covered and the replayed one; the rest old or new" verify disk disk-seen --pin
+  check "recovery: FLUSH succeeds" fl disk ok
+  step "drop clean pages" drop_page_cache
+  check "recovery: after a successful FLUSH and dropping clean pages, reads show the same data (nothing reverts)" verify disk disk-seen
+  check "recovery: reads (clean pages dropped) show every write a FLUSH covered and the replayed one; the rest old or new" verify disk disk --pin
+  check "recovery: the image (O_DIRECT) holds what reads showed" on_disk disk
   check "recovery: s0 exact" verify disk@s0 disk@s0
-  check "recovery: s1 exact, or listed failed with a reason" exact_or_failed disk s1
-  [ -f "$MODELS/disk@sA.img" ] && check "recovery: sA (created in stage A) exact, or listed failed with a reason" exact_or_failed disk sA
-  check "recovery: FLUSH: fails, or every acknowledged write is on the disk" flush_honest disk
-  check "recovery: SIGTERM, exit 0" stopped_ok
+  check "recovery: s1 exact" verify disk@s1 disk@s1
+  check "recovery: s2 exact, or listed failed with a reason" exact_or_failed disk s2
+  check "recovery: the failed ranges can be rewritten" rewrite_failed disk B-again ok
+  check "recovery: FLUSH after the rewrite succeeds" fl disk ok
+  check "recovery: SIGTERM, exit 0" stopped_ok disk
   step "remount the live fs (what the disk holds)" remount_fs live
   check "recovery: the raw image (after a remount) holds every acknowledged write" on_disk disk
 }
@@ -509,7 +600,7 @@ case_queued_enospc() {
     cli_fails 60 'QUEUE_STALLED' rollback "$(img disk)" s0
   check "full: a new first write elsewhere gets an NBD error or succeeds (within 90 s)" w disk E3 12M 4K any
   check "full: an overwrite of allocated data s0 holds gets an NBD error or succeeds (within 90 s)" w disk E4 65536 4K any
-  check "full: reads still show every acknowledged write" verify disk disk
+  check "full: reads still show every acknowledged write (ENOSPC does not latch)" verify disk disk
   check "full: s0 listed active" snap_is disk s0 active
   step "free the space" free_fs small
   check "room again: the queue drains by itself (info: 0 queued, within 60 s)" wait_for 60 queue_empty disk
@@ -520,7 +611,9 @@ case_queued_enospc() {
   step "fill the fs again (256 KiB left)" fill_fs small 256
   check "full again: a 1 MiB first write into a hole is acknowledged" w disk E5 8M 1M ok
   check "full again: FLUSH returns an NBD error" fl disk error
-  check "full again: SIGTERM: the server exits within 60 s" term_server
+  # E5 is in the journal: the next start replays it.
+  io kept "$MODELS/disk" 8M 1M
+  check "full again: SIGTERM: exit 0 (ENOSPC does not latch: the final flush succeeds)" stopped 0 "" disk
   check "full again: the log says the queued writes were kept in the journal for the next start" kept_logged
   check "full again: IMAGE.nbd/journal.state names the journal, which exists" journal_named disk
   step "free the space" free_fs small
@@ -529,7 +622,7 @@ case_queued_enospc() {
   check "next start: the live export holds every acknowledged write" verify disk disk
   check "next start: s0 exact" verify disk@s0 disk@s0
   check "next start: s1 exact" verify disk@s1 disk@s1
-  check "next start: SIGTERM, exit 0" stopped_ok
+  check "next start: SIGTERM, exit 0" stopped_ok disk
   step "remount the fs" remount_fs small
   check "the raw image (after a remount) holds every acknowledged write" on_disk disk
 }
@@ -552,13 +645,17 @@ case_inline() {
   step "flakey" set_table live flakey
   step "injection works: O_DIRECT writes fail with EIO" probe_writes_fail live
   step "injection works: reads pass" probe_reads_pass live
-  check "EIO: a FUA first write gets an NBD error" w disk F1 4M 64K error fua
-  check "EIO: a first write (no FUA) is acknowledged or refused within 90 s" w disk F2 6M 64K any
-  check "EIO: FLUSH: fails, or every acknowledged write is on the disk" flush_honest disk
-  check "EIO: a second FLUSH: fails, or every acknowledged write is on the disk" flush_honest disk
-  check "EIO: s0 listed active (the old data was preserved before the live write)" snap_is disk s0 active
-  check "EIO: disk@s0 exact" verify disk@s0 disk@s0
-  check "EIO: reads of live never return wrong data" verify disk disk --errors-ok
+  check "EIO: a FUA first write gets an NBD error (its sync fails: the image latches)" w disk F1 4M 64K error fua
+  check "EIO: a first write (no FUA) gets an NBD error (latched)" w disk F2 6M 64K error
+  check "EIO: FLUSH returns an NBD error" fl disk error
+  check "EIO: a second FLUSH returns an NBD error too (a failed write-back is never forgotten)" fl disk error
+  check "EIO: s0 listed active (the old data was preserved before the live write; F2 preserved nothing)" snap_is disk s0 active
+  check "EIO: disk@s0 MiB 0-1 (its store) exact" verify disk@s0 disk@s0 0 1M
+  check "EIO: disk@s0 MiB 4 + 64 KiB (preserved for F1) exact" verify disk@s0 disk@s0 4M 64K
+  check "EIO: disk@s0 elsewhere reads the live image: fails with EIO" verify_fails disk@s0 8M 2M
+  check "EIO: reads of live fail with EIO (never stale data)" verify_fails disk
+  step "drop clean pages" drop_page_cache
+  check "EIO: after clean pages are dropped, reads of live still fail with EIO" verify_fails disk
 
   log "---- the fs of tiny full"
   step "fill small (256 KiB left)" fill_fs small 256
@@ -566,23 +663,38 @@ case_inline() {
   check "ENOSPC: a FUA first write into a hole gets an NBD error" w tiny N2 8M 64K error fua
   check "ENOSPC: t0 listed active" snap_is tiny t0 active
   check "ENOSPC: tiny@t0 exact" verify tiny@t0 tiny@t0
-  check "ENOSPC: reads of live tiny never return wrong data" verify tiny tiny
+  check "ENOSPC: reads of live tiny work (no latch) and never return wrong data" verify tiny tiny
   step "free the space" free_fs small
-  check "room again: the failed ranges can be rewritten" io rewrite-unknown "$SOCK" tiny "$MODELS/tiny" N-again
-  check "room again: FLUSH tiny: fails, or every acknowledged write is on the disk" flush_honest tiny
+  check "room again: the failed ranges of tiny can be rewritten" rewrite_failed tiny N-again ok
+  check "room again: FLUSH tiny succeeds (ENOSPC did not latch)" fl tiny ok
+  check "room again: the image of tiny (O_DIRECT) holds every acknowledged write" on_disk tiny
   check "room again: tiny@t0 exact" verify tiny@t0 tiny@t0
 
-  log "---- recovery: live device -> linear"
+  log "---- live device -> linear, the same server: disk stays latched until a restart"
   step "heal" set_table live linear
-  check "recovery: FLUSH disk: fails, or every acknowledged write is on the disk" flush_honest disk
-  check "recovery: the failed ranges can be rewritten" io rewrite-unknown "$SOCK" disk "$MODELS/disk" F-again
-  check "recovery: after the rewrite, FLUSH disk: fails, or every acknowledged write is on the disk" flush_honest disk
-  step "drop clean pages" drop_page_cache
-  check "recovery: the live export (clean pages dropped) holds every acknowledged write" verify disk disk
-  check "recovery: disk@s0 exact" verify disk@s0 disk@s0
-  check "recovery: SIGTERM, exit 0" stopped_ok
+  check "healed, same server: FLUSH disk returns an NBD error" fl disk error
+  check "healed, same server: a rewrite of the failed ranges of disk gets NBD errors" rewrite_failed disk F-latched error
+  check "healed, same server: reads of disk fail with EIO" verify_fails disk
+  check "healed, same server: tiny works (the latch is per image)" w tiny T1 2M 4K ok
+  check "healed, same server: FLUSH tiny succeeds" fl tiny ok
+  check "SIGTERM: exit 1, the log says disk (not tiny) could not be flushed" stopped 1 disk tiny
+
+  log "---- restart (the live fs remounted: reads show what the disk holds)"
   step "remount the live fs" remount_fs live
-  check "recovery: the raw image (after a remount) holds every acknowledged write" on_disk disk
+  step "start server again" serve "$(img disk)" "$(img tiny)" --cow-journal 0
+  check "restart: disk holds every write a FLUSH covered; the failed ones old or new (pinned as read)" verify disk disk --pin
+  check "restart: disk@s0 exact" verify disk@s0 disk@s0
+  check "restart: tiny holds every acknowledged write" verify tiny tiny
+  check "restart: tiny@t0 exact" verify tiny@t0 tiny@t0
+  check "restart: the failed ranges of disk can be rewritten" rewrite_failed disk F-again ok
+  check "restart: FLUSH disk succeeds" fl disk ok
+  step "drop clean pages" drop_page_cache
+  check "restart: the live export (clean pages dropped) holds every acknowledged write" verify disk disk
+  check "restart: SIGTERM, exit 0" stopped_ok disk tiny
+  step "remount the live fs" remount_fs live
+  check "the raw image of disk (after a remount) holds every acknowledged write" on_disk disk
+  step "remount the small fs" remount_fs small
+  check "the raw image of tiny (after a remount) holds every acknowledged write" on_disk tiny
 }
 
 # merge_state: "DONE TOTAL ERROR" of the volume's running merge, or "none".
@@ -623,18 +735,21 @@ case_merge() {
   step "healthy: rewrite MiB 12 + 64 KiB (merged last: the merge goes in chunk order)" w disk M2 12M 64K ok
   step "healthy: FLUSH" fl disk ok
   step "rollback to s0 (online)" cli_ok 60 rollback "$(img disk)" s0
-  # The live volume shows s0 now; the model follows (its log stays, to name writes).
-  cp "$MODELS/disk@s0.img" "$MODELS/disk.img" && cp "$MODELS/disk@s0.mask" "$MODELS/disk.mask"
+  # The live volume shows s0 now, and the merge makes the image s0 (its
+  # steps write with FUA); the model follows (its log stays, to name writes).
+  step "model: disk = disk@s0" io assign "$MODELS/disk" "$MODELS/disk@s0"
   step "flakey (reads pass, writes fail)" set_table live flakey
   step "injection works: O_DIRECT writes fail with EIO" probe_writes_fail live
   MERGE_DONE_AT_FAULT=$(merge_state)
   check "the merge was running when the device failed" merge_running
+  # A merge step writes with FUA: its sync fails and latches the image.
   check "flakey: the merge reports the error (jobs --json, within 60 s)" wait_for 60 merge_error_shown
-  check "flakey: the live export reads the snapshot (pending chunks from its store)" verify disk disk
-  check "flakey: a write to a pending chunk gets an NBD error or succeeds (within 90 s)" w disk P1 5M 4K any
+  check "flakey: chunks still pending (MiB 12 + 64 KiB) read the snapshot's data from its store" verify disk disk 12M 64K
+  check "flakey: chunks not pending (MiB 0-1) read the live image: fail with EIO (latched)" verify_fails disk 0 1M
+  check "flakey: reads never return wrong data" verify disk disk --errors-ok
+  check "flakey: a write to a pending chunk gets an NBD error (latched)" w disk P1 5M 4K error
   check "flakey: a FUA write to a chunk not pending gets an NBD error" w disk P2 14M 4K error fua
-  check "flakey: FLUSH answers (ok or an error, within 90 s)" flush_answers disk
-  check "flakey: the live export still reads the snapshot and every acknowledged write" verify disk disk
+  check "flakey: FLUSH returns an NBD error" fl disk error
 
   step "error target (every I/O fails)" set_table live error
   step "drop clean pages" drop_page_cache
@@ -642,20 +757,30 @@ case_merge() {
   check "error: the merge has not finished, and shows an error" merge_frozen
   check "error: reads of chunks still pending (MiB 12 + 64 KiB) read the snapshot's data from its store" verify disk disk 12M 64K
   check "error: reads elsewhere never return wrong data" verify disk disk --errors-ok
-  check "error: a write to a pending chunk gets an NBD error or succeeds (within 90 s)" w disk P3 12M 4K any
+  check "error: a write to a pending chunk gets an NBD error" w disk P3 12M 4K error
   check "error: the server runs" server_alive
 
-  log "---- recovery: live device -> linear"
+  log "---- live device -> linear, the same server: the image stays latched until a restart"
   step "heal" set_table live linear
-  check "recovery: the merge finishes by itself (within 120 s)" wait_for 120 merge_finished
-  check "recovery: the history has merge-finished" history_merge_finished
-  check "recovery: the failed ranges can be rewritten" io rewrite-unknown "$SOCK" disk "$MODELS/disk" P-again
-  check "recovery: the live export = s0 + every acknowledged later write" verify disk disk
-  check "recovery: disk@s0 exact" verify disk@s0 disk@s0
-  check "recovery: FLUSH: fails, or every acknowledged write is on the disk" flush_honest disk
-  check "recovery: SIGTERM, exit 0" stopped_ok
+  check "healed, same server: the merge has not finished, and shows an error" merge_frozen
+  check "healed, same server: FLUSH returns an NBD error" fl disk error
+  check "healed, same server: a rewrite of the failed ranges gets NBD errors" rewrite_failed disk P-latched error
+  check "healed, same server: pending chunks (MiB 12 + 64 KiB) still read the snapshot's data" verify disk disk 12M 64K
+  check "SIGTERM: exit 1, the log says the image could not be flushed" stopped 1 disk ""
+
+  log "---- restart (the live fs remounted: reads show what the disk holds)"
   step "remount the live fs" remount_fs live
-  check "recovery: the raw image (after a remount) holds s0 + every later write" on_disk disk
+  step "start server again --merge-rate 128K" serve "$(img disk)" --merge-rate 128K
+  check "restart: the merge resumes and finishes (within 120 s)" wait_for 120 merge_finished
+  check "restart: the history has merge-finished" history_merge_finished
+  check "restart: the live export = s0; the failed writes old or new (pinned as read)" verify disk disk --pin
+  check "restart: disk@s0 exact" verify disk@s0 disk@s0
+  check "restart: the failed ranges can be rewritten" rewrite_failed disk P-again ok
+  check "restart: FLUSH succeeds" fl disk ok
+  check "restart: the live export = s0 + every acknowledged later write" verify disk disk
+  check "restart: SIGTERM, exit 0" stopped_ok disk
+  step "remount the live fs" remount_fs live
+  check "the raw image (after a remount) holds s0 + every later write" on_disk disk
 }
 
 case_handdown() {
@@ -688,10 +813,10 @@ case_handdown() {
   step "heal" set_table live linear
   check "recovery: disk@s0 exact" verify disk@s0 disk@s0
   check "recovery: the live export holds every acknowledged write" verify disk disk
-  check "recovery: SIGTERM, exit 0" stopped_ok
+  check "recovery: SIGTERM, exit 0 (nothing was synced while the device failed: no latch)" stopped_ok disk
   step "start server again" serve "$(img disk)"
   check "restart: disk@s0 exact (the handed-down chunks are in its store)" verify disk@s0 disk@s0
-  check "restart: SIGTERM, exit 0" stopped_ok
+  check "restart: SIGTERM, exit 0" stopped_ok disk
   step "remount the live fs" remount_fs live
   check "the raw image (after a remount) holds every acknowledged write" on_disk disk
 }
