@@ -583,7 +583,7 @@ void CowDevice::drain() {
   // live image refuses writes), its entries stay in the journal, which the
   // volume's state still names: the next open replays them.
   auto q = queue();
-  if (!q) return;
+  if (!q) return next_->drain();
   std::string err;
   if (drain_queue(err) != 0) {
     std::lock_guard<std::mutex> lk(mode_mu_);
@@ -591,6 +591,7 @@ void CowDevice::drain() {
   }
   q.reset();
   retire_queue();
+  next_->drain();
 }
 
 std::string CowDevice::kept_journal() const {

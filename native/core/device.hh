@@ -95,6 +95,7 @@ class FilterDevice : public Device {
   int zero(uint32_t count, uint64_t offset, IoFlags f) override { return next_->zero(count, offset, f); }
   int cache(uint32_t count, uint64_t offset) override { return next_->cache(count, offset); }
   int health() const override { return next_->health(); }
+  void drain() override { next_->drain(); }
   int extents(uint32_t count, uint64_t offset, uint32_t max, std::vector<Extent>& out) override {
     return next_->extents(count, offset, max, out);
   }

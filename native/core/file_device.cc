@@ -136,7 +136,26 @@ int FileDevice::sync() {
   if (::fdatasync(fd_) == 0) return 0;
   int e = errno;
   lost_.store(e == EINTR ? EIO : e);
+  forget_cached();
   return lost_.load();
+}
+
+void FileDevice::forget_cached() {
+  // The pages whose write-back failed are clean now but hold data the disk
+  // does not: drop them, so that no later reader (this process is latched;
+  // the next one, after a restart on the same kernel, is not) sees data
+  // that would silently revert when they are evicted.
+  posix_fadvise(fd_, 0, 0, POSIX_FADV_DONTNEED);
+}
+
+void FileDevice::drain() {
+  // Stopping with the image latched: write back what is still dirty (it may
+  // fail again: the error is already latched) and drop the pages, for the
+  // same reason as above.
+  if (read_only_ || lost_.load() == 0) return;
+  std::lock_guard<std::mutex> lk(sync_mu_);
+  (void)::fdatasync(fd_);
+  forget_cached();
 }
 
 int FileDevice::flush() {

@@ -27,6 +27,8 @@ class FileDevice final : public Device {
   int zero(uint32_t count, uint64_t offset, IoFlags flags) override;
   int cache(uint32_t count, uint64_t offset) override;
   int extents(uint32_t count, uint64_t offset, uint32_t max_extents, std::vector<Extent>& out) override;
+  // At stop: if latched, the last write-back attempt and the cached pages dropped.
+  void drain() override;
 
   int fd() const { return fd_; }
   // The write-back error that made the image untrustworthy (0: none).
@@ -55,6 +57,7 @@ class FileDevice final : public Device {
   std::mutex sync_mu_;
   std::atomic<int> lost_{0};
   int sync();  // fdatasync under sync_mu_, latching a failure
+  void forget_cached();  // drops the image's clean cached pages
 };
 
 }  // namespace nbd
