@@ -23,7 +23,7 @@
 //   rollback: native writes the merge job file (pending set, synced) with
 //           writes paused -> manifest records the job -> native activates it
 //           (live reads show the snapshot from here) -> writes resume ->
-//           history line -> background merge (MergeRunner below) copies the
+//           history line -> background merge (runMerge below) copies the
 //           pending chunks, then the job is dropped from the manifest and its
 //           file removed. A crash before the manifest leaves an orphan job
 //           file (removed at open) and the volume as it was; after it, the

@@ -2,13 +2,18 @@
 //
 // A Device answers the NBD data commands for one volume. Devices stack: each
 // layer wraps a `next` and changes what it must, forwarding the rest. The raw
-// file is always at the bottom:
+// file is always at the bottom. What exists today:
 //
-//     connection ──► [rollback redirect] ──► [clone read-through] ──► [cow] ──► FileDevice (raw image)
-//                          (later)                 (later)            (later)
+//     connection ──► [ReadOnlyDevice] ──► CowDevice ──────────────────► FileDevice (raw image)
+//                     (serve -r)          first-write journal (queue),    pread/pwrite, fdatasync
+//                                         copy-on-write into snapshots,   (a failed one latches:
+//                                         rollback redirect + merge       health())
+//     snapshot export ──► SnapshotView ──► the snapshot chain, then FileDevice
 //
-// Only FileDevice exists today; the bracketed layers are where snapshots,
-// clones and rollback plug in, each a FilterDevice over its `next`.
+// CowDevice still holds three concerns (journal, copy-on-write, rollback);
+// splitting it into a journal layer, a copy-on-write layer and a rollback
+// layer, each a FilterDevice over its `next`, is open work (issue 10), and
+// clone read-through will be another FilterDevice under the journal.
 //
 // Contract (all layers):
 //  - Methods are called concurrently from many connection threads; a device
