@@ -88,8 +88,12 @@ function readJson(file) {
  */
 function bootOnce(ctx, bootDir, eventsFile, plan, rnd) {
   const consoleLog = fs.openSync(path.join(bootDir, 'console.log'), 'w');
+  // The wrapper cuts by itself after a limit, and when this process dies.
+  const hardLimit = plan ? START_LIMIT_S + AIM_LIMIT_S + 60 : FINAL_LIMIT_S + 60;
   const args = [
     ctx.wrapper,
+    '--limit',
+    String(hardLimit),
     ctx.uml,
     `mem=${ctx.mem}`,
     'rootfstype=hostfs',
