@@ -229,7 +229,6 @@ class Replay:
         self.acked_nd = set()
         self.inflight = set()
         self.flushes = {}
-        self.flush_open = set()
         # name -> {'sets': per-block sets, 'status': 'must' | 'maybe', 'how': text}
         self.snaps = {}
         for s in model['snaps']:
@@ -332,15 +331,12 @@ class Replay:
             self.inflight.discard(int(e[1]))
         elif t == 'F':
             self.flushes[int(e[1])] = sorted(self.acked_nd, key=lambda k: self.W[k].pos)
-            self.flush_open.add(int(e[1]))
         elif t == 'FA':
             self.counts['flushes'] += 1
-            self.flush_open.discard(int(e[1]))
             for k in self.flushes.pop(int(e[1])):
                 self.make_durable(k)
         elif t == 'FE':
             self.errors.append('flush %s failed: %s' % (e[1], ' '.join(e[2:])))
-            self.flush_open.discard(int(e[1]))
         elif t in ('C', 'D', 'R'):
             op = {'kind': t, 'name': e[1], 'via': e[2], 'ms': int(e[3]), 'pos': pos, 'inflight_at': set(self.inflight), 'conc': []}
             if t == 'C':
