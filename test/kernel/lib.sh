@@ -290,3 +290,21 @@ verify_tree() {
   (cd "$MNT" && sha256sum -c --quiet "$MANIFEST") || return 1
   log "all $(wc -l <"$MANIFEST") files match their checksums"
 }
+
+# ------------------------------------------------ device-mapper fault injection
+
+# dmsetup without udev (the guest runs none).
+dmset() { DM_DISABLE_UDEV=1 dmsetup --noudevsync "$@"; }
+
+# Loads dm-mod, dm-flakey and loop from the guest kernel's modules and checks
+# that the flakey and error targets are there (live-eio.sh, snapshot-eio.sh).
+load_modules() {
+  for _m in drivers/md/dm-mod.ko drivers/md/dm-flakey.ko drivers/block/loop.ko; do
+    [ -f "$KMOD/$_m" ] || { log "missing module $KMOD/$_m"; return 1; }
+    busybox insmod "$KMOD/$_m" || { log "insmod $_m failed"; return 1; }
+  done
+  wait_for 10 test -c /dev/mapper/control || { log "no /dev/mapper/control"; return 1; }
+  wait_for 10 test -e /dev/loop-control || { log "no /dev/loop-control"; return 1; }
+  dmset targets | grep -q '^flakey' || { log "no flakey target"; return 1; }
+  dmset targets | grep -q '^error' || { log "no error target"; return 1; }
+}

@@ -93,7 +93,6 @@ N_BAD=0
 BAD=
 
 cli() { "$KT_NODE" "$KT_CLI" "$@"; }
-dmset() { DM_DISABLE_UDEV=1 dmsetup --noudevsync "$@"; }
 img() { echo "$VOLDIR/$1.img"; }
 
 # ---------------------------------------------------------------- checks
@@ -347,16 +346,6 @@ replayed_logged() {
 
 # -------------------------------------------------------- devices and fs
 
-load_modules() {
-  for _m in drivers/md/dm-mod.ko drivers/md/dm-flakey.ko drivers/block/loop.ko; do
-    [ -f "$KMOD/$_m" ] || { log "missing module $KMOD/$_m"; return 1; }
-    busybox insmod "$KMOD/$_m" || { log "insmod $_m failed"; return 1; }
-  done
-  wait_for 10 test -c /dev/mapper/control || { log "no /dev/mapper/control"; return 1; }
-  wait_for 10 test -e /dev/loop-control || { log "no /dev/loop-control"; return 1; }
-  dmset targets | grep -q '^flakey' || { log "no flakey target"; return 1; }
-  dmset targets | grep -q '^error' || { log "no error target"; return 1; }
-}
 
 # make_fs NAME MIB: loop device over a tmpfs file, dm linear NAME over it,
 # ext4 mounted at $RUN/NAME.fs. No fs journal (a failed jbd2 commit would
