@@ -21,6 +21,12 @@ constexpr uint64_t kWritePiece = 1u << 20;    // data bytes per journal entry, a
 constexpr uint64_t kZeroPieceChunks = 256;    // chunks per zeroing entry, at most
 constexpr uint64_t kRingSlack = 64;           // never fill the ring to the last byte
 constexpr uint64_t kBatchChunks = 1024;       // chunks preserved per batch (one snapshot commit), at most
+// Pacing (see "Bounds" in the .hh): the queue holds at most about
+// kQueueMs of preservation work at the measured rate, and a batch about half
+// of that, but never fewer chunks than these.
+constexpr uint64_t kQueueMs = 100;
+constexpr uint64_t kMinDepthChunks = 64;
+constexpr uint64_t kMinBatchChunks = 16;
 
 // A queued entry's fields, and the chunks it touches.
 std::shared_ptr<QueuedWrite> make_entry(uint16_t type, bool may_trim, uint64_t offset, uint32_t length, uint32_t chunk_size) {
@@ -117,7 +123,7 @@ int FirstWriteQueue::append_locked(std::unique_lock<std::mutex>& lk, uint16_t ty
   auto settled = [&] {
     return broken_.load() || stop_ || error_ ||
            (used_ + journal_->span_of(dlen) + kRingSlack <= journal_->ring_size() &&
-            (fifo_.empty() || chunks_ + nchunks <= std::min(max_chunks_, cap_)));
+            (fifo_.empty() || chunks_ + nchunks <= std::min(depth_limit(), cap_)));
   };
   if (!settled()) wait_for_thread(lk, settled);
   if (broken_.load() || stop_) return ESHUTDOWN;
@@ -321,21 +327,22 @@ void FirstWriteQueue::run() {
     // entries are queued, or as soon as someone waits for the thread.)
     cv_.wait(lk, [this] { return stop_ || fifo_.size() >= min_batch_ || (!fifo_.empty() && waiters_ > 0); });
     if (stop_) return;
-    set_urgent(waiters_ > 0 || error_ || chunks_ * 2 > max_chunks_ || used_ * 2 > ring_size_);
+    set_urgent(waiters_ > 0 || error_ || chunks_ * 2 > depth_limit() || used_ * 2 > ring_size_);
     // The oldest entries, up to a bound on the chunks they touch.
     Batch batch;
     size_t chunks = 0;
     for (auto& q : fifo_) {
       size_t n = q->last_chunk - q->first_chunk + 1;
-      // A bounded batch (a quarter of the bound, at most kBatchChunks):
+      // A bounded batch (about half the paced depth, at most kBatchChunks):
       // writers keep filling the rest while a batch is preserved, and a
       // writer waiting for room waits for one batch, not for everything.
-      if (!batch.empty() && chunks + n > std::min<uint64_t>(max_chunks_ / 4, kBatchChunks)) break;
+      if (!batch.empty() && chunks + n > batch_limit()) break;
       batch.push_back(q);
       chunks += n;
     }
     lk.unlock();
     if (pause_ms_) std::this_thread::sleep_for(std::chrono::milliseconds(pause_ms_));
+    const auto started = std::chrono::steady_clock::now();  // the test hook's sleep is not work
     int e = apply_(batch);
     if (!e) crash_point("queue.applied");
     uint64_t seq = 0, at = 0;
@@ -364,8 +371,33 @@ void FirstWriteQueue::run() {
     }
     error_ = 0;
     remove_front(batch.size());
+    measure(chunks, std::chrono::steady_clock::now() - started);
     cv_.notify_all();
   }
+}
+
+void FirstWriteQueue::measure(uint64_t chunks, std::chrono::steady_clock::duration took) {
+  const double secs = std::max(1e-6, std::chrono::duration<double>(took).count());
+  const double now = static_cast<double>(chunks) / secs;
+  // A moving average: one slow sync does not halve the depth, a sustained
+  // slowdown does within a few batches.
+  rate_ = rate_ == 0 ? now : 0.7 * rate_ + 0.3 * now;
+}
+
+uint64_t FirstWriteQueue::depth_limit() const {
+  // Until a batch has been timed, the static bound; after, about kQueueMs of
+  // work. Under the batch test hook, room for two hooked batches.
+  uint64_t lim = max_chunks_;
+  if (rate_ > 0) {
+    const double paced = rate_ * static_cast<double>(kQueueMs) / 1000.0;
+    lim = std::clamp<uint64_t>(static_cast<uint64_t>(paced), kMinDepthChunks, max_chunks_);
+  }
+  return std::max<uint64_t>(lim, std::min<uint64_t>(2 * min_batch_, max_chunks_));
+}
+
+uint64_t FirstWriteQueue::batch_limit() const {
+  uint64_t lim = std::min<uint64_t>({max_chunks_ / 4, kBatchChunks, std::max<uint64_t>(kMinBatchChunks, depth_limit() / 2)});
+  return std::max<uint64_t>(lim, min_batch_);
 }
 
 }  // namespace nbd

@@ -47,6 +47,14 @@
 //     that is safe: the checkpoint is synced before entries leave the queue.
 // Bounds: the journal ring and the number of chunks queued; a full queue
 // makes writers wait for the thread (backpressure), so memory stays bounded.
+// Pacing: the bound on queued chunks follows the measured preservation rate
+// (chunks per second of apply work, a moving average over batches): about
+// 100 ms of work (kQueueMs; at least 64 chunks, at most the static bound
+// given at construction), and a batch about half that. So under sustained
+// first writes a writer without room waits for about one batch (~50 ms),
+// and a snapshot create, which drains the queue, waits about 100 ms for it,
+// not for seconds of queued work; a burst up to the depth is still
+// acknowledged at journal speed. Measured: bench-pauses (docs/architecture.md).
 //
 // Locking: mu_ guards the FIFO, the index, the accounting and journal
 // appends (appends are serialised so the journal is a prefix of complete
@@ -56,6 +64,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -173,6 +182,10 @@ class FirstWriteQueue {
   template <typename Fn>
   void for_each_indexed(uint64_t first, uint64_t last, Fn fn) const;
   void remove_front(size_t n);
+  // Pacing (mu_ held): records a batch's apply time; the current bounds.
+  void measure(uint64_t chunks, std::chrono::steady_clock::duration took);
+  uint64_t depth_limit() const;
+  uint64_t batch_limit() const;
 
   const OpenJournal open_journal_;
   const uint64_t ring_size_;
@@ -198,6 +211,7 @@ class FirstWriteQueue {
   int error_ = 0;              // outstanding background failure
   uint64_t failures_ = 0;      // failed applies so far (drain waits for a fresh one)
   uint64_t cap_ = UINT64_MAX;  // temporary lower bound on queued chunks (shrink_to)
+  double rate_ = 0;            // measured chunks per second of apply work (0: not yet)
   int waiters_ = 0;            // threads waiting for the queue to make progress
   bool urgent_ = true;         // the thread's scheduling class (set_urgent)
   bool stop_ = false;
