@@ -45,6 +45,8 @@ import {
 
 const ROOT = path.resolve(__dirname, '..', '..');
 const NODE_CLI = path.join(ROOT, 'bin', 'node-nbd-server.js');
+// --base DIR: another checkout of node-nbd-server, measured as 'node-base'.
+let baseRoot: string | undefined;
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
 
@@ -67,8 +69,8 @@ interface Options {
   serversGiven: boolean;
 }
 
-type ServerId = 'node' | 'nbdkit' | 'qemu' | 'nbd-server';
-const SERVER_IDS: ServerId[] = ['node', 'nbdkit', 'qemu', 'nbd-server'];
+type ServerId = 'node' | 'node-base' | 'nbdkit' | 'qemu' | 'nbd-server';
+const SERVER_IDS: ServerId[] = ['node', 'node-base', 'nbdkit', 'qemu', 'nbd-server'];
 
 interface Workload {
   name: string;
@@ -90,7 +92,11 @@ const USAGE = `usage: node dist/tools/bench.js [options]
   --runtime SECONDS    measured time per workload and server (default 10)
   --ramp SECONDS       fio ramp_time before measuring (default 2)
   --repeat N           run everything N times and report medians (default 1)
-  --servers LIST       comma list of ${SERVER_IDS.join(',')} (default all)
+  --servers LIST       comma list of ${SERVER_IDS.join(',')} (default all;
+                       node-base only with --base)
+  --base DIR           also measure the node-nbd-server build in checkout DIR (built:
+                       dist/ and build/Release), as server node-base, in the same run:
+                       before/after tables side by side
   --workloads LIST     comma list of ${WORKLOADS.map((w) => w.name).join(',')} (default all)
                        (aliases: randread, randwrite, seqread, seqwrite)
   --dir DIR            where the image lives (default ${path.join(os.tmpdir(), 'node-nbd-server-bench')})
@@ -197,6 +203,9 @@ function parseArgs(argv: string[]): Options {
       case '--dir':
         o.dir = path.resolve(next());
         break;
+      case '--base':
+        baseRoot = path.resolve(next());
+        break;
       case '--json':
         o.json = path.resolve(next());
         break;
@@ -219,6 +228,10 @@ function parseArgs(argv: string[]): Options {
       default:
         throw new Error(`unknown option "${arg}"\n\n${USAGE}`);
     }
+  }
+  if (baseRoot === undefined) {
+    if (o.serversGiven && o.servers.includes('node-base')) throw new Error('--servers node-base needs --base DIR');
+    o.servers = o.servers.filter((s) => s !== 'node-base');
   }
   if (o.servers.length === 0) throw new Error('--servers selects nothing');
   if (o.workloads.length === 0) throw new Error('--workloads selects nothing');
@@ -435,6 +448,21 @@ const SERVERS: ServerDef[] = [
     start: (ctx) =>
       startOnSocket(ctx, process.execPath, (sock) => [
         NODE_CLI, 'serve', ctx.image, '--socket', sock, '--log-level', 'warn',
+        ...(ctx.opts.nodeThreads ? ['--threads', String(ctx.opts.nodeThreads)] : []),
+      ]),
+  },
+  {
+    id: 'node-base',
+    label: 'node-nbd-server (--base)',
+    bin: 'node-base',
+    available: () => baseRoot !== undefined && fs.existsSync(path.join(baseRoot, 'dist', 'src', 'cli', 'main.js')),
+    version: () => {
+      const r = spawnSync('git', ['-C', baseRoot!, 'log', '-1', '--format=%h %s'], { encoding: 'utf8' });
+      return `node-nbd-server at ${baseRoot} (${(r.stdout ?? '').trim().slice(0, 60)})`;
+    },
+    start: (ctx) =>
+      startOnSocket(ctx, process.execPath, (sock) => [
+        path.join(baseRoot!, 'bin', 'node-nbd-server.js'), 'serve', ctx.image, '--socket', sock, '--log-level', 'warn',
         ...(ctx.opts.nodeThreads ? ['--threads', String(ctx.opts.nodeThreads)] : []),
       ]),
   },
