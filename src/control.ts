@@ -9,7 +9,8 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import { isErrorCode, NbdError, type ErrorCode } from './errors';
 import type { Logger } from './logger';
-import { parseAutoRollback, type VolumeSnapshots } from './snapshots';
+import { parseAutoRollback } from './policies';
+import type { Volume } from './volume';
 import { controlSocketPath } from './volume-meta';
 
 export interface ControlRequest {
@@ -31,31 +32,31 @@ export interface ControlRequest {
   by?: string;
 }
 
-async function handle(v: VolumeSnapshots, req: ControlRequest): Promise<unknown> {
+async function handle(v: Volume, req: ControlRequest): Promise<unknown> {
   switch (req.op) {
     case 'ping':
       return { pid: process.pid, export: v.exportName };
     case 'snapshot-create':
-      return v.create(String(req.name ?? ''), { autoRollback: req.autoRollback ? parseAutoRollback(req.autoRollback) : undefined });
+      return v.snapshots.create(String(req.name ?? ''), { autoRollback: req.autoRollback ? parseAutoRollback(req.autoRollback) : undefined });
     case 'snapshot-set':
-      return v.setAutoRollback(String(req.name ?? ''), parseAutoRollback(String(req.autoRollback ?? '')));
+      return v.policies.set(String(req.name ?? ''), parseAutoRollback(String(req.autoRollback ?? '')));
     case 'snapshot-get':
-      return { autoRollback: v.getAutoRollback(String(req.name ?? '')) };
+      return { autoRollback: v.policies.get(String(req.name ?? '')) };
     case 'rollback':
-      return v.rollback(String(req.name ?? ''), { trigger: 'command', by: String(req.by ?? 'unknown') });
+      return v.rollback.to(String(req.name ?? ''), { trigger: 'command', by: String(req.by ?? 'unknown') });
     case 'jobs':
-      return v.jobs();
+      return v.jobs.list();
     case 'info':
       await v.settle();
-      return v.volumeInfo();
+      return v.info();
     case 'snapshot-list':
       await v.settle(); // queued first writes preserved: counts and failures are current
-      return v.list();
+      return v.snapshots.list();
     case 'snapshot-info':
       await v.settle();
-      return v.info(String(req.name ?? ''));
+      return v.snapshots.info(String(req.name ?? ''));
     case 'snapshot-delete':
-      await v.delete(String(req.name ?? ''));
+      await v.snapshots.delete(String(req.name ?? ''));
       return {};
     default:
       throw new NbdError('BAD_ARGUMENT', `unknown control operation "${(req as { op: string }).op}"`);
@@ -63,7 +64,7 @@ async function handle(v: VolumeSnapshots, req: ControlRequest): Promise<unknown>
 }
 
 /** Serves the control socket of one volume; returns a closer. */
-export function serveControl(v: VolumeSnapshots, log: Logger): Promise<() => Promise<void>> {
+export function serveControl(v: Volume, log: Logger): Promise<() => Promise<void>> {
   const file = controlSocketPath(v.image);
   const clog = log.child({ component: 'control', volume: v.exportName });
   const server = net.createServer((sock) => {

@@ -4,7 +4,7 @@
 // a crash can only leave a torn last line, which reading skips; a bad line
 // before the end is corruption and an error.
 //
-// Crash consistency (src/snapshots.ts): entries carry the merge job's id. A
+// Crash consistency (src/rollback.ts): entries carry the merge job's id. A
 // rollback's entry is appended after the manifest records the job; if a
 // crash comes between, the next open finds the job in the manifest without
 // its entry and appends it from the manifest's record. A merge's

@@ -3,5 +3,5 @@ export { NbdServer, type ServerOptions, type ExportInfo, type ListenAddress, typ
 export { NbdError, EXIT_CODES, type ErrorCode } from './errors';
 export { parseSize, formatSize } from './size';
 export { createLogger, type Logger } from './logger';
-export { prepareImage, exportNameFor, type ImageSpec, type PreparedImage } from './volume';
+export { prepareImage, exportNameFor, type ImageSpec, type PreparedImage } from './image';
 export { serve, type ServeOptions, type Serving } from './serve';

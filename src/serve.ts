@@ -4,7 +4,7 @@ import { NbdError } from './errors';
 import { ORPHAN_HINT, orphanJournals } from './journals';
 import type { Logger } from './logger';
 import { NbdServer, type ServerOptions } from './server';
-import { exportNameFor } from './volume';
+import { exportNameFor } from './image';
 import { metaDir } from './volume-meta';
 import { serveControl } from './control';
 import { silentLogger } from './logger';
@@ -91,8 +91,8 @@ export async function serve(opts: ServeOptions): Promise<Serving> {
     await new Promise((r) => setImmediate(r));
     opts.signal?.throwIfAborted();
     // on-start auto-rollback: before the first client can connect.
-    if (!opts.readOnly) for (const v of server.volumeList()) await v.applyPolicy('on-start');
-    for (const v of server.volumeList()) v.resumeJobs();
+    if (!opts.readOnly) for (const v of server.volumeList()) await v.policies.apply('on-start');
+    for (const v of server.volumeList()) v.jobs.resume();
     const ports = addrs.map((a) => server.listenTcp(a.host, a.port));
     if (opts.socket) server.listenUnix(opts.socket);
     if (addrs.length > 0 || opts.socket) server.start();

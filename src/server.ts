@@ -7,10 +7,10 @@ import * as fs from 'node:fs';
 import { fromNative, NbdError } from './errors';
 import { silentLogger, type Logger } from './logger';
 import { native, type NativeEvent, type NativeServer, type NativeServerStats } from './native';
-import { VolumeSnapshots } from './snapshots';
 import { removeOwnOrphans } from './journals';
 import { journalDirFor, journalStatePath } from './volume-meta';
-import { prepareImage, type ImageSpec, type PreparedImage } from './volume';
+import { prepareImage, type ImageSpec, type PreparedImage } from './image';
+import { Volume, type PreparedVolume } from './volume';
 
 export interface ServerOptions {
   logger?: Logger;
@@ -89,7 +89,7 @@ export class NbdServer extends EventEmitter {
   private state: 'new' | 'serving' | 'closing' | 'closed' = 'new';
   private closing?: Promise<void>;
   private readonly devices = new Map<number, (result: { error?: string }) => void>();
-  private readonly volumes = new Map<string, VolumeSnapshots>();
+  private readonly volumes = new Map<string, Volume>();
   private readonly beforeClose: (() => Promise<void>)[] = [];
   private readonly mergeRate?: number;
   private readonly cowJournal?: number;
@@ -127,11 +127,11 @@ export class NbdServer extends EventEmitter {
       );
     }
     let info;
-    let vol: ReturnType<typeof VolumeSnapshots.prepare> | undefined;
+    let vol: PreparedVolume | undefined;
     try {
       if (spec.snapshots) {
         const size = prepared.size || fs.statSync(prepared.path).size;
-        vol = VolumeSnapshots.prepare(prepared.path, size, spec.chunkSize, this.log, prepared.readOnly);
+        vol = Volume.prepare(prepared.path, size, spec.chunkSize, this.log, prepared.readOnly);
       }
       info = this.native.addExport({
         name: prepared.name,
@@ -151,11 +151,11 @@ export class NbdServer extends EventEmitter {
       throw fromNative(err);
     }
     if (vol) {
-      const v = VolumeSnapshots.attach(this.native, prepared.path, info.name, vol, this.log, {
+      const v = Volume.open(this.native, prepared.path, info.name, vol, this.log, {
         readOnly: prepared.readOnly,
         mergeRate: this.mergeRate,
       });
-      for (const st of info.snapshots) if (st.failed) v.recordFailure(st.id, st.failure, st.failedAt);
+      for (const st of info.snapshots) if (st.failed) v.snapshots.recordFailure(st.id, st.failure, st.failedAt);
       const fw = v.firstWrites();
       if (fw?.note) this.log.warn({ volume: prepared.path }, fw.note);
       if (!prepared.readOnly) {
@@ -174,14 +174,14 @@ export class NbdServer extends EventEmitter {
     return exp;
   }
 
-  /** Snapshot operations of a volume served with snapshots enabled. */
-  snapshots(exportName: string): VolumeSnapshots {
+  /** A volume served with snapshots enabled: its snapshots, jobs and policies. */
+  volume(exportName: string): Volume {
     const v = this.volumes.get(exportName);
     if (!v) throw new NbdError('VOLUME_NOT_FOUND', `no volume with snapshots is served as "${exportName}"`);
     return v;
   }
 
-  volumeList(): VolumeSnapshots[] {
+  volumeList(): Volume[] {
     return [...this.volumes.values()];
   }
 
@@ -315,7 +315,7 @@ export class NbdServer extends EventEmitter {
       }
     };
     if (!v || this.state !== 'serving') return release();
-    v.applyPolicy('on-disconnect')
+    v.policies.apply('on-disconnect')
       .catch((err: Error) => this.log.error({ volume: exportName, err: err.message }, 'auto-rollback on disconnect failed'))
       .finally(release);
   }
@@ -347,7 +347,7 @@ export class NbdServer extends EventEmitter {
         break;
       }
       case 'snapshot-failed':
-        for (const v of this.volumes.values()) if (v.exportName === ev.export) v.recordFailure(ev.connection, ev.message);
+        for (const v of this.volumes.values()) if (v.exportName === ev.export) v.snapshots.recordFailure(ev.connection, ev.message);
         break;
       case 'handshake-failed':
         this.log.warn({ ...fields, reason: ev.message }, 'handshake failed');

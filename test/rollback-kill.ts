@@ -96,7 +96,7 @@ t.comment(`rollback-kill seed ${SEED} (replay: NBD_TEST_SEED=${SEED} node tools/
 
 const SIZE = 128 * MiB;
 const CHUNK = 16 * KiB;
-/** Chunks per native merge step (src/snapshots.ts: 64 MiB per step). */
+/** Chunks per native merge step (src/rollback.ts: 64 MiB per step). */
 const STEP_CHUNKS = (64 * MiB) / CHUNK;
 const MAX_SNAPSHOTS = 4;
 const MIN_MID_KILLS = 20;

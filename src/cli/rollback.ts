@@ -9,11 +9,12 @@ import { SingleBar } from 'cli-progress';
 import { callControl } from '../control';
 import { readHistory, type HistoryEntry } from '../history';
 import { ORPHAN_HINT } from '../journals';
-import { commandTrigger, type JobInfo, type RollbackResult, type VolumeSnapshots } from '../snapshots';
+import { commandTrigger, type RollbackResult } from '../rollback';
+import type { Volume, VolumeJob } from '../volume';
 import { onVolume, output } from './volume-command';
 
 /** A progress bar on stderr for the merge of one volume. */
-function mergeBar(): { update(jobs: JobInfo[]): void; stop(): void } {
+function mergeBar(): { update(jobs: VolumeJob[]): void; stop(): void } {
   const bar = new SingleBar({
     format: 'merging {snapshot} [{bar}] {percentage}% | {value}/{total} chunks | {duration_formatted}',
     stream: process.stderr,
@@ -48,13 +49,13 @@ async function waitJobs(image: string, show: boolean): Promise<void> {
       const online = await callControl(image, { op: 'jobs' });
       if (!online) {
         // No server (or it stopped): finish the merge here.
-        await onVolume(image, { op: 'ping' }, async (v: VolumeSnapshots) => {
-          v.resumeJobs();
-          await v.waitJobs((j) => bar?.update(j));
+        await onVolume(image, { op: 'ping' }, async (v: Volume) => {
+          v.jobs.resume();
+          await v.jobs.wait((j) => bar?.update(j));
         });
         return;
       }
-      const jobs = online.result as JobInfo[];
+      const jobs = online.result as VolumeJob[];
       bar?.update(jobs);
       if (jobs.length === 0) return;
       await new Promise((r) => setTimeout(r, 200));
@@ -64,7 +65,7 @@ async function waitJobs(image: string, show: boolean): Promise<void> {
   }
 }
 
-function printJobs(jobs: JobInfo[]): void {
+function printJobs(jobs: VolumeJob[]): void {
   if (jobs.length === 0) {
     process.stdout.write('no jobs\n');
     return;
@@ -109,10 +110,10 @@ export function registerRollback(program: Command): void {
       let offline = false;
       const r = (await onVolume(image, { op: 'rollback', name: snapshot, by: who.by }, async (v) => {
         offline = true;
-        const res = await v.rollback(snapshot, who);
+        const res = await v.rollback.to(snapshot, who);
         const bar = o.wait ? mergeBar() : undefined;
         try {
-          await v.waitJobs((j) => bar?.update(j));
+          await v.jobs.wait((j) => bar?.update(j));
         } finally {
           bar?.stop();
         }
@@ -135,7 +136,7 @@ export function registerRollback(program: Command): void {
     .option('--wait', 'wait until they finish (offline: run them here), with a progress bar')
     .action(async (image: string, o: { json?: boolean; wait?: boolean }) => {
       if (o.wait) await waitJobs(image, !o.json);
-      const jobs = (await onVolume(image, { op: 'jobs' }, (v) => v.jobs())) as JobInfo[];
+      const jobs = (await onVolume(image, { op: 'jobs' }, (v) => v.jobs.list())) as VolumeJob[];
       output(o, jobs, printJobs);
     });
   program
@@ -155,7 +156,7 @@ export function registerRollback(program: Command): void {
     .argument('<image>', 'image file')
     .option('--json', 'machine-readable output')
     .action(async (image: string, o: { json?: boolean }) => {
-      const i = (await onVolume(image, { op: 'info' }, (v) => v.volumeInfo())) as ReturnType<VolumeSnapshots['volumeInfo']>;
+      const i = (await onVolume(image, { op: 'info' }, (v) => v.info())) as ReturnType<Volume['info']>;
       output(o, i, (i) => {
         process.stdout.write(
           `volume ${i.volume} (export ${i.export}): ${i.size} bytes, chunk size ${i.chunkSize}, ${i.snapshots} snapshot(s)\n` +

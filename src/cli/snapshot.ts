@@ -3,7 +3,8 @@
 // offline, the command opens the volume itself under the volume lock.
 import { Command } from 'commander';
 import { NbdError } from '../errors';
-import { parseAutoRollback, type SnapshotInfo } from '../snapshots';
+import { parseAutoRollback } from '../policies';
+import type { SnapshotInfo } from '../snapshots';
 import { formatSize } from '../size';
 import { onVolume as run, output } from './volume-command';
 
@@ -43,7 +44,7 @@ export function registerSnapshot(program: Command): void {
     .action(async (image: string, name: string, o: { autoRollback?: string }) => {
       const policy = o.autoRollback !== undefined ? parseAutoRollback(o.autoRollback) : undefined;
       const r = (await run(image, { op: 'snapshot-create', name, autoRollback: policy }, (v) =>
-        v.create(name, { autoRollback: policy }),
+        v.snapshots.create(name, { autoRollback: policy }),
       )) as SnapshotInfo;
       process.stdout.write(`created snapshot ${r.name} (export ${r.export})${r.autoRollback !== 'off' ? `, auto-rollback=${r.autoRollback}` : ''}\n`);
     });
@@ -60,7 +61,7 @@ export function registerSnapshot(program: Command): void {
         throw new NbdError('BAD_ARGUMENT', `unknown setting "${setting}": use ${AUTO_ROLLBACK_KEY}=on-disconnect|on-start|off`);
       }
       const policy = parseAutoRollback(setting.slice(i + 1));
-      await run(image, { op: 'snapshot-set', name, autoRollback: policy }, (v) => v.setAutoRollback(name, policy));
+      await run(image, { op: 'snapshot-set', name, autoRollback: policy }, (v) => v.policies.set(name, policy));
       process.stdout.write(`${name}: ${AUTO_ROLLBACK_KEY}=${policy}\n`);
     });
   snap
@@ -71,7 +72,7 @@ export function registerSnapshot(program: Command): void {
     .argument('<key>', 'auto-rollback')
     .action(async (image: string, name: string, key: string) => {
       if (key !== AUTO_ROLLBACK_KEY) throw new NbdError('BAD_ARGUMENT', `unknown key "${key}": use ${AUTO_ROLLBACK_KEY}`);
-      const r = (await run(image, { op: 'snapshot-get', name }, (v) => ({ autoRollback: v.getAutoRollback(name) }))) as {
+      const r = (await run(image, { op: 'snapshot-get', name }, (v) => ({ autoRollback: v.policies.get(name) }))) as {
         autoRollback: string;
       };
       process.stdout.write(`${r.autoRollback}\n`);
@@ -82,7 +83,7 @@ export function registerSnapshot(program: Command): void {
     .argument('<image>', 'image file')
     .option('--json', 'machine-readable output')
     .action(async (image: string, o: { json?: boolean }) => {
-      const list = (await run(image, { op: 'snapshot-list' }, (v) => v.list())) as SnapshotInfo[];
+      const list = (await run(image, { op: 'snapshot-list' }, (v) => v.snapshots.list())) as SnapshotInfo[];
       output(o, list, printTable);
     });
   snap
@@ -92,7 +93,7 @@ export function registerSnapshot(program: Command): void {
     .argument('<name>', 'snapshot name')
     .option('--json', 'machine-readable output')
     .action(async (image: string, name: string, o: { json?: boolean }) => {
-      const s = (await run(image, { op: 'snapshot-info', name }, (v) => v.info(name))) as SnapshotInfo;
+      const s = (await run(image, { op: 'snapshot-info', name }, (v) => v.snapshots.info(name))) as SnapshotInfo;
       output(o, s, (x) => printTable([x]));
     });
   snap
@@ -101,7 +102,7 @@ export function registerSnapshot(program: Command): void {
     .argument('<image>', 'image file')
     .argument('<name>', 'snapshot name')
     .action(async (image: string, name: string) => {
-      await run(image, { op: 'snapshot-delete', name }, (v) => v.delete(name));
+      await run(image, { op: 'snapshot-delete', name }, (v) => v.snapshots.delete(name));
       process.stdout.write(`deleted snapshot ${name}\n`);
     });
 }

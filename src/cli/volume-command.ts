@@ -6,16 +6,16 @@ import { callControl, type ControlRequest } from '../control';
 import { NbdError } from '../errors';
 import { createLogger } from '../logger';
 import { NbdServer } from '../server';
-import type { VolumeSnapshots } from '../snapshots';
+import type { Volume } from '../volume';
 
-export async function onVolume(image: string, req: ControlRequest, offline: (v: VolumeSnapshots) => Promise<unknown> | unknown): Promise<unknown> {
+export async function onVolume(image: string, req: ControlRequest, offline: (v: Volume) => Promise<unknown> | unknown): Promise<unknown> {
   const online = await callControl(image, req);
   if (online) return online.result;
   if (!fs.existsSync(image)) throw new NbdError('IMAGE_NOT_FOUND', `image ${image} does not exist`);
   const server = new NbdServer({ logger: createLogger('warn') });
   try {
     const exp = server.addImage({ path: image, snapshots: true });
-    return await offline(server.snapshots(exp.name));
+    return await offline(server.volume(exp.name));
   } finally {
     await server.close();
   }
