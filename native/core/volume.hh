@@ -12,9 +12,9 @@
 // (JournalDevice::pause_and_drain), then act on the chain or the merge job,
 // then reopen the gate. It keeps no state of its own beyond the layers.
 //
-// Threads: the control-plane methods run on libuv workers or the main thread
-// (the binding serialises them per volume); the data path reaches the layers
-// through device() only. Locking: see volume_locks.hh (gate → stripes →
+// Threads: the control-plane methods run on libuv workers or the main thread;
+// the data path reaches the layers through device() (connection threads) and
+// view() (snapshot exports) only. Locking: see volume_locks.hh (gate → stripes →
 // SnapshotStore::mu_); Volume takes no lock of its own.
 #pragma once
 
