@@ -1,7 +1,7 @@
 // rollback_methods.cc — NativeServer methods for rollback merges.
 //
 // The control plane (TypeScript) owns the manifest, the job file's path,
-// history and policies; these methods drive CowDevice's rollback:
+// history and policies; these methods drive the volume's rollback (Volume, rollback_device.hh):
 //   prepareRollback(export, snapshotId, jobPath)  writes the job file, pauses
 //                                                 writes (async)
 //   activateRollback(export) / abortRollback(export)  resume writes, with or
@@ -16,7 +16,7 @@
 
 #include <cerrno>
 
-#include "../core/cow_device.hh"
+#include "../core/volume.hh"
 #include "server_wrap.hh"
 #include "task.hh"
 
@@ -38,15 +38,15 @@ Napi::Value status_of(Napi::Env env, const std::shared_ptr<nbd::MergeJob>& job) 
 
 Napi::Value ServerWrap::PrepareRollback(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  auto cow = volume(env, info[0]);
+  auto vol = volume(env, info[0]);
   uint64_t id = id_of(info[1]);
   if (info.Length() < 3 || !info[2].IsString()) throw Napi::TypeError::New(env, "job file path required");
   std::string path = info[2].As<Napi::String>().Utf8Value();
   return queue(new Task(
       env,
-      [cow, id, path](std::string& what, const char*& code) {
-        int e = cow->prepare_rollback(id, path, what);
-        if (e && cow->queued_writes() > 0) code = "QUEUE_STALLED";
+      [vol, id, path](std::string& what, const char*& code) {
+        int e = vol->prepare_rollback(id, path, what);
+        if (e && vol->queued_writes() > 0) code = "QUEUE_STALLED";
         return e;
       },
       nullptr,
@@ -65,14 +65,14 @@ Napi::Value ServerWrap::AbortRollback(const Napi::CallbackInfo& info) {
 
 Napi::Value ServerWrap::MergeStep(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  auto cow = volume(env, info[0]);
+  auto vol = volume(env, info[0]);
   uint64_t from = static_cast<uint64_t>(info[1].ToNumber().DoubleValue());
   uint64_t max = static_cast<uint64_t>(info[2].ToNumber().DoubleValue());
   auto next = std::make_shared<uint64_t>(0);
   return queue(new Task(
-      env, [cow, from, max, next](std::string& what) { return cow->merge_step(from, max ? max : 1, *next, what); },
-      [cow, next](Napi::Env e) {
-        Napi::Value st = status_of(e, cow->merge_job());
+      env, [vol, from, max, next](std::string& what) { return vol->merge_step(from, max ? max : 1, *next, what); },
+      [vol, next](Napi::Env e) {
+        Napi::Value st = status_of(e, vol->merge_job());
         Napi::Object r = st.IsNull() ? Napi::Object::New(e) : st.As<Napi::Object>();
         r.Set("next", Napi::Number::New(e, static_cast<double>(*next)));
         return r;
@@ -82,8 +82,8 @@ Napi::Value ServerWrap::MergeStep(const Napi::CallbackInfo& info) {
 
 Napi::Value ServerWrap::FinishRollback(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  auto cow = volume(env, info[0]);
-  return queue(new Task(env, [cow](std::string& what) { return cow->finish_rollback(what); }, nullptr, "MERGE_FAILED"));
+  auto vol = volume(env, info[0]);
+  return queue(new Task(env, [vol](std::string& what) { return vol->finish_rollback(what); }, nullptr, "MERGE_FAILED"));
 }
 
 Napi::Value ServerWrap::SetDisconnectHold(const Napi::CallbackInfo& info) {

@@ -6,7 +6,7 @@
 #include <map>
 #include <memory>
 
-#include "../core/cow_device.hh"
+#include "../core/volume.hh"
 #include "../core/kernel_device.hh"
 #include "../core/memory_budget.hh"
 #include "../core/server.hh"
@@ -58,7 +58,7 @@ class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
   Napi::Value MergeStatus(const Napi::CallbackInfo& info);
   Napi::Value SetDisconnectHold(const Napi::CallbackInfo& info);
   Napi::Value ReleaseHold(const Napi::CallbackInfo& info);
-  std::shared_ptr<nbd::CowDevice> volume(Napi::Env env, const Napi::Value& name);
+  std::shared_ptr<nbd::Volume> volume(Napi::Env env, const Napi::Value& name);
   // Opens the snapshot chain of a volume export (addExport with chunkSize).
   std::shared_ptr<nbd::Device> open_volume(Napi::Env env, const std::string& name, std::shared_ptr<nbd::Device> live,
                                            const Napi::Object& o, Napi::Array& snapshot_info);
@@ -76,7 +76,7 @@ class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
   Napi::ObjectReference self_ref_;
   uint32_t next_device_id_ = 1;
   // Volumes with snapshots, by export name (main thread only).
-  std::map<std::string, std::shared_ptr<nbd::CowDevice>> volumes_;
+  std::map<std::string, std::shared_ptr<nbd::Volume>> volumes_;
   // Snapshot stores created but not yet in a chain, by id (main thread only).
   std::map<uint64_t, std::shared_ptr<nbd::SnapshotStore>> pending_;
   std::map<std::string, uint64_t> journal_replayed_;  // journal entries replayed at open, per volume

@@ -10,7 +10,7 @@
 #include <climits>
 #include <cstdlib>
 
-#include "../core/cow_device.hh"
+#include "../core/volume.hh"
 #include "errors.hh"
 #include "server_wrap.hh"
 #include "task.hh"
@@ -33,7 +33,7 @@ std::shared_ptr<nbd::Device> ServerWrap::open_volume(Napi::Env env, const std::s
   if (cs < 4096 || cs > (1u << 20) || (cs & (cs - 1)))
     throw Napi::RangeError::New(env, "chunkSize must be a power of two from 4 KiB to 1 MiB");
   std::weak_ptr<EventBridge> events = events_;
-  auto cow = std::make_shared<nbd::CowDevice>(live, cs, [events, name](uint64_t id, const std::string& reason) {
+  auto vol = std::make_shared<nbd::Volume>(live, cs, [events, name](uint64_t id, const std::string& reason) {
     if (auto ev = events.lock()) ev->on_event({"snapshot-failed", id, name, {}, reason});
   });
   if (o.Has("snapshots") && o.Get("snapshots").IsArray()) {
@@ -54,12 +54,12 @@ std::shared_ptr<nbd::Device> ServerWrap::open_volume(Napi::Env env, const std::s
       st.Set("failure", store->failure());
       st.Set("failedAt", Napi::Number::New(env, static_cast<double>(store->failed_at_ms())));
       info.Set(i, st);
-      cow->load_snapshot(std::shared_ptr<nbd::SnapshotStore>(std::move(store)));
+      vol->load_snapshot(std::shared_ptr<nbd::SnapshotStore>(std::move(store)));
     }
   }
   if (o.Has("journalState") && o.Get("journalState").IsString()) {
     // Before a merge resumes: queued first writes are older than anything it does.
-    nbd::CowDevice::JournalConfig cfg;
+    nbd::Volume::JournalConfig cfg;
     cfg.state_file = o.Get("journalState").As<Napi::String>().Utf8Value();
     if (o.Has("journalDir") && o.Get("journalDir").IsString()) cfg.dir = o.Get("journalDir").As<Napi::String>().Utf8Value();
     // The owner record names the image by its absolute, resolved path: a
@@ -77,9 +77,9 @@ std::shared_ptr<nbd::Device> ServerWrap::open_volume(Napi::Env env, const std::s
     cfg.budget = journal_budget_;
     uint64_t replayed = 0;
     std::string err, note;
-    nbd::CowDevice::JournalError kind;
-    if (int e = cow->open_journal(cfg, replayed, note, kind, err)) {
-      using K = nbd::CowDevice::JournalError;
+    nbd::Volume::JournalError kind;
+    if (int e = vol->open_journal(cfg, replayed, note, kind, err)) {
+      using K = nbd::Volume::JournalError;
       const char* code = kind == K::kPending   ? "JOURNAL_PENDING"
                          : kind == K::kMissing ? "JOURNAL_MISSING"
                          : kind == K::kCorrupt ? "JOURNAL_CORRUPT"
@@ -91,14 +91,14 @@ std::shared_ptr<nbd::Device> ServerWrap::open_volume(Napi::Env env, const std::s
   }
   if (o.Has("rollbackJob") && o.Get("rollbackJob").IsString()) {
     std::string err;
-    if (cow->resume_rollback(o.Get("rollbackJob").As<Napi::String>().Utf8Value(), err) != 0)
+    if (vol->resume_rollback(o.Get("rollbackJob").As<Napi::String>().Utf8Value(), err) != 0)
       throw coded_error(env, "METADATA_CORRUPT", "rollback merge: " + err);
   }
-  volumes_[name] = cow;
-  return cow;
+  volumes_[name] = vol;
+  return vol->device();
 }
 
-std::shared_ptr<nbd::CowDevice> ServerWrap::volume(Napi::Env env, const Napi::Value& name) {
+std::shared_ptr<nbd::Volume> ServerWrap::volume(Napi::Env env, const Napi::Value& name) {
   if (!name.IsString()) throw Napi::TypeError::New(env, "export name must be a string");
   auto it = volumes_.find(name.As<Napi::String>().Utf8Value());
   if (it == volumes_.end())
@@ -108,17 +108,17 @@ std::shared_ptr<nbd::CowDevice> ServerWrap::volume(Napi::Env env, const Napi::Va
 
 Napi::Value ServerWrap::PrepareSnapshot(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  auto cow = volume(env, info[0]);
+  auto vol = volume(env, info[0]);
   if (info.Length() < 2 || !info[1].IsObject()) throw Napi::TypeError::New(env, "snapshot {id, file} required");
   Napi::Object so = info[1].As<Napi::Object>();
   uint64_t id = id_of(so.Get("id"));
   std::string path = path_of(so);
-  uint64_t size = cow->size();
+  uint64_t size = vol->size();
   auto made = std::make_shared<std::shared_ptr<nbd::SnapshotStore>>();
   auto* t = new Task(
       env,
-      [cow, id, path, size, made](std::string& what) {
-        auto store = nbd::SnapshotStore::create(id, path, size, cow->chunk_size(), what);
+      [vol, id, path, size, made](std::string& what) {
+        auto store = nbd::SnapshotStore::create(id, path, size, vol->chunk_size(), what);
         if (!store) return EIO;
         *made = std::move(store);
         return 0;
@@ -132,16 +132,16 @@ Napi::Value ServerWrap::PrepareSnapshot(const Napi::CallbackInfo& info) {
 }
 
 // Pauses writes, applies queued first writes and flushes the volume; writes
-// stay paused until addSnapshot() or resumeWrites() (see CowDevice::begin_add).
+// stay paused until addSnapshot() or resumeWrites() (see Volume::begin_add).
 Napi::Value ServerWrap::BeginSnapshot(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  auto cow = volume(env, info[0]);
+  auto vol = volume(env, info[0]);
   auto* t = new Task(
       env,
-      [cow](std::string& what, const char*& code) {
-        int e = cow->begin_add(what);
+      [vol](std::string& what, const char*& code) {
+        int e = vol->begin_add(what);
         if (e == EBUSY) code = "ROLLBACK_RUNNING";
-        else if (e && cow->queued_writes() > 0) code = "QUEUE_STALLED";
+        else if (e && vol->queued_writes() > 0) code = "QUEUE_STALLED";
         return e;
       },
       nullptr, "SNAPSHOT_CREATE_FAILED");
@@ -152,13 +152,13 @@ Napi::Value ServerWrap::BeginSnapshot(const Napi::CallbackInfo& info) {
 // chain and writes resume.
 Napi::Value ServerWrap::AddSnapshot(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  auto cow = volume(env, info[0]);
+  auto vol = volume(env, info[0]);
   uint64_t id = id_of(info[1]);
   auto it = pending_.find(id);
   if (it == pending_.end()) throw coded_error(env, "SNAPSHOT_NOT_FOUND", "no prepared snapshot with id " + std::to_string(id));
   auto store = it->second;
   pending_.erase(it);
-  cow->commit_add(store);
+  vol->commit_add(store);
   return env.Undefined();
 }
 
@@ -173,13 +173,13 @@ Napi::Value ServerWrap::ResumeWrites(const Napi::CallbackInfo& info) {
 
 Napi::Value ServerWrap::RemoveSnapshot(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  auto cow = volume(env, info[0]);
+  auto vol = volume(env, info[0]);
   uint64_t id = id_of(info[1]);
   auto* t = new Task(
       env,
-      [cow, id](std::string& what, const char*& code) {
-        int e = cow->finish_remove(id, what);
-        if (e && cow->queued_writes() > 0) code = "QUEUE_STALLED";
+      [vol, id](std::string& what, const char*& code) {
+        int e = vol->finish_remove(id, what);
+        if (e && vol->queued_writes() > 0) code = "QUEUE_STALLED";
         return e;
       },
       nullptr, "SNAPSHOT_DELETE_FAILED");
@@ -188,13 +188,13 @@ Napi::Value ServerWrap::RemoveSnapshot(const Napi::CallbackInfo& info) {
 
 Napi::Value ServerWrap::DropSnapshot(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  auto cow = volume(env, info[0]);
-  return Napi::Boolean::New(env, cow->drop_removed(id_of(info[1])));
+  auto vol = volume(env, info[0]);
+  return Napi::Boolean::New(env, vol->drop_removed(id_of(info[1])));
 }
 
 Napi::Value ServerWrap::HandDown(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  auto cow = volume(env, info[0]);
+  auto vol = volume(env, info[0]);
   uint64_t id = id_of(info[1]);
   uint64_t from = static_cast<uint64_t>(info[2].ToNumber().DoubleValue());
   uint64_t max = static_cast<uint64_t>(info[3].ToNumber().DoubleValue());
@@ -202,10 +202,10 @@ Napi::Value ServerWrap::HandDown(const Napi::CallbackInfo& info) {
   auto total = std::make_shared<uint64_t>(0);
   auto* t = new Task(
       env,
-      [cow, id, from, max, next, total](std::string& what) {
-        auto s = cow->find(id);
+      [vol, id, from, max, next, total](std::string& what) {
+        auto s = vol->find(id);
         if (s) *total = s->chunks();
-        return cow->hand_down(id, from, max, *next, what);
+        return vol->hand_down(id, from, max, *next, what);
       },
       [next, total](Napi::Env e) {
         Napi::Object r = Napi::Object::New(e);
@@ -219,8 +219,8 @@ Napi::Value ServerWrap::HandDown(const Napi::CallbackInfo& info) {
 
 Napi::Value ServerWrap::SnapshotStatus(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  auto cow = volume(env, info[0]);
-  auto chain = cow->chain();
+  auto vol = volume(env, info[0]);
+  auto chain = vol->chain();
   Napi::Array out = Napi::Array::New(env, chain->size());
   for (size_t i = 0; i < chain->size(); ++i) {
     auto& s = (*chain)[i];
@@ -239,11 +239,11 @@ Napi::Value ServerWrap::SnapshotStatus(const Napi::CallbackInfo& info) {
 
 Napi::Value ServerWrap::Settle(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  auto cow = volume(env, info[0]);
+  auto vol = volume(env, info[0]);
   auto* t = new Task(
       env,
-      [cow](std::string&) {
-        cow->settle();
+      [vol](std::string&) {
+        vol->settle();
         return 0;
       },
       nullptr, "IO_ERROR");
@@ -252,28 +252,28 @@ Napi::Value ServerWrap::Settle(const Napi::CallbackInfo& info) {
 
 Napi::Value ServerWrap::FirstWrites(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  auto cow = volume(env, info[0]);
+  auto vol = volume(env, info[0]);
   Napi::Object o = Napi::Object::New(env);
-  o.Set("mode", cow->first_write_mode());
-  o.Set("queued", Napi::Number::New(env, static_cast<double>(cow->queued_writes())));
-  o.Set("lastPauseMs", Napi::Number::New(env, static_cast<double>(cow->last_pause_us()) / 1000.0));
-  o.Set("maxPauseMs", Napi::Number::New(env, static_cast<double>(cow->max_pause_us()) / 1000.0));
+  o.Set("mode", vol->first_write_mode());
+  o.Set("queued", Napi::Number::New(env, static_cast<double>(vol->queued_writes())));
+  o.Set("lastPauseMs", Napi::Number::New(env, static_cast<double>(vol->last_pause_us()) / 1000.0));
+  o.Set("maxPauseMs", Napi::Number::New(env, static_cast<double>(vol->max_pause_us()) / 1000.0));
   const std::string name = info[0].As<Napi::String>().Utf8Value();
   auto it = journal_replayed_.find(name);
   o.Set("replayedAtOpen", Napi::Number::New(env, it == journal_replayed_.end() ? 0.0 : static_cast<double>(it->second)));
   auto note = journal_notes_.find(name);
   if (note != journal_notes_.end()) o.Set("note", note->second);
-  std::string kept = cow->kept_journal();
+  std::string kept = vol->kept_journal();
   if (!kept.empty()) o.Set("kept", kept);
   return o;
 }
 
 Napi::Value ServerWrap::AddSnapshotExport(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  auto cow = volume(env, info[0]);
+  auto vol = volume(env, info[0]);
   uint64_t id = id_of(info[1]);
   if (info.Length() < 3 || !info[2].IsString()) throw Napi::TypeError::New(env, "export name required");
-  auto dev = cow->view(id);
+  auto dev = vol->view(id);
   if (!dev) throw coded_error(env, "SNAPSHOT_NOT_FOUND", "no snapshot with id " + std::to_string(id));
   auto e = std::make_shared<nbd::Export>();
   e->name = info[2].As<Napi::String>().Utf8Value();

@@ -2,18 +2,22 @@
 //
 // A Device answers the NBD data commands for one volume. Devices stack: each
 // layer wraps a `next` and changes what it must, forwarding the rest. The raw
-// file is always at the bottom. What exists today:
+// file is always at the bottom. A volume with snapshots (volume.hh) is this
+// chain, one concern per layer:
 //
-//     connection ──► [ReadOnlyDevice] ──► CowDevice ──────────────────► FileDevice (raw image)
-//                     (serve -r)          first-write journal (queue),    pread/pwrite, fdatasync
-//                                         copy-on-write into snapshots,   (a failed one latches:
-//                                         rollback redirect + merge       health())
-//     snapshot export ──► SnapshotView ──► the snapshot chain, then FileDevice
+//     connection ─► [ReadOnlyDevice] ─► JournalDevice ─► RollbackDevice ─► CowDevice ─► FileDevice (raw image)
+//                    (serve -r)          first-write      redirect reads   preserve old   pread/pwrite,
+//                                        queue (journal)  of pending       data into the  fdatasync (a failed
+//                                        + its apply;     chunks; merge    newest healthy one latches:
+//                                        the write gate   them back        snapshot;      health())
+//                                                                          chain; hand-down
+//     snapshot export ─► SnapshotView ─► CowDevice's chain, then FileDevice
 //
-// CowDevice still holds three concerns (journal, copy-on-write, rollback);
-// splitting it into a journal layer, a copy-on-write layer and a rollback
-// layer, each a FilterDevice over its `next`, is open work (issue 10), and
-// clone read-through will be another FilterDevice under the journal.
+// A plain export is FileDevice alone (or under ReadOnlyDevice). The layers
+// share one VolumeLocks (write gate + chunk stripes, volume_locks.hh), and
+// call each other below through narrow entry points (CowDevice::
+// needs_preserving, preserve_locked, raw_pwrite, ...), never around them.
+// Clone read-through will be another FilterDevice under the journal.
 //
 // Contract (all layers):
 //  - Methods are called concurrently from many connection threads; a device

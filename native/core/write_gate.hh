@@ -1,6 +1,7 @@
 // write_gate.hh — lets the control plane pause writes and wait for in-flight
-// ones to drain (snapshot create/delete), at the cost of two atomic
-// operations per write when nobody is pausing.
+// ones to drain (snapshot create/delete, rollback start), at the cost of two
+// atomic operations per write when nobody is pausing. A volume has one, in
+// its VolumeLocks (volume_locks.hh), shared by its device layers.
 //
 // enter()/leave() bracket every modifying request on the data path.
 // close() waits for the gate to be open, closes it, and waits until no

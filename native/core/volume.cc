@@ -1,0 +1,97 @@
+// volume.cc — see volume.hh: the chain's construction and the control-plane
+// steps that span layers.
+#include "volume.hh"
+
+#include <cerrno>
+#include <cstring>
+
+#include "crash_point.hh"
+#include "snapshot_view.hh"
+
+namespace nbd {
+
+Volume::Volume(std::shared_ptr<Device> live, uint32_t chunk_size, FailureCallback on_failure)
+    : live_(std::move(live)),
+      locks_(std::make_shared<VolumeLocks>()),
+      cow_(std::make_shared<CowDevice>(live_, chunk_size, locks_, std::move(on_failure))),
+      rollback_(std::make_shared<RollbackDevice>(cow_, locks_)),
+      journal_(std::make_shared<JournalDevice>(rollback_, cow_, locks_)) {}
+
+int Volume::begin_add(std::string& err) {
+  int e = journal_->pause_and_drain(err);  // queued first writes reach live: the new snapshot holds them
+  if (!e && rollback_->merging()) {  // snapshot views read raw live, which a merge is still changing
+    err = "a rollback merge is running";
+    e = EBUSY;
+  }
+  if (!e && (e = live_->flush())) err = std::string("flushing the volume failed: ") + strerror(e);
+  if (!e) crash_point("snapshot.create.begun");
+  if (e) locks_->gate.open();
+  return e;  // on success writes stay paused until commit_add() or resume_writes()
+}
+
+void Volume::commit_add(std::shared_ptr<SnapshotStore> s) {
+  cow_->load_snapshot(std::move(s));
+  journal_->snapshot_added();
+  locks_->gate.open();
+  crash_point("snapshot.create.added");
+}
+
+int Volume::finish_remove(uint64_t id, std::string& err) {
+  if (int e = journal_->pause_and_drain(err)) return e;  // writes stay paused until resume_writes(), as on every return
+  if (rollback_->merging()) {
+    err = "a rollback merge is running";
+    return EBUSY;  // writes stay paused until resume_writes(), as on every return
+  }
+  auto s = cow_->find(id);
+  if (!s) {
+    err = "no snapshot with id " + std::to_string(id);
+    return ENOENT;
+  }
+  // The same walk as the bulk steps: a chunk handed down before stops the
+  // walk at its heir (which holds it now), so only chunks preserved into the
+  // snapshot since then are copied. A heir that failed since its copy keeps
+  // it, which is harmless: the walk still stops there.
+  uint64_t next = 0;
+  return hand_down(id, 0, s->chunks(), next, err);  // writes stay paused until resume_writes()
+}
+
+int Volume::hand_down(uint64_t id, uint64_t from, uint64_t max, uint64_t& next, std::string& err) {
+  if (rollback_->merging()) {
+    err = "a rollback merge is running";
+    return EBUSY;
+  }
+  return cow_->hand_down(id, from, max, next, err);
+}
+
+int Volume::prepare_rollback(uint64_t snapshot_id, const std::string& job_path, std::string& err) {
+  // Live and the bitmaps must include every queued first write.
+  int e = journal_->pause_and_drain(err);
+  if (!e) e = rollback_->prepare(snapshot_id, job_path, err);
+  if (e) locks_->gate.open();
+  return e;  // on success writes stay paused until activate/abort
+}
+
+void Volume::activate_rollback() {
+  rollback_->activate();
+  locks_->gate.open();
+}
+
+void Volume::abort_rollback() {
+  rollback_->abort();
+  locks_->gate.open();
+}
+
+int Volume::finish_rollback(std::string& err) {
+  locks_->gate.close();
+  int e = rollback_->finish(err);
+  locks_->gate.open();
+  return e;
+}
+
+std::shared_ptr<Device> Volume::view(uint64_t id) {
+  auto s = cow_->find(id);
+  if (!s) return nullptr;
+  return std::make_shared<SnapshotView>(cow_, s);
+}
+
+}  // namespace nbd
