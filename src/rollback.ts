@@ -2,7 +2,7 @@
 // to a snapshot at once (live reads show the snapshot from the moment the
 // job is active) and merges the snapshot's chunks into the live image in the
 // background; every snapshot is kept. The native layer does the data path
-// (native/core/merge_job.hh, CowDevice); this module owns the job's record
+// (native/core/merge_job.hh, RollbackDevice); this module owns the job's record
 // in the manifest, the merge loop and the history lines, in this order:
 //
 //   rollback: native writes the merge job file (pending set, synced) with

@@ -22,7 +22,7 @@
 //           hand-down and the manifest, so a crash leaves it listed and intact
 //           or gone with every chunk an older snapshot read through it
 //           handed down (to the nearest older healthy snapshot lacking it,
-//           past failed ones: CowDevice::hand_down).
+//           past failed ones: CowDevice::hand_down, via Volume::hand_down).
 //   failure: a snapshot that can no longer preserve (native 'snapshot-failed'
 //           event, or found failed at open) is recorded as failed in the
 //           manifest; if that write fails too, the volume keeps retrying it

@@ -64,7 +64,7 @@ FirstWriteQueue::~FirstWriteQueue() {
   }
   cv_.notify_all();
   if (thread_.joinable()) thread_.join();
-  // The journal file stays: its owner (CowDevice::retire_queue) removes it,
+  // The journal file stays: its owner (JournalDevice::retire_queue) removes it,
   // after the volume's journal state, once nothing in it is pending.
 }
 

@@ -32,7 +32,7 @@
 //     durable in the snapshot: entries reach live only through apply(), which
 //     preserves first;
 //   - a chunk with queued entries is never written directly: every write to
-//     it is queued behind them (CowDevice routes by touches());
+//     it is queued behind them (JournalDevice routes by touches());
 //   - entries leave the queue only after they are applied to live (page
 //     cache) and the checkpoint past them is durable, so a replay never
 //     re-applies an entry over a later direct write; live itself is made
@@ -59,7 +59,7 @@
 // Locking: mu_ guards the FIFO, the index, the accounting and journal
 // appends (appends are serialised so the journal is a prefix of complete
 // entries). The thread runs apply() and the checkpoint without mu_. Lock
-// order: CowDevice gate → mu_; apply() takes CowDevice's stripe locks without
+// order: the volume gate (VolumeLocks) → mu_; apply() takes the stripe locks without
 // holding mu_.
 #pragma once
 
@@ -113,7 +113,7 @@ class FirstWriteQueue {
   // The journal and the thread are made by the first submit.
   FirstWriteQueue(OpenJournal open, uint64_t ring_size, uint32_t chunk_size, uint64_t max_chunks, Apply apply);
   // Stops the thread; queued entries stay in the journal, whose file is
-  // never deleted here (CowDevice retires it with the volume's journal state).
+  // never deleted here (JournalDevice retires it with the volume's journal state).
   ~FirstWriteQueue();
 
   // Replays what a journal holds (at open, before serving): apply, then an
