@@ -78,7 +78,10 @@ export class Snapshots {
   }
 
   /** Resolves with the snapshot, and how long writes were paused for it (pausedMs). */
-  create(name: string, opts: { autoRollback?: AutoRollbackPolicy | 'off' } = {}): Promise<SnapshotInfo & { pausedMs?: number }> {
+  create(
+    name: string,
+    opts: { autoRollback?: AutoRollbackPolicy | 'off' } = {},
+  ): Promise<SnapshotInfo & { pausedMs?: number; drainMs?: number; preflushMs?: number }> {
     validateSnapshotName(name);
     const v = this.v;
     return v.serial(async () => {
@@ -124,9 +127,14 @@ export class Snapshots {
       v.native.addSnapshot(v.exportName, id); // ...to here: the snapshot is in the chain
       this.exportView(rec);
       const ms = Number(process.hrtime.bigint() - started) / 1e6;
-      const pausedMs = v.firstWrites()?.lastPauseMs;
-      v.log.info({ snapshot: name, id, ms, pausedMs }, 'snapshot created');
-      return { ...this.describe(rec), pausedMs };
+      const fw = v.firstWrites();
+      const pausedMs = fw?.lastPauseMs;
+      // Where a create's time went: the queue applied while writes flowed,
+      // the image's dirty pages written back, then the pause itself.
+      const drainMs = fw?.lastDrainMs;
+      const preflushMs = fw?.lastPreflushMs;
+      v.log.info({ snapshot: name, id, ms, pausedMs, drainMs, preflushMs }, 'snapshot created');
+      return { ...this.describe(rec), pausedMs, drainMs, preflushMs };
     });
   }
 

@@ -80,11 +80,12 @@ function startServer(o: Options, work: string, images: string[], sock: string, e
 }
 
 /** Creates a snapshot through the control socket: the request-to-reply time, and how long writes were paused. */
-async function snapshotCreate(image: string, name: string): Promise<{ ms: number; pausedMs: number }> {
+async function snapshotCreate(image: string, name: string): Promise<{ ms: number; pausedMs: number; drainMs: number; preflushMs: number }> {
   const t0 = process.hrtime.bigint();
   const r = await callControl(image, { op: 'snapshot-create', name }, 120_000);
   if (!r) throw new Error(`no server answers for ${image}`);
-  return { ms: Number(process.hrtime.bigint() - t0) / 1e6, pausedMs: (r.result as { pausedMs?: number }).pausedMs ?? NaN };
+  const res = r.result as { pausedMs?: number; drainMs?: number; preflushMs?: number };
+  return { ms: Number(process.hrtime.bigint() - t0) / 1e6, pausedMs: res.pausedMs ?? NaN, drainMs: res.drainMs ?? NaN, preflushMs: res.preflushMs ?? NaN };
 }
 
 async function pauses(o: Options, work: string): Promise<string[][]> {
@@ -108,6 +109,8 @@ async function pauses(o: Options, work: string): Promise<string[][]> {
     );
     const creates: number[] = [];
     const paused: number[] = [];
+    const drains: number[] = [];
+    const preflushes: number[] = [];
     const done = new Promise<number | null>((r) => fio.once('exit', (c) => r(c)));
     let finished = false;
     void done.then(() => (finished = true));
@@ -116,6 +119,8 @@ async function pauses(o: Options, work: string): Promise<string[][]> {
       const c = await snapshotCreate(img, `p${k}`);
       creates.push(c.ms);
       paused.push(c.pausedMs);
+      drains.push(c.drainMs);
+      preflushes.push(c.preflushMs);
       await sleep(o.interval * 1000);
     }
     if ((await done) !== 0) throw new Error('fio failed');
@@ -125,6 +130,8 @@ async function pauses(o: Options, work: string): Promise<string[][]> {
     return [
       ['snapshot creates during the run', String(creates.length)],
       ['create latency, median / max (ms)', `${fmtNum(median(creates), 1)} / ${fmtNum(Math.max(...creates), 1)}`],
+      ['  of it: queue applied, writes flowing, median / max (ms)', `${fmtNum(median(drains), 1)} / ${fmtNum(Math.max(...drains), 1)}`],
+      ['  of it: image write-back, writes flowing, median / max (ms)', `${fmtNum(median(preflushes), 1)} / ${fmtNum(Math.max(...preflushes), 1)}`],
       ['writes paused by a create, median / max (ms)', `${fmtNum(median(paused), 1)} / ${fmtNum(Math.max(...paused), 1)}`],
       ['4k randwrite QD32 IOPS during the run', fmtNum(w.iops)],
       ['write completion latency p50 / p99 / p99.9 (ms)', `${ms(w.clat_ns.percentile['50.000000'])} / ${ms(w.clat_ns.percentile['99.000000'])} / ${ms(w.clat_ns.percentile['99.900000'])}`],

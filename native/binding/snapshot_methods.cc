@@ -258,6 +258,8 @@ Napi::Value ServerWrap::FirstWrites(const Napi::CallbackInfo& info) {
   o.Set("queued", Napi::Number::New(env, static_cast<double>(vol->queued_writes())));
   o.Set("lastPauseMs", Napi::Number::New(env, static_cast<double>(vol->last_pause_us()) / 1000.0));
   o.Set("maxPauseMs", Napi::Number::New(env, static_cast<double>(vol->max_pause_us()) / 1000.0));
+  o.Set("lastDrainMs", Napi::Number::New(env, static_cast<double>(vol->last_drain_us()) / 1000.0));
+  o.Set("lastPreflushMs", Napi::Number::New(env, static_cast<double>(vol->last_preflush_us()) / 1000.0));
   const std::string name = info[0].As<Napi::String>().Utf8Value();
   auto it = journal_replayed_.find(name);
   o.Set("replayedAtOpen", Napi::Number::New(env, it == journal_replayed_.end() ? 0.0 : static_cast<double>(it->second)));

@@ -21,10 +21,12 @@ constexpr uint64_t kWritePiece = 1u << 20;    // data bytes per journal entry, a
 constexpr uint64_t kZeroPieceChunks = 256;    // chunks per zeroing entry, at most
 constexpr uint64_t kRingSlack = 64;           // never fill the ring to the last byte
 constexpr uint64_t kBatchChunks = 1024;       // chunks preserved per batch (one snapshot commit), at most
-// Pacing (see "Bounds" in the .hh): the queue holds at most about
-// kQueueMs of preservation work at the measured rate, and a batch about half
-// of that, but never fewer chunks than these.
-constexpr uint64_t kQueueMs = 100;
+// Pacing (see "Bounds" in the .hh): a batch is about kBatchSecs of work, but
+// at least as much chunk work as the batch's fixed cost (the syncs), so
+// throughput never drops below half of what large batches give; the queue
+// holds about kQueueSecs of work. Never fewer chunks than these minimums.
+constexpr double kBatchSecs = 0.05;
+constexpr double kQueueSecs = 0.1;
 constexpr uint64_t kMinDepthChunks = 64;
 constexpr uint64_t kMinBatchChunks = 16;
 
@@ -331,12 +333,15 @@ void FirstWriteQueue::run() {
     // The oldest entries, up to a bound on the chunks they touch.
     Batch batch;
     size_t chunks = 0;
+    probe_ = !probe_;  // every other batch a bit smaller: measure() needs two sizes
+    const uint64_t target = batch_target();
+    const uint64_t limit = probe_ && min_batch_ <= 1 ? std::max<uint64_t>(kMinBatchChunks, target * 3 / 4) : target;
     for (auto& q : fifo_) {
       size_t n = q->last_chunk - q->first_chunk + 1;
       // A bounded batch (about half the paced depth, at most kBatchChunks):
       // writers keep filling the rest while a batch is preserved, and a
       // writer waiting for room waits for one batch, not for everything.
-      if (!batch.empty() && chunks + n > batch_limit()) break;
+      if (!batch.empty() && chunks + n > limit) break;
       batch.push_back(q);
       chunks += n;
     }
@@ -377,27 +382,52 @@ void FirstWriteQueue::run() {
 }
 
 void FirstWriteQueue::measure(uint64_t chunks, std::chrono::steady_clock::duration took) {
-  const double secs = std::max(1e-6, std::chrono::duration<double>(took).count());
-  const double now = static_cast<double>(chunks) / secs;
-  // A moving average: one slow sync does not halve the depth, a sustained
-  // slowdown does within a few batches.
-  rate_ = rate_ == 0 ? now : 0.7 * rate_ + 0.3 * now;
+  // A batch of b chunks takes about fixed + b * per_chunk seconds (the syncs
+  // are the fixed part). Fit both by least squares over recent batches,
+  // older ones weighing less; batches of one size alone (a queue that is
+  // always full) cannot separate them, so every other batch is taken at
+  // three quarters of the bound (probe_, run()).
+  const double t = std::max(1e-6, std::chrono::duration<double>(took).count());
+  const double b = static_cast<double>(std::max<uint64_t>(chunks, 1));
+  constexpr double k = 0.9;  // forgetting factor per batch
+  fit_.n = k * fit_.n + 1;
+  fit_.b = k * fit_.b + b;
+  fit_.t = k * fit_.t + t;
+  fit_.bb = k * fit_.bb + b * b;
+  fit_.bt = k * fit_.bt + b * t;
+  const double mb = fit_.b / fit_.n, mt = fit_.t / fit_.n;
+  const double vb = fit_.bb / fit_.n - mb * mb, cbt = fit_.bt / fit_.n - mb * mt;
+  if (vb > 0.01 * mb * mb && cbt > 0) {
+    per_chunk_ = cbt / vb;
+    fixed_ = std::max(0.0, mt - per_chunk_ * mb);
+  } else {  // no spread in sizes yet: count it all as chunk work
+    per_chunk_ = mt / mb;
+    fixed_ = 0;
+  }
+}
+
+uint64_t FirstWriteQueue::batch_target() const {
+  // Until a batch has been timed: the static bound.
+  uint64_t lim = std::min<uint64_t>(max_chunks_ / 4, kBatchChunks);
+  if (per_chunk_ > 0) {
+    const double chunks = std::max(fixed_, kBatchSecs - fixed_) / per_chunk_;
+    if (chunks < static_cast<double>(lim)) lim = std::max<uint64_t>(kMinBatchChunks, static_cast<uint64_t>(chunks));
+  }
+  return std::max<uint64_t>(lim, min_batch_);  // the batch test hook's size always fits
 }
 
 uint64_t FirstWriteQueue::depth_limit() const {
-  // Until a batch has been timed, the static bound; after, about kQueueMs of
-  // work. Under the batch test hook, room for two hooked batches.
+  // Until a batch has been timed, the static bound; after, about kQueueSecs
+  // of work in batches of batch_target(). Under the batch test hook, room
+  // for two hooked batches.
   uint64_t lim = max_chunks_;
-  if (rate_ > 0) {
-    const double paced = rate_ * static_cast<double>(kQueueMs) / 1000.0;
-    lim = std::clamp<uint64_t>(static_cast<uint64_t>(paced), kMinDepthChunks, max_chunks_);
+  if (per_chunk_ > 0) {
+    const double batch = static_cast<double>(batch_target());
+    const double chunks = kQueueSecs * batch / (fixed_ + batch * per_chunk_);
+    lim = std::clamp<uint64_t>(std::max<uint64_t>(static_cast<uint64_t>(chunks), 2 * batch_target()), kMinDepthChunks,
+                               max_chunks_);
   }
   return std::max<uint64_t>(lim, std::min<uint64_t>(2 * min_batch_, max_chunks_));
-}
-
-uint64_t FirstWriteQueue::batch_limit() const {
-  uint64_t lim = std::min<uint64_t>({max_chunks_ / 4, kBatchChunks, std::max<uint64_t>(kMinBatchChunks, depth_limit() / 2)});
-  return std::max<uint64_t>(lim, min_batch_);
 }
 
 }  // namespace nbd

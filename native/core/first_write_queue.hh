@@ -47,14 +47,16 @@
 //     that is safe: the checkpoint is synced before entries leave the queue.
 // Bounds: the journal ring and the number of chunks queued; a full queue
 // makes writers wait for the thread (backpressure), so memory stays bounded.
-// Pacing: the bound on queued chunks follows the measured preservation rate
-// (chunks per second of apply work, a moving average over batches): about
-// 100 ms of work (kQueueMs; at least 64 chunks, at most the static bound
-// given at construction), and a batch about half that. So under sustained
-// first writes a writer without room waits for about one batch (~50 ms),
-// and a snapshot create, which drains the queue, waits about 100 ms for it,
-// not for seconds of queued work; a burst up to the depth is still
-// acknowledged at journal speed. Measured: bench-pauses (docs/architecture.md).
+// Pacing: the bounds follow the measured cost of a batch, fitted as a fixed
+// part (the syncs) plus a part per chunk. A batch is about 50 ms of work,
+// but never less chunk work than its fixed part (so throughput stays at
+// least half of what the largest batches give, even when a sync takes
+// long); the queue holds about 100 ms of work (at least 64 chunks, at most
+// the static bound given at construction). So under sustained first writes
+// a writer without room waits for about one batch, and a snapshot create,
+// which drains the queue, waits about 100 ms for it, not for seconds of
+// queued work; a burst up to the depth is still acknowledged at journal
+// speed. Measured: bench-pauses (docs/architecture.md).
 //
 // Locking: mu_ guards the FIFO, the index, the accounting and journal
 // appends (appends are serialised so the journal is a prefix of complete
@@ -185,7 +187,7 @@ class FirstWriteQueue {
   // Pacing (mu_ held): records a batch's apply time; the current bounds.
   void measure(uint64_t chunks, std::chrono::steady_clock::duration took);
   uint64_t depth_limit() const;
-  uint64_t batch_limit() const;
+  uint64_t batch_target() const;
 
   const OpenJournal open_journal_;
   const uint64_t ring_size_;
@@ -211,7 +213,13 @@ class FirstWriteQueue {
   int error_ = 0;              // outstanding background failure
   uint64_t failures_ = 0;      // failed applies so far (drain waits for a fresh one)
   uint64_t cap_ = UINT64_MAX;  // temporary lower bound on queued chunks (shrink_to)
-  double rate_ = 0;            // measured chunks per second of apply work (0: not yet)
+  // Pacing's fit of batch apply time = fixed_ + chunks * per_chunk_ (s;
+  // per_chunk_ 0: no batch timed yet) and its decayed sums (mu_ held).
+  double fixed_ = 0, per_chunk_ = 0;
+  struct {
+    double n = 0, b = 0, t = 0, bb = 0, bt = 0;
+  } fit_;
+  bool probe_ = false;
   int waiters_ = 0;            // threads waiting for the queue to make progress
   bool urgent_ = true;         // the thread's scheduling class (set_urgent)
   bool stop_ = false;

@@ -35,12 +35,20 @@ int JournalDevice::pause_and_drain(std::string& err) {
   // gate and drain (and the caller flush) the rest. If the queue
   // cannot be applied, that is found out before the pause (and reported by
   // the drain below at once).
+  using clock = std::chrono::steady_clock;
+  auto us = [](clock::time_point a, clock::time_point b) {
+    return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(b - a).count());
+  };
+  const auto t0 = clock::now();
   auto q = queue();
   if (q && !q->empty() && q->settle() == 0) q->shrink_to(kPauseDrainChunks);
+  const auto t1 = clock::now();
   // Write back what is dirty now, so that the flush with writes paused
   // (begin_add) has only what was written meanwhile left to do. Its error
   // is the paused flush's to report (a failed sync is sticky).
   next_->flush();
+  last_drain_us_.store(us(t0, t1));
+  last_preflush_us_.store(us(t1, clock::now()));
   locks_->gate.close();  // in-flight writes drain; new ones wait
   int e = drain_queue(err);
   if (q) q->uncap();  // the gate holds writers back now

@@ -59,6 +59,8 @@ class Volume {
   // Write pauses (create, delete, rollback): the last and the longest, µs.
   uint64_t last_pause_us() const { return locks_->gate.last_pause_us(); }
   uint64_t max_pause_us() const { return locks_->gate.max_pause_us(); }
+  uint64_t last_drain_us() const { return journal_->last_drain_us(); }
+  uint64_t last_preflush_us() const { return journal_->last_preflush_us(); }
 
   // Creating a snapshot is two steps around the manifest write: begin_add()
   // pauses writes, applies every queued first write and flushes the live

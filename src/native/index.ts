@@ -66,6 +66,10 @@ export interface NativeFirstWrites {
   /** Writes paused by the last snapshot create/delete/rollback, and the longest pause since open (ms). */
   lastPauseMs: number;
   maxPauseMs: number;
+  /** The last create/delete/rollback's phases before its pause (ms): applying the queue while
+   * writes flowed, and writing back the image's dirty pages. */
+  lastDrainMs: number;
+  lastPreflushMs: number;
   /** Entries a previous run left in the journal, replayed when this volume was opened. */
   replayedAtOpen: number;
   /** Why a journal the volume recorded was not replayed (lost with a restart of the machine). */
