@@ -38,8 +38,10 @@ import * as path from 'node:path';
 import { cli, expectError, expectOk, lastLine } from './fixtures/cli-expect';
 import { readExport } from './fixtures/export-io';
 import { currentSuper, ENTRY_HEADER, journalOf, journalState, pendingEntries, readSupers, RING_BASE, SLOTS, T_WRITE, T_ZERO, type Entry } from './fixtures/journal';
+import { pyNbd } from './fixtures/exec';
 import { NBD, RawClient } from './fixtures/raw-client';
 import { logLines, startServer, tempDirs, type RunningServer } from './fixtures/server';
+import { requireTools } from './fixtures/tools';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -515,6 +517,90 @@ t.test('snapshot create drains queued first writes', async (t) => {
   t.match(fw, { mode: 'journal', queued: 0 }, 'info --json: firstWrites.mode "journal", nothing queued');
   t.equal(await srv.stop('SIGTERM'), 0, 'graceful stop: exit 0');
   sameBytes(t, fs.readFileSync(img), model, 'after the stop the RAW image file equals the model');
+});
+
+// A first write larger than the paced bound on queued chunks (native
+// first_write_queue.hh, "Bounds"; here a 4 MiB WRITE_ZEROES: 256 chunks, the
+// largest zeroing entry) fits only into an empty queue. With a steady stream
+// of small first writes from another connection the queue never empties, so
+// the large one must not be overtaken by writes that arrive after it, or it
+// waits for as long as the stream lasts. The hooks: NBD_TEST_FIRST_WRITE_RATE
+// pins the pacing to 640 chunks/s (a bound of 64 chunks, whatever the
+// machine's speed); NBD_TEST_FIRST_WRITE_DELAY_MS=200 holds the preserver
+// before each batch, so the small writes (4 KiB each into chunks 0..255, up
+// to 32 in flight) keep entries queued. The stream stops submitting once the
+// zeroing completes; it must complete while the stream still has first
+// writes to send, and the data is checked at the end.
+const FAIR_SCRIPT = String.raw`
+import json, select, sys
+import nbd
+uri = sys.argv[1]
+CHUNK, N, DEPTH = ${CHUNK}, ${NCHUNKS / 2}, 32
+a, b = nbd.NBD(), nbd.NBD()
+a.connect_uri(uri)
+b.connect_uri(uri)
+data = lambda i: bytes([(i * 7 + 1) % 251 or 1]) * 4096
+inflight, bufs = [], {}
+submitted = acked = 0
+zc = None
+b_done_at = None
+def pump(timeout):
+    rf, wf, fm = [], [], {}
+    for h in (a, b):
+        fd, d = h.aio_get_fd(), h.aio_get_direction()
+        fm[fd] = h
+        if d & nbd.AIO_DIRECTION_READ: rf.append(fd)
+        if d & nbd.AIO_DIRECTION_WRITE: wf.append(fd)
+    r, w, _ = select.select(rf, wf, [], timeout)
+    for fd in r: fm[fd].aio_notify_read()
+    for fd in w: fm[fd].aio_notify_write()
+while True:
+    for c in list(inflight):
+        if a.aio_command_completed(c):
+            inflight.remove(c)
+            bufs.pop(c)
+            acked += 1
+    if zc is not None and b_done_at is None and b.aio_command_completed(zc):
+        b_done_at = submitted
+    if b_done_at is None and zc is None and acked >= 64:
+        zc = b.aio_zero(256 * CHUNK, N * CHUNK)
+    if b_done_at is None and submitted < N and len(inflight) < DEPTH:
+        buf = nbd.Buffer.from_bytearray(bytearray(data(submitted)))
+        c = a.aio_pwrite(buf, submitted * CHUNK)
+        inflight.append(c)
+        bufs[c] = buf
+        submitted += 1
+        pump(0)
+        continue
+    if not inflight and b_done_at is not None:
+        break
+    pump(1.0)
+a.flush()
+print(json.dumps({"submitted": submitted, "bDoneAt": b_done_at, "of": N}))
+`;
+
+t.test('a first write larger than the paced queue bound is not starved by a stream of small ones', async (t) => {
+  if (!requireTools(t, ['python3-libnbd'])) return;
+  const dir = newDir();
+  const { img, content } = makeImage(dir);
+  const srv = await serve(t, dir, { env: { NBD_TEST_FIRST_WRITE_RATE: '640', NBD_TEST_FIRST_WRITE_DELAY_MS: '200' } });
+  expectOk(t, await cli(['snapshot', 'create', img, 's1']), 'snapshot create s1');
+  const r = await pyNbd(dir, FAIR_SCRIPT, srv.uri('disk'), 300_000);
+  t.equal(r.code, 0, `client ran (${r.stderr.slice(-400)})`);
+  let res: { submitted: number; bDoneAt: number | null; of: number } | undefined;
+  try {
+    res = JSON.parse(lastLine(r.stdout)) as typeof res;
+  } catch {
+    t.fail(`client printed JSON: ${r.stdout.slice(-200)}`);
+    return;
+  }
+  t.ok(res!.bDoneAt !== null && res!.bDoneAt < res!.of,
+    `the 256-chunk WRITE_ZEROES completed while the stream still had first writes to send (after ${res!.bDoneAt} of ${res!.of} small writes were submitted)`);
+  const model = Buffer.from(content);
+  for (let i = 0; i < res!.submitted; i++) model.fill((i * 7 + 1) % 251 || 1, i * CHUNK, i * CHUNK + 4 * KiB);
+  model.fill(0, (NCHUNKS / 2) * CHUNK, (NCHUNKS / 2 + 256) * CHUNK);
+  sameBytes(t, await readWhole(t, srv.socket, 'disk'), model, 'live holds every small write and the zeroing');
+  sameBytes(t, await readWhole(t, srv.socket, 'disk@s1'), content, 'disk@s1 still the original');
 });
 
 // ---- 6 ---------------------------------------------------------------------------------

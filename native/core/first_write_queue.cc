@@ -57,7 +57,9 @@ FirstWriteQueue::FirstWriteQueue(OpenJournal open, uint64_t ring_size, uint32_t 
       max_chunks_(std::max<uint64_t>(max_chunks, 2 * kZeroPieceChunks)),
       apply_(std::move(apply)),
       pause_ms_(env_ms("NBD_TEST_FIRST_WRITE_DELAY_MS")),
-      min_batch_(std::max<uint64_t>(1, env_ms("NBD_TEST_FIRST_WRITE_BATCH"))) {}
+      min_batch_(std::max<uint64_t>(1, env_ms("NBD_TEST_FIRST_WRITE_BATCH"))),
+      fixed_rate_(env_ms("NBD_TEST_FIRST_WRITE_RATE")),
+      per_chunk_(fixed_rate_ ? 1.0 / static_cast<double>(fixed_rate_) : 0) {}
 
 FirstWriteQueue::~FirstWriteQueue() {
   {
@@ -121,13 +123,25 @@ int FirstWriteQueue::append_locked(std::unique_lock<std::mutex>& lk, uint16_t ty
   auto q = make_entry(type, may_trim, offset, length, chunk_size_);
   const uint64_t nchunks = q->last_chunk - q->first_chunk + 1;
   const uint32_t dlen = data ? length : 0;
-  // Room: in the ring, and under the bound on queued chunks.
-  auto settled = [&] {
-    return broken_.load() || stop_ || error_ ||
-           (used_ + journal_->span_of(dlen) + kRingSlack <= journal_->ring_size() &&
-            (fifo_.empty() || chunks_ + nchunks <= std::min(depth_limit(), cap_)));
+  auto failed = [&] { return broken_.load() || stop_ || error_ != 0; };
+  // Room: in the ring, and under the bound on queued chunks (an entry larger
+  // than the bound only into an empty queue).
+  auto room = [&] {
+    return used_ + journal_->span_of(dlen) + kRingSlack <= journal_->ring_size() &&
+           (fifo_.empty() || chunks_ + nchunks <= std::min(depth_limit(), cap_));
   };
-  if (!settled()) wait_for_thread(lk, settled);
+  // Writers without room are admitted in arrival order, and a newcomer never
+  // overtakes one that waits: the paced bound can be smaller than one entry
+  // (a 256-chunk zeroing, a 1 MiB write of 4 KiB chunks), and such an entry
+  // only fits into an empty queue, which smaller writes arriving all the
+  // time would otherwise never leave it.
+  if (!failed() && !(admission_.empty() && room())) {
+    const uint64_t ticket = next_ticket_++;
+    admission_.push_back(ticket);
+    wait_for_thread(lk, [&] { return failed() || (admission_.front() == ticket && room()); });
+    admission_.erase(std::find(admission_.begin(), admission_.end(), ticket));
+    if (!admission_.empty()) cv_.notify_all();  // the next in line: its turn (it sees this entry once mu_ is free)
+  }
   if (broken_.load() || stop_) return ESHUTDOWN;
   // The background apply keeps failing (the live image cannot be written):
   // new writes get its error, as they would inline.
@@ -387,6 +401,7 @@ void FirstWriteQueue::measure(uint64_t chunks, std::chrono::steady_clock::durati
   // older ones weighing less; batches of one size alone (a queue that is
   // always full) cannot separate them, so every other batch is taken at
   // three quarters of the bound (probe_, run()).
+  if (fixed_rate_) return;  // test hook: the cost is given (all of it per chunk)
   const double t = std::max(1e-6, std::chrono::duration<double>(took).count());
   const double b = static_cast<double>(std::max<uint64_t>(chunks, 1));
   constexpr double k = 0.9;  // forgetting factor per batch

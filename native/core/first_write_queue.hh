@@ -57,6 +57,11 @@
 // which drains the queue, waits about 100 ms for it, not for seconds of
 // queued work; a burst up to the depth is still acknowledged at journal
 // speed. Measured: bench-pauses (docs/architecture.md).
+// Writers without room are admitted in arrival order (admission_): the paced
+// bound may be smaller than one entry (up to 257 chunks), which then fits
+// only into an empty queue, and a newcomer with a small entry must not
+// overtake it, or a steady stream of small first writes would keep it
+// waiting for as long as the stream lasts.
 //
 // Locking: mu_ guards the FIFO, the index, the accounting and journal
 // appends (appends are serialised so the journal is a prefix of complete
@@ -202,6 +207,10 @@ class FirstWriteQueue {
   // a writer without room, stop), so a test can make batches of a known
   // least size without timing. Default 1: any queued entry.
   const uint64_t min_batch_;
+  // Test hook NBD_TEST_FIRST_WRITE_RATE=N: pacing assumes N chunks per second
+  // and measures nothing, so a test can have a paced bound of a known size
+  // whatever the machine's speed. 0 (default): measured.
+  const uint64_t fixed_rate_;
 
   std::mutex mu_;
   std::condition_variable cv_;  // entries queued / removed, stop
@@ -220,6 +229,8 @@ class FirstWriteQueue {
     double n = 0, b = 0, t = 0, bb = 0, bt = 0;
   } fit_;
   bool probe_ = false;
+  uint64_t next_ticket_ = 0;   // admission order of writers waiting for room
+  std::deque<uint64_t> admission_;  // tickets of the writers waiting for room, oldest first
   int waiters_ = 0;            // threads waiting for the queue to make progress
   bool urgent_ = true;         // the thread's scheduling class (set_urgent)
   bool stop_ = false;
