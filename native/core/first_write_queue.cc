@@ -23,12 +23,12 @@ constexpr uint64_t kRingSlack = 64;           // never fill the ring to the last
 constexpr uint64_t kBatchChunks = 1024;       // chunks preserved per batch (one snapshot commit), at most
 // Pacing (see "Bounds" in the .hh): a batch is about kBatchSecs of work, but
 // at least as much chunk work as the batch's fixed cost (the syncs), so
-// throughput never drops below half of what large batches give; the queue
-// holds about kQueueSecs of work. Never fewer chunks than these minimums.
+// throughput never drops below half of what large batches give; never fewer
+// chunks than kMinBatchChunks. While a drain shrinks the queue (shrink_to),
+// writers get a quarter of the room each batch frees (kShrinkShare).
 constexpr double kBatchSecs = 0.05;
-constexpr double kQueueSecs = 0.1;
-constexpr uint64_t kMinDepthChunks = 64;
 constexpr uint64_t kMinBatchChunks = 16;
+constexpr uint64_t kShrinkShare = 4;
 
 // A queued entry's fields, and the chunks it touches.
 std::shared_ptr<QueuedWrite> make_entry(uint16_t type, bool may_trim, uint64_t offset, uint32_t length, uint32_t chunk_size) {
@@ -59,6 +59,7 @@ FirstWriteQueue::FirstWriteQueue(OpenJournal open, uint64_t ring_size, uint32_t 
       pause_ms_(env_ms("NBD_TEST_FIRST_WRITE_DELAY_MS")),
       min_batch_(std::max<uint64_t>(1, env_ms("NBD_TEST_FIRST_WRITE_BATCH"))),
       fixed_rate_(env_ms("NBD_TEST_FIRST_WRITE_RATE")),
+      fixed_depth_(env_ms("NBD_TEST_FIRST_WRITE_DEPTH")),
       per_chunk_(fixed_rate_ ? 1.0 / static_cast<double>(fixed_rate_) : 0) {}
 
 FirstWriteQueue::~FirstWriteQueue() {
@@ -131,8 +132,8 @@ int FirstWriteQueue::append_locked(std::unique_lock<std::mutex>& lk, uint16_t ty
            (fifo_.empty() || chunks_ + nchunks <= std::min(depth_limit(), cap_));
   };
   // Writers without room are admitted in arrival order, and a newcomer never
-  // overtakes one that waits: the paced bound can be smaller than one entry
-  // (a 256-chunk zeroing, a 1 MiB write of 4 KiB chunks), and such an entry
+  // overtakes one that waits: the bound can be smaller than one entry
+  // (while a drain shrinks it; a 256-chunk zeroing, a 1 MiB write of 4 KiB chunks), and such an entry
   // only fits into an empty queue, which smaller writes arriving all the
   // time would otherwise never leave it.
   if (!failed() && !(admission_.empty() && room())) {
@@ -265,10 +266,14 @@ int FirstWriteQueue::wait_applied(std::unique_lock<std::mutex>& lk, uint64_t seq
 
 int FirstWriteQueue::shrink_to(uint64_t chunks) {
   std::unique_lock<std::mutex> lk(mu_);
-  cap_ = chunks;
+  // Writers are not shut out while the queue shrinks (they would wait for
+  // all of it): the cap starts at what is queued and each applied batch
+  // lowers it by the part of the freed room writers do not get (run()).
+  shrink_target_ = chunks;
+  cap_ = std::max(chunks, std::min(cap_, chunks_));
   const uint64_t seen = failures_;
-  wait_for_thread(lk, [&] { return chunks_ <= cap_ || stop_ || failures_ > seen; });
-  if (chunks_ <= cap_) return 0;
+  wait_for_thread(lk, [&] { return chunks_ <= shrink_target_ || stop_ || failures_ > seen; });
+  if (chunks_ <= shrink_target_) return 0;
   return error_ ? error_ : ESHUTDOWN;
 }
 
@@ -390,6 +395,10 @@ void FirstWriteQueue::run() {
     }
     error_ = 0;
     remove_front(batch.size());
+    if (cap_ != UINT64_MAX) {  // shrinking: writers get 1/kShrinkShare of what the batch freed
+      const uint64_t step = std::max<uint64_t>(1, chunks - chunks / kShrinkShare);
+      cap_ = std::max(shrink_target_, cap_ > step ? cap_ - step : 0);
+    }
     measure(chunks, std::chrono::steady_clock::now() - started);
     cv_.notify_all();
   }
@@ -432,16 +441,9 @@ uint64_t FirstWriteQueue::batch_target() const {
 }
 
 uint64_t FirstWriteQueue::depth_limit() const {
-  // Until a batch has been timed, the static bound; after, about kQueueSecs
-  // of work in batches of batch_target(). Under the batch test hook, room
-  // for two hooked batches.
-  uint64_t lim = max_chunks_;
-  if (per_chunk_ > 0) {
-    const double batch = static_cast<double>(batch_target());
-    const double chunks = kQueueSecs * batch / (fixed_ + batch * per_chunk_);
-    lim = std::clamp<uint64_t>(std::max<uint64_t>(static_cast<uint64_t>(chunks), 2 * batch_target()), kMinDepthChunks,
-                               max_chunks_);
-  }
+  // The static bound (test hook NBD_TEST_FIRST_WRITE_DEPTH: a given one);
+  // under the batch test hook, room for two hooked batches.
+  const uint64_t lim = fixed_depth_ ? fixed_depth_ : max_chunks_;
   return std::max<uint64_t>(lim, std::min<uint64_t>(2 * min_batch_, max_chunks_));
 }
 

@@ -47,21 +47,25 @@
 //     that is safe: the checkpoint is synced before entries leave the queue.
 // Bounds: the journal ring and the number of chunks queued; a full queue
 // makes writers wait for the thread (backpressure), so memory stays bounded.
-// Pacing: the bounds follow the measured cost of a batch, fitted as a fixed
-// part (the syncs) plus a part per chunk. A batch is about 50 ms of work,
-// but never less chunk work than its fixed part (so throughput stays at
-// least half of what the largest batches give, even when a sync takes
-// long); the queue holds about 100 ms of work (at least 64 chunks, at most
-// the static bound given at construction). So under sustained first writes
-// a writer without room waits for about one batch, and a snapshot create,
-// which drains the queue, waits about 100 ms for it, not for seconds of
-// queued work; a burst up to the depth is still acknowledged at journal
-// speed. Measured: bench-pauses (docs/architecture.md).
-// Writers without room are admitted in arrival order (admission_): the paced
-// bound may be smaller than one entry (up to 257 chunks), which then fits
-// only into an empty queue, and a newcomer with a small entry must not
-// overtake it, or a steady stream of small first writes would keep it
-// waiting for as long as the stream lasts.
+// Pacing: the batch size follows the measured cost of a batch, fitted as a
+// fixed part (the syncs) plus a part per chunk: a batch is about 50 ms of
+// work, but never less chunk work than its fixed part (so throughput stays
+// at least half of what the largest batches give, even when a sync takes
+// long). So under sustained first writes a writer without room waits for
+// about one batch, not for the 1024-chunk batches of before. The depth
+// stays the static bound given at construction: a burst up to it is
+// acknowledged at journal speed. A drain (shrink_to, before a snapshot
+// create, delete or rollback pauses writes) lowers the bound step by step
+// from what is queued, writers getting a quarter of the room each batch
+// frees, so they keep moving (a few ms each) while the queue empties,
+// instead of waiting for all of it. Measured: bench-pauses
+// (docs/architecture.md).
+// Writers without room are admitted in arrival order (admission_): room
+// appears a batch at a time, and while a drain shrinks the queue the bound
+// may be smaller than one entry (up to 257 chunks), which then fits only
+// into an empty queue; a newcomer with a small entry must not overtake it,
+// or a steady stream of small first writes would keep it waiting for as
+// long as the stream lasts.
 //
 // Locking: mu_ guards the FIFO, the index, the accounting and journal
 // appends (appends are serialised so the journal is a prefix of complete
@@ -163,10 +167,11 @@ class FirstWriteQueue {
   // Waits until everything queued before the call has been applied (FLUSH,
   // status); returns the error of a background apply that keeps failing.
   int settle();
-  // Lowers the bound on queued chunks to `chunks` (writers that would pass it
-  // wait for room) and waits until the queue holds no more than that: so a
-  // drain with writes paused that follows is short. 0, or the error of an
-  // apply that fails meanwhile. uncap() restores the bound.
+  // Lowers the bound on queued chunks step by step towards `chunks` (see
+  // Pacing above; writers that would pass it wait for room) and waits until
+  // the queue holds no more than `chunks`: so a drain with writes paused
+  // that follows is short. 0, or the error of an apply that fails
+  // meanwhile. uncap() restores the bound.
   int shrink_to(uint64_t chunks);
   void uncap();
   uint64_t queued() const { return count_.load(); }
@@ -211,6 +216,7 @@ class FirstWriteQueue {
   // and measures nothing, so a test can have a paced bound of a known size
   // whatever the machine's speed. 0 (default): measured.
   const uint64_t fixed_rate_;
+  const uint64_t fixed_depth_;  // test hook NBD_TEST_FIRST_WRITE_DEPTH: the bound on queued chunks
 
   std::mutex mu_;
   std::condition_variable cv_;  // entries queued / removed, stop
@@ -221,7 +227,8 @@ class FirstWriteQueue {
   uint64_t applied_seq_ = 0;   // newest entry applied and checkpointed
   int error_ = 0;              // outstanding background failure
   uint64_t failures_ = 0;      // failed applies so far (drain waits for a fresh one)
-  uint64_t cap_ = UINT64_MAX;  // temporary lower bound on queued chunks (shrink_to)
+  uint64_t cap_ = UINT64_MAX;  // temporary lower bound on queued chunks (shrink_to; lowered per batch)
+  uint64_t shrink_target_ = 0; // what shrink_to waits for
   // Pacing's fit of batch apply time = fixed_ + chunks * per_chunk_ (s;
   // per_chunk_ 0: no batch timed yet) and its decayed sums (mu_ held).
   double fixed_ = 0, per_chunk_ = 0;

@@ -29,19 +29,19 @@ JournalDevice::~JournalDevice() {
 }
 
 int JournalDevice::pause_and_drain(std::string& err) {
-  // Writes pause only for what is left: first apply what is queued while
-  // writes still flow, then cap the queue small and wait until it is under
-  // the cap, write back the image's dirty pages, and only then close the
-  // gate and drain (and the caller flush) the rest. If the queue
-  // cannot be applied, that is found out before the pause (and reported by
-  // the drain below at once).
+  // Writes pause only for what is left: first shrink the queue to a few
+  // chunks while writes still flow (they keep being admitted, at a share
+  // of the preservation rate: FirstWriteQueue::shrink_to), write back the
+  // image's dirty pages, and only then close the gate and drain (and the
+  // caller flush) the rest. If the queue cannot be applied, that is found
+  // out before the pause (and reported by the drain below at once).
   using clock = std::chrono::steady_clock;
   auto us = [](clock::time_point a, clock::time_point b) {
     return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::microseconds>(b - a).count());
   };
   const auto t0 = clock::now();
   auto q = queue();
-  if (q && !q->empty() && q->settle() == 0) q->shrink_to(kPauseDrainChunks);
+  if (q && !q->empty()) q->shrink_to(kPauseDrainChunks);
   const auto t1 = clock::now();
   // Write back what is dirty now, so that the flush with writes paused
   // (begin_add) has only what was written meanwhile left to do. Its error
