@@ -52,7 +52,10 @@ function encodeConfig(c: RepoConfig): Buffer {
 }
 
 function decodeConfig(data: Buffer, where: string): RepoConfig {
-  const [json, sum] = data.toString('utf8').split('\n');
+  const text = data.toString('utf8');
+  // Someone else's file named config (a git directory, say): not a repository, rather than a damaged one.
+  if (!text.includes(JSON.stringify(FORMAT_NAME))) throw new NbdError('REPO_NOT_FOUND', `${where} is not a node-nbd-server backup repository`);
+  const [json, sum] = text.split('\n');
   if (json === undefined || sum === undefined || createHash('sha256').update(json).digest('hex') !== sum) {
     throw new NbdError('REPO_CORRUPT', `${where}: the repository config fails its checksum`);
   }
