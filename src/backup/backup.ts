@@ -33,8 +33,8 @@
 import { NbdError } from '../errors';
 import type { Logger } from '../logger';
 import { BackupIndex } from './backup-index';
-import { encodeChunk } from './chunk-codec';
-import { chunkId } from './keys';
+import { blobParts, Coded, type CodedSegment } from './chunk-codec';
+import { codecPool } from './codec-pool';
 import { DEFAULT_LOCK_TTL_MS, RepoLock, waitForNoPrune } from './locks';
 import { newBackupId, type BackupStats, type Manifest } from './manifest';
 import { PackBuilder } from './pack';
@@ -73,17 +73,6 @@ interface Segment {
   length: number;
 }
 
-function isAllZero(b: Buffer): boolean {
-  // Compare 8 bytes at a time through a BigUint64Array view when aligned.
-  if (b.byteOffset % 8 === 0 && b.length % 8 === 0) {
-    const w = new BigUint64Array(b.buffer, b.byteOffset, b.length / 8);
-    for (let i = 0; i < w.length; i++) if (w[i] !== 0n) return false;
-    return true;
-  }
-  for (let i = 0; i < b.length; i++) if (b[i] !== 0) return false;
-  return true;
-}
-
 export async function backup(repo: Repository, source: ChunkSource, opts: BackupOptions = {}): Promise<Manifest> {
   const chunkSize = source.chunkSize;
   const packSize = opts.packSize ?? 16 * 1024 * 1024;
@@ -98,7 +87,8 @@ export async function backup(repo: Repository, source: ChunkSource, opts: Backup
   const time = new Date().toISOString();
 
   const lock = await RepoLock.acquire(repo, 'backup', opts.lockTtlMs ?? DEFAULT_LOCK_TTL_MS);
-  const inflightReads: Promise<{ seg: Segment; buf: Buffer }>[] = [];
+  const inflightReads: Promise<{ seg: Segment; buf: Buffer; coded: CodedSegment }>[] = [];
+  const pool = codecPool();
   const uploads = new Set<Promise<void>>();
   let uploadError: { err: unknown } | undefined;
   try {
@@ -130,7 +120,9 @@ export async function backup(repo: Repository, source: ChunkSource, opts: Backup
     const progress = () => opts.onProgress?.({ ...stats, chunksDone });
     /** Ids added by this run (in the open pack or uploading): dedup within the run. */
     const stored = new Set<string>();
-    let pack = new PackBuilder();
+    // Room for a full pack and its last blob: no regrowth on the hot path.
+    const newPack = () => new PackBuilder(packSize + chunkSize + 4096);
+    let pack = newPack();
 
     const startUpload = async (p: PackBuilder): Promise<void> => {
       const { name, data, entries } = p.finish(repo.keys);
@@ -150,46 +142,46 @@ export async function backup(repo: Repository, source: ChunkSource, opts: Backup
       uploads.add(u);
     };
 
-    const consume = async (seg: Segment, buf: Buffer): Promise<void> => {
+    const consume = async (seg: Segment, buf: Buffer, coded: CodedSegment): Promise<void> => {
       stats.bytesRead += seg.length;
       for (let k = 0; k < seg.count; k++) {
         const i = seg.start + k;
-        const len = index.chunkLength(i);
-        const data = buf.subarray(k * chunkSize, k * chunkSize + len);
         stats.chunksChanged++;
         chunksDone++;
-        if (isAllZero(data)) {
+        if (coded.kinds[k] === Coded.Zero) {
           index.setZero(i);
           stats.chunksZero++;
           continue;
         }
-        const cid = chunkId(repo.keys, data);
+        const cid = Buffer.from(coded.ids.buffer, coded.ids.byteOffset + k * 32, 32);
         index.set(i, cid);
         const key = idKey(cid);
         if (known.has(key) || stored.has(key)) continue;
         stored.add(key);
-        const blob = encodeChunk(repo.keys, cid, data);
-        pack.add(cid, blob, len);
+        stats.bytesStored += pack.add(Buffer.from(cid), blobParts(coded, buf, chunkSize, k), index.chunkLength(i));
         stats.chunksNew++;
-        stats.bytesStored += blob.length;
         if (pack.size >= packSize) {
           const full = pack;
-          pack = new PackBuilder();
+          pack = newPack();
           await startUpload(full);
         }
       }
       progress();
     };
 
-    const readSegment = async (seg: Segment): Promise<{ seg: Segment; buf: Buffer }> => {
-      const buf = Buffer.allocUnsafe(seg.length);
+    // Read, then code on the pool: both stages of a segment run while
+    // earlier segments are consumed. The buffer owns its ArrayBuffer (it is
+    // transferred to a codec worker and back).
+    const readSegment = async (seg: Segment): Promise<{ seg: Segment; buf: Buffer; coded: CodedSegment }> => {
+      const buf = Buffer.allocUnsafeSlow(seg.length);
       try {
         await source.read(seg.offset, buf);
       } catch (err) {
         if (err instanceof NbdError) throw err;
         throw new NbdError('BACKUP_SOURCE_FAILED', `reading the source at ${seg.offset} (+${seg.length}): ${(err as Error).message}`, { cause: err });
       }
-      return { seg, buf };
+      const r = await pool.run(repo.keys, buf, chunkSize);
+      return { seg, buf: r.seg, coded: r.coded };
     };
 
     const chunksPerRead = readSize / chunkSize;
@@ -219,14 +211,14 @@ export async function backup(repo: Repository, source: ChunkSource, opts: Backup
         p.catch(() => undefined); // observed below, in order
         inflightReads.push(p);
         if (inflightReads.length >= readConcurrency) {
-          const { seg, buf } = await inflightReads.shift()!;
-          await consume(seg, buf);
+          const { seg, buf, coded } = await inflightReads.shift()!;
+          await consume(seg, buf, coded);
         }
       }
     }
     while (inflightReads.length > 0) {
-      const { seg, buf } = await inflightReads.shift()!;
-      await consume(seg, buf);
+      const { seg, buf, coded } = await inflightReads.shift()!;
+      await consume(seg, buf, coded);
     }
     if (pack.count > 0) await startUpload(pack);
     while (uploads.size > 0) await Promise.race(uploads);

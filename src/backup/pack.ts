@@ -11,7 +11,7 @@
 // never the packs. A pack is written before its packidx, and prune deletes
 // the packidx before the pack, so "a packidx exists" implies "its pack
 // exists" (outside a prune, which locking keeps apart from backups).
-import { createHash, type Hash } from 'node:crypto';
+import { createHash } from 'node:crypto';
 import { NbdError } from '../errors';
 import { ObjectType, openObject, sealObject } from './envelope';
 import type { RepoKeys } from './keys';
@@ -88,12 +88,20 @@ export function readPackTrailer(keys: RepoKeys | null, name: string, pack: Buffe
   return decodePackIndex(openObject(keys, ObjectType.PackIndex, 'pack-trailer', trailer), key);
 }
 
-/** Accumulates blobs into one pack; finish() seals it. Not shared between tasks. */
+/**
+ * Accumulates blobs into one pack buffer (grown by doubling, so a blob is
+ * copied once when it is added); finish() seals it. Not shared between tasks.
+ */
 export class PackBuilder {
-  private readonly parts: Buffer[] = [PACK_MAGIC];
-  private readonly hash: Hash = createHash('sha256').update(PACK_MAGIC);
+  private buf: Buffer;
   readonly entries: PackEntry[] = [];
-  private bytes = PACK_MAGIC.length;
+  private bytes: number;
+
+  constructor(capacity = 1024 * 1024) {
+    this.buf = Buffer.allocUnsafe(Math.max(capacity, 64 * 1024));
+    PACK_MAGIC.copy(this.buf, 0);
+    this.bytes = PACK_MAGIC.length;
+  }
 
   get size(): number {
     return this.bytes;
@@ -103,20 +111,30 @@ export class PackBuilder {
     return this.entries.length;
   }
 
-  add(id: Buffer, blob: Buffer, rawLength: number): void {
-    this.entries.push({ id, offset: this.bytes, length: blob.length, rawLength });
-    this.parts.push(blob);
-    this.hash.update(blob);
-    this.bytes += blob.length;
+  private reserve(n: number): void {
+    if (this.bytes + n <= this.buf.length) return;
+    const next = Buffer.allocUnsafe(Math.max(this.buf.length * 2, this.bytes + n));
+    this.buf.copy(next, 0, 0, this.bytes);
+    this.buf = next;
+  }
+
+  /** Adds one blob, given as parts stored back to back. */
+  add(id: Buffer, blob: Buffer[], rawLength: number): number {
+    const length = blob.reduce((n, p) => n + p.length, 0);
+    this.reserve(length);
+    this.entries.push({ id, offset: this.bytes, length, rawLength });
+    for (const p of blob) this.bytes += p.copy(this.buf, this.bytes);
+    return length;
   }
 
   finish(keys: RepoKeys | null): { name: string; data: Buffer; entries: PackEntry[] } {
     const trailer = sealObject(keys, ObjectType.PackIndex, 'pack-trailer', encodePackIndex(this.entries));
-    const tail = Buffer.allocUnsafe(12);
-    tail.writeUInt32LE(trailer.length, 0);
-    PACK_END.copy(tail, 4);
-    this.hash.update(trailer).update(tail);
-    const name = this.hash.digest('hex');
-    return { name, data: Buffer.concat([...this.parts, trailer, tail]), entries: this.entries };
+    this.reserve(trailer.length + 12);
+    this.bytes += trailer.copy(this.buf, this.bytes);
+    this.buf.writeUInt32LE(trailer.length, this.bytes);
+    PACK_END.copy(this.buf, this.bytes + 4);
+    this.bytes += 12;
+    const data = this.buf.subarray(0, this.bytes);
+    return { name: createHash('sha256').update(data).digest('hex'), data, entries: this.entries };
   }
 }
