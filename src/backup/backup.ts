@@ -5,18 +5,19 @@
 //   changedRuns() --> segments of <= readSize bytes (runs split, never merged
 //        |            across a gap: one read per segment, i.e. per run piece)
 //        v
-//   read: up to `readConcurrency` segment reads in flight (libuv pool / the
-//        |  source's own threads), consumed in order
+//   read: up to `readConcurrency` segments in flight (libuv pool / the
+//        |  source's own threads), each then coded on a worker thread
+//        |  (codec-pool.ts: zero check, id = SHA-256 / HMAC, zstd, AES-GCM)
 //        v
-//   per chunk: all-zero? -> ZERO (never stored)
-//        |     id = SHA-256 / HMAC; already in the repository or this run? -> reuse
-//        |     else zstd + AES-GCM -> append to the open pack
+//   consume, in order, on the JS thread: ZERO chunks recorded, never stored;
+//        |  an id already in the repository or this run is reused; else the
+//        |  blob is copied into the open pack
 //        v
 //   pack full (>= packSize): seal, upload pack then packidx, with at most
 //        `uploadConcurrency` uploads in flight (the next pack waits for a slot)
 //
 // Memory bound, independent of the volume's size except for the index:
-//   readConcurrency x readSize (read buffers)
+//   readConcurrency x readSize (segment buffers, read or being coded) + their coded blobs
 //   + (uploadConcurrency + 1) x (packSize + a blob)  (packs in flight + the open one)
 //   + 32 B per volume chunk (this backup's index; the parent's while copying)
 //   + ~120 B per chunk stored in the repository (the chunk map).
