@@ -10,7 +10,8 @@ import t, { type Test } from 'tap';
 import { createHash, randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { FileTarget, initRepository, openRepository, restore, verify, type Repository, type S3Flags } from '../src/backup';
+import { FileTarget, initRepository, openRepository, prune, restore, verify, type Repository, type S3Flags } from '../src/backup';
+import { listLocks } from '../src/backup/locks';
 import { BackupChild } from './fixtures/backup-child';
 import { TestVolume, waitFor } from './fixtures/backup-volume';
 import { startRgw } from './fixtures/rgw';
@@ -62,6 +63,10 @@ async function killRounds(t: Test, repoUrl: string, rounds: number, env: NodeJS.
     const target = 1 + (run++ % 3); // kill after 1, 2 or 3 packs of this run
     await waitFor(() => child.last.packsWritten >= target || child.done !== undefined || child.proc.exitCode !== null, 'the child to upload packs');
     if (child.done === undefined && kills < rounds) {
+      if (kills === 0) {
+        const locks = await listLocks(repo);
+        t.ok(locks.some((l) => l.kind === 'backup' && l.live && l.owner?.pid === child.proc.pid), "a running child's lock is live");
+      }
       const reported = child.last.chunksNew;
       await child.kill();
       kills++;
@@ -90,6 +95,11 @@ async function killRounds(t: Test, repoUrl: string, rounds: number, env: NodeJS.
       snap = vol.snapshot(dir);
     }
   }
+  // The killed children's locks name dead processes of this host: a prune
+  // need not wait for them to expire.
+  const pr = await prune(repo, { keepLast: 100 });
+  t.notOk(pr.deferred, "prune does not wait for the killed backups' locks");
+  t.same((await listLocks(repo)).map((l) => l.key), [], 'and removes them');
   t.comment(`${kills} kills: ${resentChunks} chunks (${(resentBytes / MiB).toFixed(2)} MiB) were in flight and re-sent; ${finished.length} backups finished`);
   t.same((await verify(repo, { readData: true })).problems, [], 'the repository verifies with --read-data');
   for (const [i, f] of finished.entries()) {

@@ -18,6 +18,15 @@
 //   prune:  write own lock; forget manifests; then, only if no live backup
 //           lock is listed, delete unreferenced packs (packidx first),
 //           orphan indexes and expired locks.
+// A killed holder's lock would keep prunes from deleting packs until it
+// expires. So a lock also names its owner: boot id, PID namespace, PID and the
+// process's start time. A lock whose owner ran under this kernel boot and in
+// this PID namespace, and whose PID is gone or now belongs to a process that
+// started at another time, is dead at once. Any other owner (another machine
+// or container, a non-Linux host, an unreadable body) counts as alive until
+// the lock expires: the check can only shorten the wait, never cut short a
+// running holder.
+//
 // Each side writes its lock before listing the other's, and listings are
 // strongly consistent (S3 since 2020, radosgw, a local directory), so of a
 // backup and a prune that overlap at least one sees the other: either the
@@ -25,8 +34,11 @@
 // then sees only the packs that survived. A backup therefore never
 // references a pack that a prune deletes. Backups do not exclude each other:
 // each writes packs named by their content and its own index and manifest.
+import * as fs from 'node:fs';
+import * as os from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { randomBytes } from 'node:crypto';
+import { isObjectMissing } from './backend';
 import { NbdError } from '../errors';
 import type { Repository } from './repository';
 
@@ -47,14 +59,75 @@ function parseLockKey(key: string, mtimeMs: number): LockInfo | null {
   return { key, kind: m[1] as LockKind, ttlMs: Number(m[2]), mtimeMs };
 }
 
-/** Every lock object, with whether it is live on the backend's clock. */
-export async function listLocks(repo: Repository): Promise<(LockInfo & { live: boolean })[]> {
+/** Who holds a lock, as precisely as this host can tell a process apart. */
+export interface LockOwner {
+  host: string;
+  /** /proc/sys/kernel/random/boot_id ('' where unknown). */
+  bootId: string;
+  /** The PID namespace, as /proc/self/ns/pid reads ('' where unknown). */
+  pidNs: string;
+  pid: number;
+  /** Field 22 of /proc/PID/stat: start time in clock ticks since boot ('' where unknown). */
+  start: string;
+}
+
+function readOr(fn: () => string): string {
+  try {
+    return fn().trim();
+  } catch {
+    return '';
+  }
+}
+
+function startTime(pid: number): string {
+  return readOr(() => {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19] ?? '';
+  });
+}
+
+let self: LockOwner | undefined;
+
+export function selfOwner(): LockOwner {
+  self ??= {
+    host: os.hostname(),
+    bootId: readOr(() => fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8')),
+    pidNs: readOr(() => fs.readlinkSync('/proc/self/ns/pid')),
+    pid: process.pid,
+    start: startTime(process.pid),
+  };
+  return self;
+}
+
+/** True only when `o` certainly names a process of this boot and PID namespace that has exited. */
+export function ownerIsDead(o: Partial<LockOwner> | undefined): boolean {
+  const me = selfOwner();
+  if (!o || !me.bootId || !me.pidNs || o.bootId !== me.bootId || o.pidNs !== me.pidNs || typeof o.pid !== 'number' || !o.start) return false;
+  if (o.pid === me.pid) return o.start !== me.start;
+  const now = startTime(o.pid);
+  return now === '' ? !fs.existsSync(`/proc/${o.pid}`) : now !== o.start;
+}
+
+/** Every lock object, with whether it is live: not expired on the backend's clock, and its owner not known dead. */
+export async function listLocks(repo: Repository): Promise<(LockInfo & { live: boolean; owner?: LockOwner })[]> {
   const objs = await repo.backend.list('locks/');
   const now = await repo.backend.now();
-  const out: (LockInfo & { live: boolean })[] = [];
+  const out: (LockInfo & { live: boolean; owner?: LockOwner })[] = [];
   for (const o of objs) {
     const l = parseLockKey(o.key, o.mtimeMs);
-    if (l) out.push({ ...l, live: l.mtimeMs + l.ttlMs > now });
+    if (!l) continue;
+    if (l.mtimeMs + l.ttlMs <= now) {
+      out.push({ ...l, live: false });
+      continue;
+    }
+    let owner: LockOwner | undefined;
+    try {
+      owner = (JSON.parse((await repo.backend.get(o.key)).toString('utf8')) as { owner?: LockOwner }).owner;
+    } catch (err) {
+      if (isObjectMissing(err)) continue; // released since the listing
+      owner = undefined; // unreadable: alive until it expires
+    }
+    out.push({ ...l, live: !ownerIsDead(owner), owner });
   }
   return out;
 }
@@ -98,7 +171,7 @@ export class RepoLock {
   private async write(): Promise<void> {
     if (this.released) return;
     const started = performance.now();
-    const body = JSON.stringify({ kind: this.kind, pid: process.pid, time: new Date().toISOString() });
+    const body = JSON.stringify({ kind: this.kind, time: new Date().toISOString(), owner: selfOwner() });
     await this.repo.backend.put(this.key, Buffer.from(body));
     this.heldSince = started;
   }
