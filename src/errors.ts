@@ -47,7 +47,8 @@ export type ErrorCode =
   | 'BACKUP_KEY_REQUIRED'
   | 'BACKUP_KEY_WRONG'
   | 'BACKUP_DATA_CORRUPT'
-  | 'BACKUP_SOURCE_FAILED';
+  | 'BACKUP_SOURCE_FAILED'
+  | 'BACKUP_ABORTED';
 
 export class NbdError extends Error {
   readonly code: ErrorCode;
@@ -122,6 +123,8 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   BACKUP_DATA_CORRUPT: 27,
   /** The chunk source (volume, snapshot export) failed to read. */
   BACKUP_SOURCE_FAILED: 28,
+  /** A backup, restore or prune stopped by its AbortSignal (job cancel); it left no manifest. */
+  BACKUP_ABORTED: 29,
 };
 
 export function isErrorCode(code: unknown): code is ErrorCode {

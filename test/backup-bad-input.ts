@@ -10,7 +10,9 @@ import * as net from 'node:net';
 import * as path from 'node:path';
 import { backup, FileChunkSource, FileTarget, initRepository, listBackups, openRepository, prune, restore } from '../src/backup';
 import type { NbdError } from '../src/errors';
+import { GatedSource, waitFor } from './fixtures/backup-volume';
 import { startRgw } from './fixtures/rgw';
+import { listLocks } from '../src/backup/locks';
 import { tempDirs } from './fixtures/server';
 
 const makeTempDir = tempDirs(t);
@@ -70,6 +72,25 @@ t.test('local: not a repository, exists, keys, unknown backup', async (t) => {
   await src.close();
   await expectCode(t, prune(repo, {}), 'BAD_ARGUMENT', 'prune without a policy');
   await expectCode(t, FileChunkSource.open(path.join(d, 'nope.img'), { chunkSize: 65536 }), 'IMAGE_NOT_FOUND', 'a missing source image');
+});
+
+t.test('an aborted backup leaves no manifest and no lock', async (t) => {
+  const d = makeTempDir('nbd-abort-');
+  const img = path.join(d, 'disk.img');
+  fs.writeFileSync(img, randomBytes(4 * 1024 * 1024));
+  const repo = await initRepository(path.join(d, 'repo'));
+  t.teardown(() => repo.close());
+  const src = new GatedSource(await FileChunkSource.open(img, { chunkSize: 65536 }), 4);
+  const ac = new AbortController();
+  const p = backup(repo, src, { signal: ac.signal, readSize: 65536, readConcurrency: 2 });
+  p.catch(() => undefined);
+  await waitFor(() => src.reads > 4, 'the backup to block on a read');
+  ac.abort();
+  src.release();
+  t.equal(await code(p), 'BACKUP_ABORTED', 'the backup rejects with BACKUP_ABORTED');
+  await src.close();
+  t.same(await listBackups(repo), [], 'no manifest');
+  t.same(await listLocks(repo), [], 'no lock');
 });
 
 /** A TCP port on 127.0.0.1 that nothing listens on. */

@@ -183,5 +183,32 @@ export class LocalBackend implements Backend {
     }
   }
 
+  /**
+   * Removes files in ROOT/tmp older than `olderThanMs` (left by a process
+   * killed mid-put). Prune calls it only while no backup runs.
+   */
+  async sweepTemp(olderThanMs: number): Promise<number> {
+    const dir = path.join(this.root, TMP);
+    let n = 0;
+    let names: string[];
+    try {
+      names = await fsp.readdir(dir);
+    } catch {
+      return 0;
+    }
+    for (const name of names) {
+      try {
+        const st = await fsp.stat(path.join(dir, name));
+        if (Date.now() - st.mtimeMs > olderThanMs) {
+          await fsp.rm(path.join(dir, name), { force: true });
+          n++;
+        }
+      } catch {
+        /* gone meanwhile */
+      }
+    }
+    return n;
+  }
+
   async close(): Promise<void> {}
 }

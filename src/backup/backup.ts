@@ -32,6 +32,7 @@
 // Locking: see locks.ts (a backup lock, refreshed; wait for prunes first;
 // assertHeld() before the manifest).
 import { NbdError } from '../errors';
+import { checkAbort } from './bounded';
 import type { Logger } from '../logger';
 import { BackupIndex } from './backup-index';
 import { blobParts, Coded, type CodedSegment } from './chunk-codec';
@@ -192,7 +193,7 @@ export async function backup(repo: Repository, source: ChunkSource, opts: Backup
     }
     let lastEnd = -1;
     for await (const run of allRuns()) {
-      opts.signal?.throwIfAborted();
+      checkAbort(opts.signal, 'the backup');
       if (uploadError) throw uploadError.err;
       if (run.start + run.count > index.count || run.start < 0) throw new NbdError('BACKUP_SOURCE_FAILED', `the source listed chunks ${run.start}+${run.count} outside the volume`);
       if (run.start < lastEnd && !forced.includes(run.start)) throw new NbdError('BACKUP_SOURCE_FAILED', 'the source listed runs out of order');
@@ -208,6 +209,7 @@ export async function backup(repo: Repository, source: ChunkSource, opts: Backup
         const count = Math.min(chunksPerRead, run.start + run.count - s);
         const offset = s * chunkSize;
         const length = Math.min(count * chunkSize, source.size - offset);
+        checkAbort(opts.signal, 'the backup');
         const p = readSegment({ start: s, count, offset, length });
         p.catch(() => undefined); // observed below, in order
         inflightReads.push(p);
@@ -218,6 +220,7 @@ export async function backup(repo: Repository, source: ChunkSource, opts: Backup
       }
     }
     while (inflightReads.length > 0) {
+      checkAbort(opts.signal, 'the backup');
       const { seg, buf, coded } = await inflightReads.shift()!;
       await consume(seg, buf, coded);
     }

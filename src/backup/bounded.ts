@@ -1,6 +1,12 @@
-// Small concurrency limits used by the pipeline, restore, verify and prune.
-// Everything runs on the JS thread; the limits bound work in flight (reads on
-// libuv's pool, uploads on sockets) and the buffers it holds.
+// Small concurrency limits used by the pipeline, restore, verify and prune,
+// and the one way they honour an AbortSignal. The limits bound work in flight
+// (reads on libuv's pool, uploads on sockets) and the buffers it holds.
+import { NbdError } from '../errors';
+
+/** Throws BACKUP_ABORTED once `signal` has fired. */
+export function checkAbort(signal: AbortSignal | undefined, what: string): void {
+  if (signal?.aborted) throw new NbdError('BACKUP_ABORTED', `${what} was cancelled`, { cause: signal.reason });
+}
 
 /** A counting semaphore; waiters are served in FIFO order. */
 export class Semaphore {

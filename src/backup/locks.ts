@@ -40,6 +40,7 @@ import { performance } from 'node:perf_hooks';
 import { randomBytes } from 'node:crypto';
 import { isObjectMissing } from './backend';
 import { NbdError } from '../errors';
+import { checkAbort } from './bounded';
 import type { Repository } from './repository';
 
 export type LockKind = 'backup' | 'prune';
@@ -204,7 +205,7 @@ export async function waitForNoPrune(repo: Repository, waitMs: number, pollMs = 
     if (performance.now() >= deadline) {
       throw new NbdError('REPO_LOCKED', `${repo.location}: a prune is running (${prunes.map((p) => p.key).join(', ')}); try again later`);
     }
-    signal?.throwIfAborted();
+    checkAbort(signal, 'the wait for a prune');
     await new Promise((r) => setTimeout(r, pollMs));
   }
 }

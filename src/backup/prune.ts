@@ -16,11 +16,13 @@
 //     a just-forgotten parent); the result says `deferred`;
 //  4. else compute the packs that the remaining backups' chunks map to and
 //     delete every other pack (packidx first, then the pack), indexes with
-//     no manifest (left by killed backups) and expired locks.
+//     no manifest (left by killed backups), dead or expired locks and (local
+//     directories) temporary files over an hour old.
 // Packs that are only partly referenced are kept whole (no repacking yet);
 // `bytesReclaimable` reports what a repack could free.
 import { NbdError } from '../errors';
 import type { Logger } from '../logger';
+import { LocalBackend } from './backend-local';
 import { indexKey } from './backup-index';
 import { forEachLimit } from './bounded';
 import { DEFAULT_LOCK_TTL_MS, listLocks, liveLocks, RepoLock } from './locks';
@@ -165,6 +167,9 @@ export async function prune(repo: Repository, policy: PrunePolicy, opts: PruneOp
       if (!live.has(o.key.slice('indexes/'.length))) await repo.backend.delete(o.key);
     }
     for (const l of await listLocks(repo)) if (!l.live) await repo.backend.delete(l.key);
+    // Temporary files of killed writers (local directories); an hour old, so
+    // a put still finishing (of a backup started after our lock check) is never touched.
+    if (repo.backend instanceof LocalBackend) await repo.backend.sweepTemp(60 * 60_000);
     log?.info({ forgotten: forgotten.length, packsDeleted: result.packsDeleted, bytesDeleted: result.bytesDeleted }, 'prune complete');
     return result;
   } finally {

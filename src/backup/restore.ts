@@ -13,6 +13,7 @@
 // Memory: concurrency x maxRangeBytes of pack data plus the decoded chunks
 // of those ranges, the index (32 B per chunk) and the chunk map.
 import { NbdError } from '../errors';
+import { checkAbort } from './bounded';
 import { isObjectMissing } from './backend';
 import { decodeChunk } from './chunk-codec';
 import { idKey, type ChunkLocation, type Repository } from './repository';
@@ -90,7 +91,7 @@ export async function restore(repo: Repository, backupId: string, target: Restor
       while (!failed && next < ranges.length) {
         const r = ranges[next++]!;
         try {
-          opts.signal?.throwIfAborted();
+          checkAbort(opts.signal, 'the restore');
           let buf: Buffer;
           try {
             buf = await repo.readPackRange(r.pack, r.offset, r.length);

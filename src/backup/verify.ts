@@ -47,13 +47,23 @@ export interface VerifyOptions {
   concurrency?: number;
 }
 
-function usersOf(idHex: string, loaded: { m: Manifest; index: BackupIndex }[]): { backup: string; chunks: number[] }[] {
-  const id = Buffer.from(idHex, 'hex');
-  const out: { backup: string; chunks: number[] }[] = [];
-  for (const { m, index } of loaded) {
-    const chunks: number[] = [];
-    for (let i = 0; i < index.count; i++) if (index.id(i).equals(id)) chunks.push(i);
-    if (chunks.length) out.push({ backup: m.id, chunks });
+type Users = Map<string, { backup: string; chunks: number[] }[]>;
+
+/** Which (backup, volume chunk) use each of `ids`: one more pass over the indexes, one at a time. */
+async function usersOf(repo: Repository, ids: Set<string>, manifests: Manifest[]): Promise<Users> {
+  const out: Users = new Map([...ids].map((h) => [h, []]));
+  if (ids.size === 0) return out;
+  for (const m of manifests) {
+    const index = await repo.readIndex(m);
+    const found = new Map<string, number[]>();
+    for (let i = 0; i < index.count; i++) {
+      const h = index.id(i).toString('hex');
+      if (!ids.has(h)) continue;
+      const l = found.get(h) ?? [];
+      l.push(i);
+      found.set(h, l);
+    }
+    for (const [h, chunks] of found) out.get(h)!.push({ backup: m.id, chunks });
   }
   return out;
 }
@@ -65,7 +75,11 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
   const known = await repo.chunkMap();
   const packSizes = await repo.listPackNames();
 
-  const loaded: { m: Manifest; index: BackupIndex }[] = [];
+  // Indexes are read one at a time (32 B per volume chunk each); what is
+  // kept is per stored chunk: the blobs each pack must hold.
+  const needed = new Map<string, Map<string, PackEntry>>();
+  const missing = new Set<string>();
+  const loaded: Manifest[] = [];
   for (const id of ids) {
     let m: Manifest;
     try {
@@ -77,8 +91,9 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
       }
       throw err;
     }
+    let index: BackupIndex;
     try {
-      loaded.push({ m, index: await repo.readIndex(m) });
+      index = await repo.readIndex(m);
     } catch (err) {
       if (err instanceof NbdError && err.code === 'REPO_CORRUPT') {
         problems.push({ kind: 'INDEX_CORRUPT', backup: id, message: err.message });
@@ -86,13 +101,7 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
       }
       throw err;
     }
-  }
-  result.backups = loaded.length;
-
-  // Pack -> the blobs (by chunk id) the selected backups use in it.
-  const needed = new Map<string, Map<string, PackEntry>>();
-  const missing = new Set<string>();
-  for (const { index } of loaded) {
+    loaded.push(m);
     for (let i = 0; i < index.count; i++) {
       if (index.isZero(i)) continue;
       const id = index.id(i);
@@ -106,8 +115,10 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
       blobs.set(idKey(id), loc.entry);
     }
   }
+  result.backups = loaded.length;
+  const missingUsers = await usersOf(repo, missing, loaded);
   for (const hex of missing) {
-    const usedBy = usersOf(hex, loaded);
+    const usedBy = missingUsers.get(hex)!;
     problems.push({
       kind: 'CHUNK_MISSING',
       chunkId: hex,
@@ -154,8 +165,9 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
         problems.push({ kind: 'PACK_CORRUPT', pack, message: `pack ${packKey(pack)} fails its checksum outside the chunks in use` });
       }
     });
+    const corruptUsers = await usersOf(repo, new Set(corrupt.keys()), loaded);
     for (const [hex, pack] of corrupt) {
-      const usedBy = usersOf(hex, loaded);
+      const usedBy = corruptUsers.get(hex)!;
       problems.push({
         kind: 'CHUNK_CORRUPT',
         pack,
