@@ -4,7 +4,7 @@
 // through ChunkSource (source.ts) and RestoreTarget (target.ts).
 export type { Backend, ObjectInfo } from './backend';
 export { LocalBackend } from './backend-local';
-export { S3Backend, type S3Options } from './backend-s3';
+export type { S3Options } from './backend-s3';
 export { openBackend, openRepository, initRepository, parseS3Url, type RepoAccess, type S3Flags } from './location';
 export { Repository, FORMAT_VERSION } from './repository';
 export { FileChunkSource, runsOf, type ChunkRun, type ChunkSource, type FileSourceOptions } from './source';
