@@ -48,7 +48,9 @@ export type ErrorCode =
   | 'BACKUP_KEY_WRONG'
   | 'BACKUP_DATA_CORRUPT'
   | 'BACKUP_SOURCE_FAILED'
-  | 'BACKUP_ABORTED';
+  | 'BACKUP_ABORTED'
+  | 'NBD_CONNECT_FAILED'
+  | 'NBD_IO_ERROR';
 
 export class NbdError extends Error {
   readonly code: ErrorCode;
@@ -125,6 +127,10 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   BACKUP_SOURCE_FAILED: 28,
   /** A backup, restore or prune stopped by its AbortSignal (job cancel); it left no manifest. */
   BACKUP_ABORTED: 29,
+  /** An NBD source or target (nbd://, nbd+unix://) cannot be reached or refuses the handshake. */
+  NBD_CONNECT_FAILED: 30,
+  /** An NBD source or target answered a request with an error, or dropped the connection. */
+  NBD_IO_ERROR: 31,
 };
 
 export function isErrorCode(code: unknown): code is ErrorCode {

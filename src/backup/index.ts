@@ -9,6 +9,9 @@ export { openBackend, openRepository, initRepository, parseS3Url, type RepoAcces
 export { Repository, FORMAT_VERSION } from './repository';
 export { FileChunkSource, runsOf, type ChunkRun, type ChunkSource, type FileSourceOptions } from './source';
 export { FileTarget, type RestoreTarget } from './target';
+export { NbdTarget } from './nbd-target';
+export { NbdChunkSource, type NbdSourceOptions } from './nbd-source';
+export { parseNbdUri } from './nbd-client';
 export { backup, type BackupOptions, type BackupProgress } from './backup';
 export { restore, type RestoreOptions, type RestoreResult } from './restore';
 export { verify, type VerifyOptions, type VerifyProblem, type VerifyResult } from './verify';

@@ -9,6 +9,8 @@
 // Implementations:
 // - FileChunkSource (here): a raw file; all chunks, or a given list of runs.
 //   Tests use it, and so do peers that back up a copy of an image.
+// - NbdChunkSource (nbd-source.ts): any NBD export (e.g. disk@SNAP), all
+//   chunks or given runs, read with NBD_CMD_READ.
 // - next: the server's own change maps. The server unions the copy-on-write
 //   bitmaps between the parent's snapshot and this one (in the addon),
 //   yields them as runs, marks trimmed/zeroed runs `zero` (no read), and

@@ -6,9 +6,8 @@
 // FileTarget writes a raw file: into NAME.partial-XXXX created sparse at the
 // full size, so zero() is free (a hole), then fsync + rename + directory
 // fsync in commit(). A failed or refused restore leaves no file at NAME.
-// An NBD target (next) implements zero() as NBD_CMD_WRITE_ZEROES (with
-// NBD_CMD_FLAG_FAST_ZERO / trim where the export allows), write() as
-// NBD_CMD_WRITE, commit() as NBD_CMD_FLUSH.
+// NbdTarget (nbd-target.ts) implements zero() as NBD_CMD_WRITE_ZEROES,
+// write() as NBD_CMD_WRITE and commit() as NBD_CMD_FLUSH.
 import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
