@@ -7,7 +7,7 @@ import t, { type Test } from 'tap';
 import { randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { backup, FileTarget, initRepository, listBackups, restore, verify, type Repository } from '../src/backup';
+import { backup, FileTarget, initRepository, listBackups, prune, restore, verify, type Repository } from '../src/backup';
 import { NbdError } from '../src/errors';
 import { TestVolume } from './fixtures/backup-volume';
 import { startRgw } from './fixtures/rgw';
@@ -105,6 +105,19 @@ async function scenario(t: Test, repoUrl: string, access: Parameters<typeof init
   t.same(v4.problems.map((x) => [x.kind, x.backup]), [['MANIFEST_CORRUPT', b0.id]], 'a damaged manifest is named');
   await rejectsWith(t, listBackups(repo), 'REPO_CORRUPT', new RegExp(`backups/${b0.id}`), 'list with a damaged manifest');
   await flipByte(repo, `backups/${b0.id}`, 10);
+
+  // A damaged pack index: verify names it, restore of a backup that does not
+  // use the pack still works, prune refuses to run.
+  await flipByte(repo, `packidx/${loc.pack}`, 12);
+  const v6 = await verify(repo);
+  t.same(v6.problems.filter((x) => x.kind === 'PACKIDX_CORRUPT').map((x) => x.pack), [loc.pack], 'a damaged pack index is named');
+  t.ok(v6.problems.some((x) => x.kind === 'CHUNK_MISSING' && x.usedBy?.[0]?.backup === b1.id), "and the chunks it held show as missing from the backup that uses them");
+  await restore(repo, b0.id, new FileTarget(out));
+  t.ok(fs.readFileSync(out).equals(fs.readFileSync(s0.copy)), 'a backup that does not use that pack restores exactly');
+  fs.rmSync(out);
+  await rejectsWith(t, restore(repo, b1.id, new FileTarget(out)), 'REPO_CORRUPT', new RegExp(`packidx/${loc.pack}`), 'restore of a backup that uses it');
+  await rejectsWith(t, prune(repo, { keepLast: 5 }), 'REPO_CORRUPT', new RegExp(`packidx/${loc.pack}`), 'prune');
+  await flipByte(repo, `packidx/${loc.pack}`, 12);
 
   // A missing pack: found by verify without reading data; restore refuses.
   const saved = await repo.backend.get(packKey);

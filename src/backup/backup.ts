@@ -98,7 +98,9 @@ export async function backup(repo: Repository, source: ChunkSource, opts: Backup
 
     // What we may dedup against: every chunk with a packidx now. Loaded after
     // the prune check, so it holds no pack a prune could still delete.
-    const known = await repo.chunkMap();
+    // A damaged packidx only costs dedup: its chunks are stored again (and
+    // verify names it; prune refuses to run until it is repaired).
+    const known = await repo.chunkMap((pack, err) => log?.warn({ pack, err: err.message }, 'skipping a damaged pack index'));
     const index = new BackupIndex(source.size, chunkSize);
     /** Chunks whose content must be re-read although no run lists them (a short last chunk that changed size). */
     const forced: number[] = [];

@@ -128,6 +128,9 @@ export async function prune(repo: Repository, policy: PrunePolicy, opts: PruneOp
     // What the remaining backups use. Re-list: a backup may have finished
     // between the first listing and the lock check.
     const remaining = await repo.listManifests();
+    // A damaged packidx throws here (REPO_CORRUPT): its pack would look
+    // unused, and deleting it would lose what a repair could still read
+    // from the pack's own trailer.
     const known = await repo.chunkMap();
     const usedBlobs = new Map<string, Set<string>>();
     for (const m of remaining) {

@@ -157,8 +157,12 @@ export class Repository {
     return openPackIndex(this.keys, name, await this.backend.get(packIndexKey(name)));
   }
 
-  /** Every stored chunk: loads all packidx objects (16 at a time). */
-  async chunkMap(): Promise<ChunkMap> {
+  /**
+   * Every stored chunk: loads all packidx objects (16 at a time). A packidx
+   * that fails its checksum throws REPO_CORRUPT, unless `onCorrupt` takes it
+   * (its chunks are then left out of the map).
+   */
+  async chunkMap(onCorrupt?: (pack: string, err: NbdError) => void): Promise<ChunkMap> {
     const map: ChunkMap = new Map();
     const names = await this.listPackIndexNames();
     await forEachLimit(names, 16, async (name) => {
@@ -167,6 +171,10 @@ export class Repository {
         entries = await this.readPackIndex(name);
       } catch (err) {
         if (isObjectMissing(err)) return; // deleted by a prune since the listing
+        if (onCorrupt && err instanceof NbdError && (err.code === 'REPO_CORRUPT' || err.code === 'REPO_VERSION')) {
+          onCorrupt(name, err);
+          return;
+        }
         throw err;
       }
       for (const entry of entries) map.set(idKey(entry.id), { pack: name, entry });

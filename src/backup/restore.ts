@@ -48,7 +48,10 @@ export async function restore(repo: Repository, backupId: string, target: Restor
   const maxRange = opts.maxRangeBytes ?? 8 * 1024 * 1024;
   const m = await repo.readManifest(backupId);
   const index = await repo.readIndex(m);
-  const known = await repo.chunkMap();
+  // A damaged packidx of a pack this backup does not use must not stop it;
+  // one it does use shows as a chunk that no pack holds.
+  const damaged: string[] = [];
+  const known = await repo.chunkMap((pack) => damaged.push(pack));
   const result: RestoreResult = { backup: m.id, size: m.size, bytesWritten: 0, bytesZero: 0, bytesFetched: 0 };
 
   // Resolve every data chunk before writing anything: a missing chunk is
@@ -66,7 +69,8 @@ export async function restore(repo: Repository, backupId: string, target: Restor
     }
     const loc = known.get(idKey(index.id(i)));
     if (!loc) {
-      throw new NbdError('REPO_CORRUPT', `backup ${m.id}: chunk ${i} (offset ${i * m.chunkSize}) refers to ${index.id(i).toString('hex')}, which no pack holds`);
+      const also = damaged.length ? ` (damaged pack indexes: ${damaged.map((d) => `packidx/${d}`).join(', ')})` : '';
+      throw new NbdError('REPO_CORRUPT', `backup ${m.id}: chunk ${i} (offset ${i * m.chunkSize}) refers to ${index.id(i).toString('hex')}, which no pack holds${also}`);
     }
     if (cur && cur.pack === loc.pack && cur.offset + cur.length === loc.entry.offset && cur.length + loc.entry.length <= maxRange && cur.first + cur.locs.length === i) {
       cur.length += loc.entry.length;

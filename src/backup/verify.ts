@@ -19,7 +19,7 @@ import { packKey, type PackEntry } from './pack';
 import { idKey, type Repository } from './repository';
 import { forEachLimit } from './bounded';
 
-export type ProblemKind = 'MANIFEST_CORRUPT' | 'INDEX_CORRUPT' | 'CHUNK_MISSING' | 'PACK_MISSING' | 'PACK_TRUNCATED' | 'PACK_CORRUPT' | 'CHUNK_CORRUPT';
+export type ProblemKind = 'PACKIDX_CORRUPT' | 'MANIFEST_CORRUPT' | 'INDEX_CORRUPT' | 'CHUNK_MISSING' | 'PACK_MISSING' | 'PACK_TRUNCATED' | 'PACK_CORRUPT' | 'CHUNK_CORRUPT';
 
 export interface VerifyProblem {
   kind: ProblemKind;
@@ -72,7 +72,7 @@ export async function verify(repo: Repository, opts: VerifyOptions = {}): Promis
   const problems: VerifyProblem[] = [];
   const result: VerifyResult = { ok: true, backups: 0, chunksChecked: 0, packsChecked: 0, bytesRead: 0, problems };
   const ids = opts.backup ? [opts.backup] : await repo.listBackupIds();
-  const known = await repo.chunkMap();
+  const known = await repo.chunkMap((pack, err) => problems.push({ kind: 'PACKIDX_CORRUPT', pack, message: err.message }));
   const packSizes = await repo.listPackNames();
 
   // Indexes are read one at a time (32 B per volume chunk each); what is
