@@ -122,3 +122,32 @@ export function decodeChunk(keys: RepoKeys | null, id: Buffer, blob: Buffer, raw
   if (data.length !== rawLength) return null;
   return chunkId(keys, data).equals(id) ? data : null;
 }
+
+/** One blob of a range read from a pack: where it is in the range, and how long its plaintext is. */
+export interface RangeBlob {
+  /** Offset of the blob in the range buffer. */
+  offset: number;
+  length: number;
+  rawLength: number;
+}
+
+/**
+ * Decodes and verifies consecutive blobs of one range read (ids: 32 bytes
+ * per blob, back to back) into one buffer
+ * of their plaintexts back to back. `bad` is the index of the first blob
+ * that fails (then `data` is empty), or -1.
+ */
+export function decodeRange(keys: RepoKeys | null, range: Uint8Array, blobs: RangeBlob[], ids: Uint8Array): { data: Buffer; bad: number } {
+  const buf = Buffer.from(range.buffer, range.byteOffset, range.byteLength);
+  const idBuf = Buffer.from(ids.buffer, ids.byteOffset, ids.byteLength);
+  const data = Buffer.allocUnsafeSlow(blobs.reduce((n, b) => n + b.rawLength, 0));
+  let at = 0;
+  for (let k = 0; k < blobs.length; k++) {
+    const b = blobs[k]!;
+    const blob = buf.subarray(b.offset, b.offset + b.length);
+    const plain = blob.length === b.length ? decodeChunk(keys, idBuf.subarray(k * 32, (k + 1) * 32), blob, b.rawLength) : null;
+    if (plain === null) return { data: Buffer.alloc(0), bad: k };
+    at += plain.copy(data, at);
+  }
+  return { data, bad: -1 };
+}

@@ -1,24 +1,47 @@
-// A codec worker thread: runs processSegment() (zero check, chunk id,
-// zstd, AES-GCM) on segments the backup pipeline sends, and sends the
-// segment buffer back with the results. Messages (see codec-pool.ts):
-//   in:  { seq, seg: Uint8Array (its ArrayBuffer transferred), chunkSize, keys: {dataKey, idKey} | null }
-//   out: { seq, seg (transferred back), coded } | { seq, error }
-// Stateless apart from its zstd context; it never touches the repository.
+// A codec worker thread. Two jobs (messages, see codec-pool.ts):
+//   encode: processSegment() (zero check, chunk id, zstd, AES-GCM) on a
+//     segment the backup read; the segment buffer goes back with the results.
+//   decode: decodeRange() (AES-GCM, zstd, id check) on a range a restore
+//     read from a pack; the plaintexts come back in one transferred buffer.
+// Buffers with their own ArrayBuffer are transferred, never copied. Stateless
+// apart from its zstd context; it never touches the repository.
 import { parentPort } from 'node:worker_threads';
-import { processSegment } from './chunk-codec';
+import { decodeRange, processSegment, type RangeBlob } from './chunk-codec';
 import type { RepoKeys } from './keys';
 
-interface Job {
+export interface EncodeJob {
+  op: 'encode';
   seq: number;
   seg: Uint8Array;
   chunkSize: number;
   keys: { dataKey: Uint8Array; idKey: Uint8Array } | null;
 }
 
-parentPort?.on('message', (job: Job) => {
+export interface DecodeJob {
+  op: 'decode';
+  seq: number;
+  range: Uint8Array;
+  blobs: RangeBlob[];
+  ids: Uint8Array;
+  keys: { dataKey: Uint8Array; idKey: Uint8Array } | null;
+}
+
+function toKeys(k: EncodeJob['keys']): RepoKeys | null {
+  return k ? { dataKey: Buffer.from(k.dataKey), idKey: Buffer.from(k.idKey) } : null;
+}
+
+parentPort?.on('message', (job: EncodeJob | DecodeJob) => {
+  if (job.op === 'decode') {
+    try {
+      const r = decodeRange(toKeys(job.keys), job.range, job.blobs, job.ids);
+      parentPort!.postMessage({ seq: job.seq, data: r.data, bad: r.bad }, r.data.length ? [r.data.buffer as ArrayBuffer] : []);
+    } catch (err) {
+      parentPort!.postMessage({ seq: job.seq, error: String((err as Error).stack ?? err) });
+    }
+    return;
+  }
   try {
-    const keys: RepoKeys | null = job.keys ? { dataKey: Buffer.from(job.keys.dataKey), idKey: Buffer.from(job.keys.idKey) } : null;
-    const coded = processSegment(keys, job.seg, job.chunkSize);
+    const coded = processSegment(toKeys(job.keys), job.seg, job.chunkSize);
     // Structured clone copies a view's whole ArrayBuffer: give small results
     // (slices of Node's 8 KiB pool or of a zstd scratch buffer) their own.
     coded.encoded = coded.encoded.map((e) => (e && e.byteLength !== e.buffer.byteLength ? new Uint8Array(e) : e));

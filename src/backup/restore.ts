@@ -5,8 +5,8 @@
 // target.zero() each. Runs of chunks whose blobs lie back to back in one
 // pack become one range read (up to maxRangeBytes), so a full backup of a
 // mostly sequential volume reads whole packs in a few requests; up to
-// `concurrency` range reads are in flight. Every chunk is decoded and
-// checked against its id before it is written; the first chunk that fails
+// `concurrency` range reads are in flight, each decoded and checked against
+// its ids on the codec pool (codec-pool.ts) before it is written; the first chunk that fails
 // aborts the restore (BACKUP_DATA_CORRUPT naming the pack, the backup and
 // the chunk) and the target is discarded (FileTarget: no file is left).
 //
@@ -15,7 +15,7 @@
 import { NbdError } from '../errors';
 import { checkAbort } from './bounded';
 import { isObjectMissing } from './backend';
-import { decodeChunk } from './chunk-codec';
+import { codecPool } from './codec-pool';
 import { idKey, type ChunkLocation, type Repository } from './repository';
 import { packKey } from './pack';
 import type { RestoreTarget } from './target';
@@ -52,6 +52,7 @@ export async function restore(repo: Repository, backupId: string, target: Restor
   // one it does use shows as a chunk that no pack holds.
   const damaged: string[] = [];
   const known = await repo.chunkMap((pack) => damaged.push(pack));
+  const pool = codecPool();
   const result: RestoreResult = { backup: m.id, size: m.size, bytesWritten: 0, bytesZero: 0, bytesFetched: 0 };
 
   // Resolve every data chunk before writing anything: a missing chunk is
@@ -107,21 +108,22 @@ export async function restore(repo: Repository, backupId: string, target: Restor
           if (buf.length !== r.length) {
             throw new NbdError('BACKUP_DATA_CORRUPT', `pack ${packKey(r.pack)} is truncated (backup ${m.id}, chunk ${r.first})`);
           }
-          const out: Buffer[] = [];
-          for (let k = 0; k < r.locs.length; k++) {
-            const { entry } = r.locs[k]!;
-            const i = r.first + k;
-            const blob = buf.subarray(entry.offset - r.offset, entry.offset - r.offset + entry.length);
-            const data = decodeChunk(repo.keys, entry.id, blob, index.chunkLength(i));
-            if (data === null) {
-              throw new NbdError(
-                'BACKUP_DATA_CORRUPT',
-                `pack ${packKey(r.pack)}: chunk ${entry.id.toString('hex')} fails verification (backup ${m.id}, chunk ${i} at offset ${i * m.chunkSize}); refusing to restore it`,
-              );
-            }
-            out.push(data);
+          // Decode and verify on the codec pool (the plaintexts come back in one buffer).
+          const ids = Buffer.allocUnsafeSlow(32 * r.locs.length);
+          r.locs.forEach(({ entry }, k) => entry.id.copy(ids, 32 * k));
+          const { data, bad } = await pool.decode(
+            repo.keys,
+            buf,
+            r.locs.map(({ entry }, k) => ({ offset: entry.offset - r.offset, length: entry.length, rawLength: index.chunkLength(r.first + k) })),
+            ids,
+          );
+          if (bad >= 0) {
+            const i = r.first + bad;
+            throw new NbdError(
+              'BACKUP_DATA_CORRUPT',
+              `pack ${packKey(r.pack)}: chunk ${r.locs[bad]!.entry.id.toString('hex')} fails verification (backup ${m.id}, chunk ${i} at offset ${i * m.chunkSize}); refusing to restore it`,
+            );
           }
-          const data = out.length === 1 ? out[0]! : Buffer.concat(out);
           await target.write(r.first * m.chunkSize, data);
           result.bytesWritten += data.length;
         } catch (err) {
