@@ -124,8 +124,9 @@ export async function backup(repo: Repository, source: ChunkSource, opts: Backup
     const progress = () => opts.onProgress?.({ ...stats, chunksDone });
     /** Ids added by this run (in the open pack or uploading): dedup within the run. */
     const stored = new Set<string>();
-    // Room for a full pack and its last blob: no regrowth on the hot path.
-    const newPack = () => new PackBuilder(packSize + chunkSize + 4096);
+    // Room for a full pack, its last blob and the trailer of a pack of
+    // incompressible chunks: no regrowth (a copy) on the usual path.
+    const newPack = () => new PackBuilder(packSize + chunkSize + 96 * Math.ceil(packSize / chunkSize) + 4096);
     let pack = newPack();
 
     const startUpload = async (p: PackBuilder): Promise<void> => {
