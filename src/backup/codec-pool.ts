@@ -73,6 +73,12 @@ export class CodecPool {
     return this.slots.length;
   }
 
+  /** Terminates the workers; jobs still in flight reject. */
+  async close(): Promise<void> {
+    this.broken ??= new Error('codec pool closed');
+    await Promise.all(this.slots.map((s) => s.worker.terminate()));
+  }
+
   private post(msg: Record<string, unknown>, transfer: ArrayBuffer[]): Promise<Reply> {
     let slot = this.slots[0]!;
     for (const s of this.slots) if (s.pending.size < slot.pending.size) slot = s;
@@ -118,4 +124,11 @@ export function codecPool(): CodecPool {
     shared = new CodecPool(n);
   }
   return shared;
+}
+
+/** Stops the shared pool's workers (a server's shutdown); the next codecPool() starts a new one. */
+export async function closeCodecPool(): Promise<void> {
+  const p = shared;
+  shared = undefined;
+  await p?.close();
 }

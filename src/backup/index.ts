@@ -19,3 +19,4 @@ export { prune, applyPolicy, type PrunePolicy, type PruneOptions, type PruneResu
 export { listBackups, type BackupListEntry } from './list';
 export type { Manifest, BackupStats } from './manifest';
 export { DEFAULT_LOCK_TTL_MS } from './locks';
+export { closeCodecPool } from './codec-pool';
