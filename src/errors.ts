@@ -34,7 +34,23 @@ export type ErrorCode =
   | 'JOURNAL_MISSING'
   | 'JOURNAL_CORRUPT'
   | 'JOURNAL_IO_ERROR'
-  | 'QUEUE_STALLED';
+  | 'QUEUE_STALLED'
+  | 'REPO_NOT_FOUND'
+  | 'REPO_EXISTS'
+  | 'REPO_CORRUPT'
+  | 'REPO_VERSION'
+  | 'REPO_UNREACHABLE'
+  | 'REPO_CREDENTIALS'
+  | 'REPO_IO_ERROR'
+  | 'REPO_LOCKED'
+  | 'BACKUP_NOT_FOUND'
+  | 'BACKUP_KEY_REQUIRED'
+  | 'BACKUP_KEY_WRONG'
+  | 'BACKUP_DATA_CORRUPT'
+  | 'BACKUP_SOURCE_FAILED'
+  | 'BACKUP_ABORTED'
+  | 'NBD_CONNECT_FAILED'
+  | 'NBD_IO_ERROR';
 
 export class NbdError extends Error {
   readonly code: ErrorCode;
@@ -84,6 +100,37 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   JOURNAL_IO_ERROR: 16,
   /** Queued first writes cannot be applied to the image (it refuses writes): create, delete and rollback wait. */
   QUEUE_STALLED: 17,
+  /** The backup repository location holds no repository (no `config` object). */
+  REPO_NOT_FOUND: 20,
+  /** `init` on a location that already holds a repository. */
+  REPO_EXISTS: 21,
+  /** A repository object fails its checksum or does not parse (config, manifest, index, pack index). */
+  REPO_CORRUPT: 22,
+  /** The repository was written by a newer format version. */
+  REPO_VERSION: 22,
+  /** The repository's endpoint cannot be reached (DNS, refused, timeout). */
+  REPO_UNREACHABLE: 23,
+  /** No credentials, or the endpoint refused them. */
+  REPO_CREDENTIALS: 24,
+  /** Any other storage error (disk full, permission, S3 5xx after retries). */
+  REPO_IO_ERROR: 25,
+  /** A prune holds the repository (a backup waited for it and gave up), or a backup lost its lock. */
+  REPO_LOCKED: 7,
+  BACKUP_NOT_FOUND: 8,
+  /** The repository is encrypted and no key was given. */
+  BACKUP_KEY_REQUIRED: 26,
+  /** The key does not open the repository (or a key was given for an unencrypted one). */
+  BACKUP_KEY_WRONG: 26,
+  /** A pack or chunk fails verification: restore refuses to write it. */
+  BACKUP_DATA_CORRUPT: 27,
+  /** The chunk source (volume, snapshot export) failed to read. */
+  BACKUP_SOURCE_FAILED: 28,
+  /** A backup, restore or prune stopped by its AbortSignal (job cancel); it left no manifest. */
+  BACKUP_ABORTED: 29,
+  /** An NBD source or target (nbd://, nbd+unix://) cannot be reached or refuses the handshake. */
+  NBD_CONNECT_FAILED: 30,
+  /** An NBD source or target answered a request with an error, or dropped the connection. */
+  NBD_IO_ERROR: 31,
 };
 
 export function isErrorCode(code: unknown): code is ErrorCode {
