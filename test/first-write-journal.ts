@@ -521,14 +521,13 @@ t.test('snapshot create drains queued first writes', async (t) => {
 
 // A first write larger than the bound on queued chunks (native
 // first_write_queue.hh, "Pacing": while a drain shrinks the queue the bound
-// can be that small; here a 4 MiB WRITE_ZEROES: 256 chunks, the largest
+// can be that small, and room appears a batch at a time; here a 4 MiB WRITE_ZEROES: 256 chunks, the largest
 // zeroing entry) fits only into an empty queue. With a steady stream
 // of small first writes from another connection the queue never empties, so
 // the large one must not be overtaken by writes that arrive after it, or it
 // waits for as long as the stream lasts. The hooks: NBD_TEST_FIRST_WRITE_DEPTH
-// sets a bound of 64 chunks, NBD_TEST_FIRST_WRITE_RATE pins the pacing's
-// cost model to 640 chunks/s (batches of 32 chunks, whatever the machine's
-// speed); NBD_TEST_FIRST_WRITE_DELAY_MS=200 holds the preserver
+// sets a bound of 64 chunks (room then appears at most 64 chunks at a time);
+// NBD_TEST_FIRST_WRITE_DELAY_MS=200 holds the preserver
 // before each batch, so the small writes (4 KiB each into chunks 0..255, up
 // to 32 in flight) keep entries queued. The stream stops submitting once the
 // zeroing completes; it must complete while the stream still has first
@@ -585,7 +584,7 @@ t.test('a first write larger than the queue bound is not starved by a stream of 
   if (!requireTools(t, ['python3-libnbd'])) return;
   const dir = newDir();
   const { img, content } = makeImage(dir);
-  const srv = await serve(t, dir, { env: { NBD_TEST_FIRST_WRITE_DEPTH: '64', NBD_TEST_FIRST_WRITE_RATE: '640', NBD_TEST_FIRST_WRITE_DELAY_MS: '200' } });
+  const srv = await serve(t, dir, { env: { NBD_TEST_FIRST_WRITE_DEPTH: '64', NBD_TEST_FIRST_WRITE_DELAY_MS: '200' } });
   expectOk(t, await cli(['snapshot', 'create', img, 's1']), 'snapshot create s1');
   const r = await pyNbd(dir, FAIR_SCRIPT, srv.uri('disk'), 300_000);
   t.equal(r.code, 0, `client ran (${r.stderr.slice(-400)})`);

@@ -21,13 +21,12 @@ constexpr uint64_t kWritePiece = 1u << 20;    // data bytes per journal entry, a
 constexpr uint64_t kZeroPieceChunks = 256;    // chunks per zeroing entry, at most
 constexpr uint64_t kRingSlack = 64;           // never fill the ring to the last byte
 constexpr uint64_t kBatchChunks = 1024;       // chunks preserved per batch (one snapshot commit), at most
-// Pacing (see "Bounds" in the .hh): a batch is about kBatchSecs of work, but
-// at least as much chunk work as the batch's fixed cost (the syncs), so
-// throughput never drops below half of what large batches give; never fewer
-// chunks than kMinBatchChunks. While a drain shrinks the queue (shrink_to),
-// writers get a quarter of the room each batch frees (kShrinkShare).
-constexpr double kBatchSecs = 0.05;
-constexpr uint64_t kMinBatchChunks = 16;
+// Bounds (see "Bounds" in the .hh): a batch preserves at most kBatchChunks
+// chunks and kBatchBytes of old data, so a writer waiting for room waits
+// for one batch of bounded work whatever the chunk size. While a drain
+// shrinks the queue (shrink_to), writers get a quarter of the room each
+// batch frees (kShrinkShare).
+constexpr uint64_t kBatchBytes = 16u << 20;
 constexpr uint64_t kShrinkShare = 4;
 
 // A queued entry's fields, and the chunks it touches.
@@ -58,9 +57,7 @@ FirstWriteQueue::FirstWriteQueue(OpenJournal open, uint64_t ring_size, uint32_t 
       apply_(std::move(apply)),
       pause_ms_(env_ms("NBD_TEST_FIRST_WRITE_DELAY_MS")),
       min_batch_(std::max<uint64_t>(1, env_ms("NBD_TEST_FIRST_WRITE_BATCH"))),
-      fixed_rate_(env_ms("NBD_TEST_FIRST_WRITE_RATE")),
-      fixed_depth_(env_ms("NBD_TEST_FIRST_WRITE_DEPTH")),
-      per_chunk_(fixed_rate_ ? 1.0 / static_cast<double>(fixed_rate_) : 0) {}
+      fixed_depth_(env_ms("NBD_TEST_FIRST_WRITE_DEPTH")) {}
 
 FirstWriteQueue::~FirstWriteQueue() {
   {
@@ -352,9 +349,7 @@ void FirstWriteQueue::run() {
     // The oldest entries, up to a bound on the chunks they touch.
     Batch batch;
     size_t chunks = 0;
-    probe_ = !probe_;  // every other batch a bit smaller: measure() needs two sizes
-    const uint64_t target = batch_target();
-    const uint64_t limit = probe_ && min_batch_ <= 1 ? std::max<uint64_t>(kMinBatchChunks, target * 3 / 4) : target;
+    const uint64_t limit = batch_limit();
     for (auto& q : fifo_) {
       size_t n = q->last_chunk - q->first_chunk + 1;
       // A bounded batch (about half the paced depth, at most kBatchChunks):
@@ -366,7 +361,6 @@ void FirstWriteQueue::run() {
     }
     lk.unlock();
     if (pause_ms_) std::this_thread::sleep_for(std::chrono::milliseconds(pause_ms_));
-    const auto started = std::chrono::steady_clock::now();  // the test hook's sleep is not work
     int e = apply_(batch);
     if (!e) crash_point("queue.applied");
     uint64_t seq = 0, at = 0;
@@ -399,45 +393,15 @@ void FirstWriteQueue::run() {
       const uint64_t step = std::max<uint64_t>(1, chunks - chunks / kShrinkShare);
       cap_ = std::max(shrink_target_, cap_ > step ? cap_ - step : 0);
     }
-    measure(chunks, std::chrono::steady_clock::now() - started);
     cv_.notify_all();
   }
 }
 
-void FirstWriteQueue::measure(uint64_t chunks, std::chrono::steady_clock::duration took) {
-  // A batch of b chunks takes about fixed + b * per_chunk seconds (the syncs
-  // are the fixed part). Fit both by least squares over recent batches,
-  // older ones weighing less; batches of one size alone (a queue that is
-  // always full) cannot separate them, so every other batch is taken at
-  // three quarters of the bound (probe_, run()).
-  if (fixed_rate_) return;  // test hook: the cost is given (all of it per chunk)
-  const double t = std::max(1e-6, std::chrono::duration<double>(took).count());
-  const double b = static_cast<double>(std::max<uint64_t>(chunks, 1));
-  constexpr double k = 0.9;  // forgetting factor per batch
-  fit_.n = k * fit_.n + 1;
-  fit_.b = k * fit_.b + b;
-  fit_.t = k * fit_.t + t;
-  fit_.bb = k * fit_.bb + b * b;
-  fit_.bt = k * fit_.bt + b * t;
-  const double mb = fit_.b / fit_.n, mt = fit_.t / fit_.n;
-  const double vb = fit_.bb / fit_.n - mb * mb, cbt = fit_.bt / fit_.n - mb * mt;
-  if (vb > 0.01 * mb * mb && cbt > 0) {
-    per_chunk_ = cbt / vb;
-    fixed_ = std::max(0.0, mt - per_chunk_ * mb);
-  } else {  // no spread in sizes yet: count it all as chunk work
-    per_chunk_ = mt / mb;
-    fixed_ = 0;
-  }
-}
-
-uint64_t FirstWriteQueue::batch_target() const {
-  // Until a batch has been timed: the static bound.
-  uint64_t lim = std::min<uint64_t>(max_chunks_ / 4, kBatchChunks);
-  if (per_chunk_ > 0) {
-    const double chunks = std::max(fixed_, kBatchSecs - fixed_) / per_chunk_;
-    if (chunks < static_cast<double>(lim)) lim = std::max<uint64_t>(kMinBatchChunks, static_cast<uint64_t>(chunks));
-  }
-  return std::max<uint64_t>(lim, min_batch_);  // the batch test hook's size always fits
+uint64_t FirstWriteQueue::batch_limit() const {
+  // A quarter of the depth, kBatchChunks and kBatchBytes of chunks at most;
+  // the batch test hook's size always fits.
+  const uint64_t lim = std::min<uint64_t>({max_chunks_ / 4, kBatchChunks, std::max<uint64_t>(1, kBatchBytes / chunk_size_)});
+  return std::max<uint64_t>(lim, min_batch_);
 }
 
 uint64_t FirstWriteQueue::depth_limit() const {

@@ -47,18 +47,15 @@
 //     that is safe: the checkpoint is synced before entries leave the queue.
 // Bounds: the journal ring and the number of chunks queued; a full queue
 // makes writers wait for the thread (backpressure), so memory stays bounded.
-// Pacing: the batch size follows the measured cost of a batch, fitted as a
-// fixed part (the syncs) plus a part per chunk: a batch is about 50 ms of
-// work, but never less chunk work than its fixed part (so throughput stays
-// at least half of what the largest batches give, even when a sync takes
-// long). So under sustained first writes a writer without room waits for
-// about one batch, not for the 1024-chunk batches of before. The depth
-// stays the static bound given at construction: a burst up to it is
-// acknowledged at journal speed. A drain (shrink_to, before a snapshot
-// create, delete or rollback pauses writes) lowers the bound step by step
-// from what is queued, writers getting a quarter of the room each batch
-// frees, so they keep moving (a few ms each) while the queue empties,
-// instead of waiting for all of it. Measured: bench-pauses
+// Pacing: a batch preserves at most 1024 chunks and 16 MiB of old data, so
+// under sustained first writes a writer without room waits for one batch of
+// bounded work. The depth is the static bound given at construction: a
+// burst up to it is acknowledged at journal speed. A drain (shrink_to,
+// before a snapshot create, delete or rollback pauses writes) lowers the
+// bound step by step from what is queued, writers getting a quarter of the
+// room each batch frees, so they keep moving while the queue empties,
+// instead of waiting for all of it (before: the whole drain, over a
+// second under sustained first writes). Measured: bench-pauses
 // (docs/architecture.md).
 // Writers without room are admitted in arrival order (admission_): room
 // appears a batch at a time, and while a drain shrinks the queue the bound
@@ -195,9 +192,8 @@ class FirstWriteQueue {
   void for_each_indexed(uint64_t first, uint64_t last, Fn fn) const;
   void remove_front(size_t n);
   // Pacing (mu_ held): records a batch's apply time; the current bounds.
-  void measure(uint64_t chunks, std::chrono::steady_clock::duration took);
   uint64_t depth_limit() const;
-  uint64_t batch_target() const;
+  uint64_t batch_limit() const;
 
   const OpenJournal open_journal_;
   const uint64_t ring_size_;
@@ -212,11 +208,9 @@ class FirstWriteQueue {
   // a writer without room, stop), so a test can make batches of a known
   // least size without timing. Default 1: any queued entry.
   const uint64_t min_batch_;
-  // Test hook NBD_TEST_FIRST_WRITE_RATE=N: pacing assumes N chunks per second
-  // and measures nothing, so a test can have a paced bound of a known size
-  // whatever the machine's speed. 0 (default): measured.
-  const uint64_t fixed_rate_;
-  const uint64_t fixed_depth_;  // test hook NBD_TEST_FIRST_WRITE_DEPTH: the bound on queued chunks
+  // Test hook NBD_TEST_FIRST_WRITE_DEPTH=N: the bound on queued chunks is N
+  // (so a test gets a small bound whatever the volume). 0 (default): static.
+  const uint64_t fixed_depth_;
 
   std::mutex mu_;
   std::condition_variable cv_;  // entries queued / removed, stop
@@ -229,13 +223,6 @@ class FirstWriteQueue {
   uint64_t failures_ = 0;      // failed applies so far (drain waits for a fresh one)
   uint64_t cap_ = UINT64_MAX;  // temporary lower bound on queued chunks (shrink_to; lowered per batch)
   uint64_t shrink_target_ = 0; // what shrink_to waits for
-  // Pacing's fit of batch apply time = fixed_ + chunks * per_chunk_ (s;
-  // per_chunk_ 0: no batch timed yet) and its decayed sums (mu_ held).
-  double fixed_ = 0, per_chunk_ = 0;
-  struct {
-    double n = 0, b = 0, t = 0, bb = 0, bt = 0;
-  } fit_;
-  bool probe_ = false;
   uint64_t next_ticket_ = 0;   // admission order of writers waiting for room
   std::deque<uint64_t> admission_;  // tickets of the writers waiting for room, oldest first
   int waiters_ = 0;            // threads waiting for the queue to make progress
