@@ -43,21 +43,26 @@ struct Negotiator {
   }
 
   // A cursor over an option payload that refuses to read past its end.
+  // Invariant: pos <= b.size(), so b.size() - pos never wraps. Bytes are
+  // reached through b.data() + pos, and only after the length check: never
+  // b[pos], which is undefined (and aborts under -D_GLIBCXX_ASSERTIONS) when
+  // pos == b.size(), as it is for an empty string at the end of an option.
   struct Cursor {
     const Bytes& b;
     size_t pos = 0;
     bool ok = true;
     uint32_t u32() {
       if (b.size() - pos < 4) { ok = false; return 0; }
-      uint32_t v = load_be32(&b[pos]); pos += 4; return v;
+      uint32_t v = load_be32(b.data() + pos); pos += 4; return v;
     }
     uint16_t u16() {
       if (b.size() - pos < 2) { ok = false; return 0; }
-      uint16_t v = load_be16(&b[pos]); pos += 2; return v;
+      uint16_t v = load_be16(b.data() + pos); pos += 2; return v;
     }
     std::string str(uint32_t len) {
       if (len > kMaxStringLength || b.size() - pos < len) { ok = false; return {}; }
-      std::string s(reinterpret_cast<const char*>(&b[pos]), len); pos += len; return s;
+      if (len == 0) return {};  // b.data() may be null for an empty payload
+      std::string s(reinterpret_cast<const char*>(b.data() + pos), len); pos += len; return s;
     }
     bool done() const { return pos == b.size(); }
   };
