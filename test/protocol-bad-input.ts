@@ -469,6 +469,21 @@ t.test('empty strings at the end of an option: proper replies, no crash', async 
   await checkHealthy(t);
 });
 
+// Issue 15, defect 7: NBD_OPT_EXPORT_NAME has no error reply, so an oversized
+// name must close the connection (as nbdkit and qemu-nbd do); an option reply
+// would be read by an old client as an export size.
+t.test('NBD_OPT_EXPORT_NAME over 64 KiB: closed without a reply', async (t) => {
+  const c = await RawClient.connect(srv.socket);
+  await c.handshake();
+  await c.sendOption(NBD.OPT_EXPORT_NAME, Buffer.alloc(65 * 1024, 0x61)).catch(() => {});
+  await expectClosed(t, c, 'EXPORT_NAME of 65 KiB');
+  t.equal(c.available, 0, 'the server sent nothing after the greeting');
+  const d = await fresh();
+  await expectUsable(t, d, 'another client after the oversized EXPORT_NAME');
+  await d.disconnect();
+  await checkHealthy(t);
+});
+
 t.test('structured READ chunks: DF gives one content chunk, chunks never overlap', async (t) => {
   const c = await fresh({ blockStatus: true });
   // 64 KiB of data followed by 1 MiB that was never written (a hole).

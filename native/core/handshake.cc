@@ -4,9 +4,11 @@
 // exists for the connection. Every length read from the client is checked
 // before it is used: option payloads above kMaxOptionLength are drained and
 // refused with NBD_REP_ERR_TOO_BIG, above kHardMaxOptionLength the client is
-// disconnected (nothing legitimate is that large). Strings inside options are
-// bounds-checked against the option length; a mismatch is NBD_REP_ERR_INVALID
-// and negotiation continues. Unknown options get NBD_REP_ERR_UNSUP.
+// disconnected (nothing legitimate is that large). NBD_OPT_EXPORT_NAME has no
+// error reply, so an oversized one is drained and the connection closed.
+// Strings inside options are bounds-checked against the option length; a
+// mismatch is NBD_REP_ERR_INVALID and negotiation continues. Unknown options
+// get NBD_REP_ERR_UNSUP.
 #include "handshake.hh"
 
 #include <cstring>
@@ -265,6 +267,11 @@ HandshakeResult run_handshake(int fd, SocketReader& reader, const HandshakeConfi
       return {HandshakeOutcome::kRejected, "option length " + std::to_string(len) + " is absurd"};
     if (len > kMaxOptionLength) {
       if (reader.discard(len)) return {HandshakeOutcome::kClosed, {}};
+      // NBD_OPT_EXPORT_NAME has no error reply (an old client would read
+      // one as the export size): close, as nbdkit and qemu-nbd do. Drained
+      // first, so the client sees a clean end of stream, not a reset.
+      if (option == kOptExportName)
+        return {HandshakeOutcome::kRejected, "NBD_OPT_EXPORT_NAME of " + std::to_string(len) + " bytes is too long"};
       if (n.reply_error(option, kRepErrTooBig, "option data too large")) return {HandshakeOutcome::kClosed, {}};
       continue;
     }
