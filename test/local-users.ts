@@ -1,0 +1,126 @@
+// What another local user can do to a served volume: nothing (issue 15,
+// defects 4-6). The server runs as root under umask 000 (the loosest a
+// process can have) with its image in a directory everyone may enter; the
+// unprivileged user `nobody` (runuser) then tries the control socket, the
+// snapshot stores and the shared paths an earlier version used.
+//
+// Needs root (to run commands as `nobody` and to plant files owned by it):
+// without it the tests skip, and under NBD_STRICT_TESTS=1 fail.
+import t, { type Test } from 'tap';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { exec, type ExecResult } from './fixtures/exec';
+import { writeExport } from './fixtures/export-io';
+import { CLI, logLines, startServer, tempDirs, type RunningServer } from './fixtures/server';
+import { STRICT } from './fixtures/tools';
+
+const MiB = 1024 * 1024;
+
+// Every process this file starts inherits it: files the server creates get
+// exactly the mode it asks for.
+process.umask(0o000);
+
+const makeTempDir = tempDirs(t);
+
+/** True when the test can act as root and as `nobody`; otherwise skips (fails when strict). */
+function canSwitchUsers(tt: Test): boolean {
+  if (process.getuid?.() === 0 && fs.existsSync('/usr/sbin/runuser')) return true;
+  const msg = 'needs root and runuser to act as user nobody';
+  if (STRICT) tt.fail(`${msg}; NBD_STRICT_TESTS=1 forbids skipping`);
+  else tt.plan(0, `SKIP ${msg}`);
+  return false;
+}
+
+/** Runs a command as `nobody` (no supplementary groups). */
+function asNobody(cmd: string, args: string[]): Promise<ExecResult> {
+  return exec('/usr/sbin/runuser', ['-u', 'nobody', '--', cmd, ...args], { timeoutMs: 120_000 });
+}
+
+function cli(args: string[]): Promise<ExecResult> {
+  return exec(process.execPath, [CLI, ...args], { timeoutMs: 120_000 });
+}
+
+const lastLine = (s: string) => s.trim().split('\n').at(-1) ?? '';
+
+/** A served 4 MiB image in a fresh directory that every user may enter (0755), as a shared images directory is. */
+async function serveShared(prefix: string, args: string[] = []): Promise<{ srv: RunningServer; img: string; meta: string }> {
+  const dir = makeTempDir(prefix);
+  fs.chmodSync(dir, 0o755);
+  const srv = await startServer({ dir, size: '4M', args });
+  t.teardown(() => srv.stop());
+  const img = path.join(dir, 'disk.img');
+  return { srv, img, meta: `${img}.nbd` };
+}
+
+/** Every path under `root` (itself included) with its type and permission bits. */
+function walk(root: string): { p: string; kind: 'dir' | 'file' | 'socket' | 'other'; mode: number }[] {
+  const out: { p: string; kind: 'dir' | 'file' | 'socket' | 'other'; mode: number }[] = [];
+  const visit = (p: string) => {
+    const st = fs.lstatSync(p);
+    const kind = st.isDirectory() ? 'dir' : st.isFile() ? 'file' : st.isSocket() ? 'socket' : 'other';
+    out.push({ p, kind, mode: st.mode & 0o7777 });
+    if (kind === 'dir') for (const n of fs.readdirSync(p)) visit(path.join(p, n));
+  };
+  visit(root);
+  return out;
+}
+
+// ---- Defect 5: snapshot stores are private -----------------------------------
+
+t.test('IMAGE.nbd/ is 0700 and everything in it 0600 under umask 000; nobody cannot read a store', async (t) => {
+  if (!canSwitchUsers(t)) return;
+  // A slow merge (1 MiB at 4 KiB/s), so its job file is there to check.
+  const { srv, img, meta } = await serveShared('nbd-modes-', ['--merge-rate', '4K']);
+  const old = Buffer.alloc(MiB, 0x5a);
+  t.same(await writeExport(srv.socket, 'disk', [[0, old]]), [0], 'wrote the data the snapshot keeps');
+  const created = await cli(['snapshot', 'create', img, 's1']);
+  t.equal(created.code, 0, `snapshot create (${lastLine(created.stderr)})`);
+  t.same(await writeExport(srv.socket, 'disk', [[0, Buffer.alloc(MiB, 0xa5)]]), [0], 'overwrote it: the old data is in the store now');
+  const created2 = await cli(['snapshot', 'create', img, 's2']);
+  t.equal(created2.code, 0, `a second snapshot (${lastLine(created2.stderr)})`);
+  const rolled = await cli(['rollback', img, 's1']);
+  t.equal(rolled.code, 0, `rollback (${lastLine(rolled.stderr)})`);
+
+  const entries = walk(meta);
+  t.ok(entries.some((e) => /snap-\d+\.snap$/.test(e.p)), 'a snapshot store exists');
+  t.ok(entries.some((e) => e.p.endsWith('manifest.json')), 'the manifest exists');
+  t.ok(entries.some((e) => e.p.endsWith('history.jsonl')), 'the history exists');
+  t.ok(entries.some((e) => /rollback-\d+\.merge$/.test(e.p)), 'the running merge job file exists');
+  for (const e of entries) {
+    if (e.kind === 'dir') t.equal(e.mode, 0o700, `${path.relative(srv.dir, e.p)}/: mode 0700`);
+    else if (e.kind === 'file') t.equal(e.mode, 0o600, `${path.relative(srv.dir, e.p)}: mode 0600`);
+  }
+  const store = entries.find((e) => /snap-1\.snap$/.test(e.p))!.p;
+  const read = await asNobody('/bin/cat', [store]);
+  t.not(read.code, 0, `nobody cannot read ${path.basename(store)} (${lastLine(read.stderr)})`);
+  t.equal(read.stdout, '', 'and got no byte of it');
+  const list = await asNobody('/bin/ls', [meta]);
+  t.not(list.code, 0, 'nobody cannot list IMAGE.nbd/');
+});
+
+t.test('an IMAGE.nbd/ left loose by an older version is made private when the volume opens', async (t) => {
+  if (!canSwitchUsers(t)) return;
+  const dir = makeTempDir('nbd-modes-old-');
+  fs.chmodSync(dir, 0o755);
+  const first = await startServer({ dir, size: '4M' });
+  const img = path.join(dir, 'disk.img');
+  const meta = `${img}.nbd`;
+  const created = await cli(['snapshot', 'create', img, 's1']);
+  t.equal(created.code, 0, `snapshot create (${lastLine(created.stderr)})`);
+  await first.stop();
+  // What an earlier version left: a world-readable directory and files.
+  fs.chmodSync(meta, 0o755);
+  for (const n of fs.readdirSync(meta)) fs.chmodSync(path.join(meta, n), 0o644);
+  const srv = await startServer({ dir, size: '4M' });
+  t.teardown(() => srv.stop());
+  for (const e of walk(meta)) {
+    if (e.kind === 'dir') t.equal(e.mode, 0o700, `${path.relative(dir, e.p)}/: tightened to 0700`);
+    else if (e.kind === 'file') t.equal(e.mode, 0o600, `${path.relative(dir, e.p)}: tightened to 0600`);
+  }
+  t.ok(
+    logLines(srv).some((l) => /made private/.test(l.msg ?? '')),
+    'the server logged that it tightened the modes',
+  );
+  const read = await asNobody('/bin/cat', [path.join(meta, 'manifest.json')]);
+  t.not(read.code, 0, 'nobody cannot read the manifest');
+});
