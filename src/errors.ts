@@ -34,7 +34,8 @@ export type ErrorCode =
   | 'JOURNAL_MISSING'
   | 'JOURNAL_CORRUPT'
   | 'JOURNAL_IO_ERROR'
-  | 'QUEUE_STALLED';
+  | 'QUEUE_STALLED'
+  | 'CONTROL_DENIED';
 
 export class NbdError extends Error {
   readonly code: ErrorCode;
@@ -84,6 +85,8 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   JOURNAL_IO_ERROR: 16,
   /** Queued first writes cannot be applied to the image (it refuses writes): create, delete and rollback wait. */
   QUEUE_STALLED: 17,
+  /** The control socket refused the caller: another user than the server's (or root). */
+  CONTROL_DENIED: 18,
 };
 
 export function isErrorCode(code: unknown): code is ErrorCode {

@@ -15,6 +15,7 @@ import { CLI, logLines, startServer, tempDirs, type RunningServer } from './fixt
 import { STRICT } from './fixtures/tools';
 
 const MiB = 1024 * 1024;
+const NOBODY = 65534;
 
 // Every process this file starts inherits it: files the server creates get
 // exactly the mode it asks for.
@@ -31,9 +32,15 @@ function canSwitchUsers(tt: Test): boolean {
   return false;
 }
 
-/** Runs a command as `nobody` (no supplementary groups). */
+/**
+ * Runs a command as `nobody` (no supplementary groups), with a clean
+ * environment: tap's NODE_OPTIONS loaders write where nobody may not.
+ */
 function asNobody(cmd: string, args: string[]): Promise<ExecResult> {
-  return exec('/usr/sbin/runuser', ['-u', 'nobody', '--', cmd, ...args], { timeoutMs: 120_000 });
+  return exec('/usr/sbin/runuser', ['-u', 'nobody', '--', cmd, ...args], {
+    timeoutMs: 120_000,
+    env: { PATH: process.env.PATH ?? '/usr/bin:/bin', LANG: 'C' },
+  });
 }
 
 function cli(args: string[]): Promise<ExecResult> {
@@ -63,6 +70,12 @@ function walk(root: string): { p: string; kind: 'dir' | 'file' | 'socket' | 'oth
   };
   visit(root);
   return out;
+}
+
+async function snapshotNames(img: string): Promise<string[]> {
+  const r = await cli(['snapshot', 'list', img, '--json']);
+  if (r.code !== 0) throw new Error(`snapshot list failed: ${r.stderr}`);
+  return (JSON.parse(r.stdout) as { name: string }[]).map((s) => s.name);
 }
 
 // ---- Defect 5: snapshot stores are private -----------------------------------
@@ -123,4 +136,39 @@ t.test('an IMAGE.nbd/ left loose by an older version is made private when the vo
   );
   const read = await asNobody('/bin/cat', [path.join(meta, 'manifest.json')]);
   t.not(read.code, 0, 'nobody cannot read the manifest');
+});
+
+// ---- Defect 4: the control socket is the server's user's only ----------------
+
+t.test('control socket: private under umask 000, and nobody cannot create a snapshot through it', async (t) => {
+  if (!canSwitchUsers(t)) return;
+  const { img, meta } = await serveShared('nbd-control-');
+  const sock = path.join(meta, 'control.sock');
+  const st = fs.lstatSync(sock);
+  t.ok(st.isSocket(), 'control.sock is a socket');
+  t.equal(st.mode & 0o777, 0o600, 'control.sock: mode 0600');
+  const evil = await asNobody(process.execPath, [CLI, 'snapshot', 'create', img, 'evil']);
+  t.not(evil.code, 0, `nobody's snapshot create fails (${lastLine(evil.stderr)})`);
+  t.notOk((await snapshotNames(img)).includes('evil'), 'no snapshot "evil" exists');
+  const mine = await cli(['snapshot', 'create', img, 'mine']);
+  t.equal(mine.code, 0, `root's snapshot create still works (${lastLine(mine.stderr)})`);
+});
+
+t.test('control socket: a peer of another uid is refused even when the modes let it connect (SO_PEERCRED)', async (t) => {
+  if (!canSwitchUsers(t)) return;
+  const { srv, img, meta } = await serveShared('nbd-peercred-');
+  // Loosen by hand what the server made private, as a careless admin (or a
+  // directory owned by someone else) could: only the credential check remains.
+  fs.chmodSync(meta, 0o711);
+  fs.chmodSync(path.join(meta, 'control.sock'), 0o777);
+  const evil = await asNobody(process.execPath, [CLI, 'snapshot', 'create', img, 'evil']);
+  t.equal(evil.code, 18, `nobody's request is refused: exit 18 (${lastLine(evil.stderr)})`);
+  t.match(lastLine(evil.stderr), /\[CONTROL_DENIED\]$/, 'CONTROL_DENIED');
+  t.notOk((await snapshotNames(img)).includes('evil'), 'no snapshot "evil" exists');
+  t.ok(
+    logLines<{ uid?: number }>(srv).some((l) => l.uid === NOBODY && /refused/.test(l.msg ?? '')),
+    'the server logged the refused peer and its uid',
+  );
+  const mine = await cli(['snapshot', 'create', img, 'mine']);
+  t.equal(mine.code, 0, `root's snapshot create still works (${lastLine(mine.stderr)})`);
 });
