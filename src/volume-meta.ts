@@ -159,9 +159,17 @@ export function snapshotPaths(image: string, id: number): { file: string } {
  * fsynced). NBD_JOURNAL_DIR overrides it. Changing it between runs is safe:
  * a volume's pending journal is found through IMAGE.nbd/journal.state, which
  * records its path (native/core/journal_state.hh).
+ *
+ * The default is per user, /dev/shm/node-nbd-server-<euid>: a name shared
+ * by all users in a world-writable directory could be taken first by any
+ * local user (to refuse us, or to plant a symlink). Whatever the path,
+ * journalDirFor() uses it only if it passes journalDirProblem().
+ * NBD_TEST_SHM_DIR (tests only) replaces /dev/shm in the default.
  */
 export function journalDir(): string {
-  return process.env.NBD_JOURNAL_DIR || '/dev/shm/node-nbd-server';
+  if (process.env.NBD_JOURNAL_DIR) return process.env.NBD_JOURNAL_DIR;
+  const shm = process.env.NBD_TEST_SHM_DIR || '/dev/shm';
+  return path.join(shm, `node-nbd-server-${process.geteuid?.() ?? 0}`);
 }
 
 /** IMAGE.nbd/journal.state: which journal the volume has pending, if any. */
@@ -170,20 +178,49 @@ export function journalStatePath(image: string): string {
 }
 
 /**
- * The directory a new journal of this image goes to: journalDir(), or
- * IMAGE.nbd/ when that cannot be used. Journals are named by a random id
- * that the volume's journal state records, never by the image file's
- * times (which some filesystems do not keep).
+ * Why `dir` must not hold our journals, or '' when it may: it must be a
+ * directory itself (not a symlink to one), owned by this process's euid, and
+ * writable by nobody else. Then no other user can remove, rename or add an
+ * entry in it, so what we create there stays ours (its parent, /dev/shm, is
+ * sticky: only we may rename or remove our directory in it).
  */
-export function journalDirFor(image: string): string {
+export function journalDirProblem(dir: string): string {
+  let st: fs.Stats;
+  try {
+    st = fs.lstatSync(dir);
+  } catch (err) {
+    return `cannot stat it: ${(err as Error).message}`;
+  }
+  if (st.isSymbolicLink()) return 'it is a symbolic link';
+  if (!st.isDirectory()) return 'it is not a directory';
+  const euid = process.geteuid?.() ?? st.uid;
+  if (st.uid !== euid) return `it is owned by uid ${st.uid}, not by this process's user (uid ${euid})`;
+  if (st.mode & 0o022) return `other users may write to it (mode ${(st.mode & 0o777).toString(8)})`;
+  return '';
+}
+
+/**
+ * The directory a new journal of this image goes to: journalDir() (created
+ * 0700 if missing), or IMAGE.nbd/ when it cannot be used: not creatable or
+ * writable, or failing journalDirProblem() (logged: someone else may have
+ * taken the name). Journals are named by a random id that the volume's
+ * journal state records, never by the image file's times (which some
+ * filesystems do not keep).
+ */
+export function journalDirFor(image: string, log?: Logger): string {
   const dir = journalDir();
   try {
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
     fs.accessSync(dir, fs.constants.W_OK);
-    return fs.realpathSync(dir);
   } catch {
     return metaDir(image);
   }
+  const why = journalDirProblem(dir);
+  if (why) {
+    log?.warn({ dir, why, instead: metaDir(image) }, 'journal directory refused (another user may have taken its name): journals go to IMAGE.nbd/');
+    return metaDir(image);
+  }
+  return fs.realpathSync(dir);
 }
 
 export function rollbackJobPath(image: string, jobId: number): string {

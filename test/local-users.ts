@@ -11,11 +11,13 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { exec, type ExecResult } from './fixtures/exec';
 import { writeExport } from './fixtures/export-io';
+import { journalState } from './fixtures/journal';
 import { CLI, logLines, startServer, tempDirs, type RunningServer } from './fixtures/server';
 import { STRICT } from './fixtures/tools';
 
 const MiB = 1024 * 1024;
 const NOBODY = 65534;
+const EUID = process.geteuid?.() ?? 0;
 
 // Every process this file starts inherits it: files the server creates get
 // exactly the mode it asks for.
@@ -171,4 +173,71 @@ t.test('control socket: a peer of another uid is refused even when the modes let
   );
   const mine = await cli(['snapshot', 'create', img, 'mine']);
   t.equal(mine.code, 0, `root's snapshot create still works (${lastLine(mine.stderr)})`);
+});
+
+// ---- Defect 6: the first-write journal directory is per user and verified ----
+
+/**
+ * Serves a fresh image with the journal directory left at its default, under
+ * `shm` (a stand-in for /dev/shm: world-writable and sticky), makes one first
+ * write after a snapshot (which creates the volume's journal) and returns
+ * where the journal went.
+ */
+async function journalWithDefaultDir(tt: Test, shm: string, prefix: string): Promise<{ journal: string; meta: string; srv: RunningServer }> {
+  const dir = makeTempDir(prefix);
+  const srv = await startServer({ dir, size: '4M', env: { NBD_JOURNAL_DIR: '', NBD_TEST_SHM_DIR: shm } });
+  tt.teardown(() => srv.stop());
+  const img = path.join(dir, 'disk.img');
+  const created = await cli(['snapshot', 'create', img, 's1']);
+  tt.equal(created.code, 0, `snapshot create (${lastLine(created.stderr)})`);
+  tt.same(await writeExport(srv.socket, 'disk', [[0, Buffer.alloc(64 * 1024, 1)]]), [0], 'a first write after the snapshot');
+  const st = journalState(img);
+  tt.ok(st, 'journal.state names a journal');
+  return { journal: st?.path ?? '', meta: fs.realpathSync(`${img}.nbd`), srv };
+}
+
+function fakeShm(): string {
+  const shm = makeTempDir('nbd-fake-shm-');
+  fs.chmodSync(shm, 0o1777);
+  return shm;
+}
+
+t.test('journal directory: per user by default, created 0700', async (t) => {
+  if (!canSwitchUsers(t)) return;
+  const shm = fakeShm();
+  const own = path.join(shm, `node-nbd-server-${EUID}`);
+  const { journal } = await journalWithDefaultDir(t, shm, 'nbd-jdir-default-');
+  t.equal(path.dirname(journal), own, `the journal is in ${path.basename(own)}/`);
+  const st = fs.lstatSync(own);
+  t.ok(st.isDirectory(), 'a directory');
+  t.equal(st.uid, EUID, 'owned by the server\'s user');
+  t.equal(st.mode & 0o777, 0o700, 'mode 0700');
+});
+
+t.test('journal directory: a directory planted by nobody at the predictable name is not used', async (t) => {
+  if (!canSwitchUsers(t)) return;
+  const shm = fakeShm();
+  const planted = path.join(shm, `node-nbd-server-${EUID}`);
+  fs.mkdirSync(planted, { mode: 0o777 });
+  fs.chownSync(planted, NOBODY, NOBODY);
+  const { journal, meta, srv } = await journalWithDefaultDir(t, shm, 'nbd-jdir-planted-');
+  t.equal(path.dirname(journal), meta, 'the journal went to IMAGE.nbd/ instead');
+  t.same(fs.readdirSync(planted), [], 'nothing was written in the planted directory');
+  t.ok(
+    logLines<{ dir?: string }>(srv).some((l) => l.dir === planted && /journal directory refused/.test(l.msg ?? '')),
+    'the server logged why it refused the directory',
+  );
+});
+
+t.test('journal directory: a symlink planted at the predictable name is not followed', async (t) => {
+  if (!canSwitchUsers(t)) return;
+  const shm = fakeShm();
+  const target = makeTempDir('nbd-jdir-target-'); // root's own 0700 directory: a place we could write
+  const planted = path.join(shm, `node-nbd-server-${EUID}`);
+  fs.symlinkSync(target, planted);
+  fs.lchownSync(planted, NOBODY, NOBODY);
+  const { journal, meta } = await journalWithDefaultDir(t, shm, 'nbd-jdir-symlink-');
+  t.equal(path.dirname(journal), meta, 'the journal went to IMAGE.nbd/ instead');
+  t.same(fs.readdirSync(target), [], 'nothing was written where the symlink points');
+  t.ok(fs.lstatSync(planted).isSymbolicLink(), 'the symlink is left as it was');
 });
