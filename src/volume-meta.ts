@@ -102,7 +102,7 @@ export function metaDir(image: string): string {
  * directory is 0700 and ours, no other user can swap an entry between our
  * lstat and chmod. One owned by another user is left alone (its owner
  * controls the volume's metadata either way; the control socket still checks
- * its peers, src/control.ts) and logged.
+ * its peers, src/control.ts) and logged as a warning.
  */
 export function ensureMetaDir(image: string, log?: Logger): string {
   const dir = metaDir(image);
@@ -139,7 +139,8 @@ export function ensureMetaDir(image: string, log?: Logger): string {
     tightened.push(`${n} ${(fst.mode & 0o777).toString(8)}`);
   }
   if (tightened.length) {
-    log?.warn({ dir, was: tightened }, 'volume metadata was readable by other users (older version or loose umask): made private (0700/0600)');
+    // info, not warn: fixed for good, and offline commands (which log warnings on stderr) stay quiet about it.
+    log?.info({ dir, was: tightened }, 'volume metadata was readable by other users (older version or loose umask): made private (0700/0600)');
   }
   return dir;
 }

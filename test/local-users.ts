@@ -126,7 +126,7 @@ t.test('an IMAGE.nbd/ left loose by an older version is made private when the vo
   // What an earlier version left: a world-readable directory and files.
   fs.chmodSync(meta, 0o755);
   for (const n of fs.readdirSync(meta)) fs.chmodSync(path.join(meta, n), 0o644);
-  const srv = await startServer({ dir, size: '4M' });
+  const srv = await startServer({ dir, size: '4M', args: ['--log-level', 'info'] });
   t.teardown(() => srv.stop());
   for (const e of walk(meta)) {
     if (e.kind === 'dir') t.equal(e.mode, 0o700, `${path.relative(dir, e.p)}/: tightened to 0700`);
