@@ -82,6 +82,8 @@ async function handle(v: Volume, req: ControlRequest): Promise<unknown> {
  * Refusals are logged with the peer's uid, gid and pid.
  */
 function allowedPeer(sock: net.Socket, clog: Logger): boolean {
+  // Node exposes a connection's descriptor only as its handle's `fd` (a
+  // Pipe handle on Unix); should that ever go away, every peer is refused.
   const fd = (sock as unknown as { _handle?: { fd?: number } })._handle?.fd;
   let cred: { pid: number; uid: number; gid: number };
   try {
@@ -153,8 +155,8 @@ export function serveControl(v: Volume, log: Logger): Promise<() => Promise<void
     }
     server.once('error', reject);
     server.listen(file, () => {
-      // Runs before the first connection is accepted (connections wait for
-      // the next turn of the event loop). IMAGE.nbd/ is 0700, so no other
+      // Runs before the first connection is accepted: 'listening' is emitted
+      // on process.nextTick, accepts come from a later turn of the event loop. IMAGE.nbd/ is 0700, so no other
       // user could reach the socket in the moment it had the umask's mode.
       try {
         fs.chmodSync(file, 0o600);
