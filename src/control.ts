@@ -5,10 +5,23 @@
 //   <- {"ok":true,"result":{...}}  or  {"ok":false,"code":"SNAPSHOT_EXISTS","message":"..."}
 // Requests are handled on the main JS thread; slow work inside them runs on
 // native threads and is awaited.
+//
+// Who may call: the server's own user and root, nobody else (a request can
+// create, delete and roll back snapshots). Two independent gates:
+//   - modes: the socket is chmod'ed 0600 as soon as it is bound, before the
+//     first accept, inside IMAGE.nbd/ which is 0700 and ours
+//     (ensureMetaDir, src/volume-meta.ts), so under any umask no other user
+//     can even reach it;
+//   - credentials: every accepted connection's SO_PEERCRED uid (recorded by
+//     the kernel at connect, not forgeable) must be our euid or 0, else the
+//     peer gets one CONTROL_DENIED line and is closed, logged. This holds
+//     when the modes do not (an IMAGE.nbd/ owned by someone else, or loosened
+//     by hand).
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import { isErrorCode, NbdError, type ErrorCode } from './errors';
 import type { Logger } from './logger';
+import { native } from './native';
 import { parseAutoRollback } from './policies';
 import type { Volume } from './volume';
 import { controlSocketPath } from './volume-meta';
@@ -63,11 +76,46 @@ async function handle(v: Volume, req: ControlRequest): Promise<unknown> {
   }
 }
 
+/**
+ * Whether the peer may use the control socket: its SO_PEERCRED uid is our
+ * euid or root. Fails closed: no descriptor or no SO_PEERCRED is a refusal.
+ * Refusals are logged with the peer's uid, gid and pid.
+ */
+function allowedPeer(sock: net.Socket, clog: Logger): boolean {
+  // Node exposes a connection's descriptor only as its handle's `fd` (a
+  // Pipe handle on Unix); should that ever go away, every peer is refused.
+  const fd = (sock as unknown as { _handle?: { fd?: number } })._handle?.fd;
+  let cred: { pid: number; uid: number; gid: number };
+  try {
+    if (typeof fd !== 'number' || fd < 0) throw new Error('no descriptor for the connection');
+    cred = native.peerCredentials(fd);
+  } catch (err) {
+    clog.warn({ err: (err as Error).message }, 'control connection refused: its credentials cannot be read');
+    return false;
+  }
+  const euid = process.geteuid?.() ?? 0;
+  if (cred.uid === euid || cred.uid === 0) return true;
+  clog.warn({ uid: cred.uid, gid: cred.gid, peerPid: cred.pid }, 'control connection refused: another user than the server\'s (or root)');
+  return false;
+}
+
 /** Serves the control socket of one volume; returns a closer. */
 export function serveControl(v: Volume, log: Logger): Promise<() => Promise<void>> {
   const file = controlSocketPath(v.image);
   const clog = log.child({ component: 'control', volume: v.exportName });
   const server = net.createServer((sock) => {
+    if (!allowedPeer(sock, clog)) {
+      // One refusal line, then closed. Its input is read and dropped, so its
+      // end of stream is seen and the socket closes (closing with unread input
+      // would reset the peer before it reads the line); one that stays
+      // connected is cut off: a refused peer holds nothing open.
+      sock.on('error', () => undefined);
+      sock.setTimeout(10_000, () => sock.destroy());
+      sock.resume();
+      const message = `the server serving ${v.image} accepts control requests only from its own user and root`;
+      sock.end(JSON.stringify({ ok: false, code: 'CONTROL_DENIED', message }) + '\n');
+      return;
+    }
     let buf = '';
     sock.setEncoding('utf8');
     sock.on('data', (d: string) => {
@@ -107,6 +155,16 @@ export function serveControl(v: Volume, log: Logger): Promise<() => Promise<void
     }
     server.once('error', reject);
     server.listen(file, () => {
+      // Runs before the first connection is accepted: 'listening' is emitted
+      // on process.nextTick, accepts come from a later turn of the event loop. IMAGE.nbd/ is 0700, so no other
+      // user could reach the socket in the moment it had the umask's mode.
+      try {
+        fs.chmodSync(file, 0o600);
+      } catch (err) {
+        server.close();
+        reject(err);
+        return;
+      }
       resolve(
         () =>
           new Promise<void>((r) => {

@@ -50,7 +50,8 @@ export type ErrorCode =
   | 'BACKUP_SOURCE_FAILED'
   | 'BACKUP_ABORTED'
   | 'NBD_CONNECT_FAILED'
-  | 'NBD_IO_ERROR';
+  | 'NBD_IO_ERROR'
+  | 'CONTROL_DENIED';
 
 export class NbdError extends Error {
   readonly code: ErrorCode;
@@ -131,6 +132,8 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   NBD_CONNECT_FAILED: 30,
   /** An NBD source or target answered a request with an error, or dropped the connection. */
   NBD_IO_ERROR: 31,
+  /** The control socket refused the caller: another user than the server's (or root). */
+  CONTROL_DENIED: 18,
 };
 
 export function isErrorCode(code: unknown): code is ErrorCode {

@@ -43,7 +43,7 @@ export function historyPath(image: string): string {
 
 export function appendHistory(image: string, entry: HistoryEntry): void {
   const file = historyPath(image);
-  const fd = fs.openSync(file, 'a', 0o644);
+  const fd = fs.openSync(file, 'a', 0o600); // private, as all of IMAGE.nbd/ (src/volume-meta.ts)
   try {
     fs.writeSync(fd, JSON.stringify(entry) + '\n');
     fs.fsyncSync(fd);

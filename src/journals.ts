@@ -13,7 +13,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { NbdError } from './errors';
 import { native } from './native';
-import { journalDir, journalStatePath, lockVolume } from './volume-meta';
+import { journalDir, journalDirProblem, journalStatePath, lockVolume } from './volume-meta';
 
 export interface OrphanJournal {
   path: string;
@@ -84,6 +84,7 @@ function samePath(a: string, b: string): boolean {
  */
 export function removeOwnOrphans(image: string, dir = journalDir()): string[] {
   const removed: string[] = [];
+  if (journalDirProblem(dir)) return removed; // not ours (journalDirFor did not use it): delete nothing there
   let own: string;
   try {
     own = fs.realpathSync(image);

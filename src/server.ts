@@ -142,7 +142,7 @@ export class NbdServer extends EventEmitter {
         snapshots: vol?.snapshots,
         rollbackJob: vol?.rollbackJob,
         journalState: vol ? journalStatePath(prepared.path) : undefined,
-        journalDir: vol && !prepared.readOnly ? journalDirFor(prepared.path) : undefined,
+        journalDir: vol && !prepared.readOnly ? journalDirFor(prepared.path, this.log) : undefined,
         journalSize: vol ? (this.cowJournal ?? defaultCowJournal(vol.manifest.size)) : undefined,
       });
     } catch (err) {

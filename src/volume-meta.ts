@@ -13,11 +13,18 @@
 //   lock            flock'ed by the process that owns the volume (see lockVolume);
 //                   holds its PID for messages only
 //   control.sock    the serving server's control socket
+//
+// Modes: IMAGE.nbd/ is 0700 and everything in it 0600, whatever the umask and
+// whatever the image's own mode (ensureMetaDir): the snapshot stores hold the
+// disk's old data and the control socket changes the volume, so nobody but
+// the server's user (and root) may read or use any of it. An IMAGE.nbd/ an
+// older version left looser is made private when the volume is locked.
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { NbdError } from './errors';
+import type { Logger } from './logger';
 import { native } from './native';
 
 export const MANIFEST_FORMAT = 'node-nbd-server-volume';
@@ -85,6 +92,59 @@ export function metaDir(image: string): string {
   return `${real}.nbd`;
 }
 
+/**
+ * Makes IMAGE.nbd/ exist and be private; returns its path. A new one is
+ * created 0700 (a umask only removes bits, so the mode holds under any
+ * umask). An existing one that we own and that others may enter (made by an
+ * older version, or under a loose umask) is chmod'ed 0700 first, then the
+ * regular files we own in it 0600; `log` hears what was tightened. Symbolic
+ * links and entries owned by someone else are never changed: once the
+ * directory is 0700 and ours, no other user can swap an entry between our
+ * lstat and chmod. One owned by another user is left alone (its owner
+ * controls the volume's metadata either way; the control socket still checks
+ * its peers, src/control.ts) and logged as a warning.
+ */
+export function ensureMetaDir(image: string, log?: Logger): string {
+  const dir = metaDir(image);
+  if (fs.mkdirSync(dir, { recursive: true, mode: 0o700 }) !== undefined) return dir; // created now: 0700
+  let st: fs.Stats;
+  try {
+    st = fs.lstatSync(dir);
+  } catch {
+    return dir; // removed meanwhile: the caller's next step reports it
+  }
+  // A symlink was put there on purpose by whoever may write the image's directory (its
+  // target's modes are theirs to choose); a file makes the lock fail.
+  if (!st.isDirectory()) return dir;
+  const euid = process.geteuid?.() ?? st.uid;
+  if (st.uid !== euid) {
+    log?.warn({ dir, owner: st.uid }, 'volume metadata directory is owned by another user: its modes are left as they are');
+    return dir;
+  }
+  const tightened: string[] = [];
+  if (st.mode & 0o077) {
+    fs.chmodSync(dir, 0o700);
+    tightened.push(`${path.basename(dir)}/ ${(st.mode & 0o777).toString(8)}`);
+  }
+  for (const n of fs.readdirSync(dir)) {
+    const f = path.join(dir, n);
+    let fst: fs.Stats;
+    try {
+      fst = fs.lstatSync(f);
+    } catch {
+      continue;
+    }
+    if (!fst.isFile() || fst.uid !== euid || !(fst.mode & 0o077)) continue;
+    fs.chmodSync(f, 0o600);
+    tightened.push(`${n} ${(fst.mode & 0o777).toString(8)}`);
+  }
+  if (tightened.length) {
+    // info, not warn: fixed for good, and offline commands (which log warnings on stderr) stay quiet about it.
+    log?.info({ dir, was: tightened }, 'volume metadata was readable by other users (older version or loose umask): made private (0700/0600)');
+  }
+  return dir;
+}
+
 export function controlSocketPath(image: string): string {
   return path.join(metaDir(image), 'control.sock');
 }
@@ -100,9 +160,17 @@ export function snapshotPaths(image: string, id: number): { file: string } {
  * fsynced). NBD_JOURNAL_DIR overrides it. Changing it between runs is safe:
  * a volume's pending journal is found through IMAGE.nbd/journal.state, which
  * records its path (native/core/journal_state.hh).
+ *
+ * The default is per user, /dev/shm/node-nbd-server-<euid>: a name shared
+ * by all users in a world-writable directory could be taken first by any
+ * local user (to refuse us, or to plant a symlink). Whatever the path,
+ * journalDirFor() uses it only if it passes journalDirProblem().
+ * NBD_TEST_SHM_DIR (tests only) replaces /dev/shm in the default.
  */
 export function journalDir(): string {
-  return process.env.NBD_JOURNAL_DIR || '/dev/shm/node-nbd-server';
+  if (process.env.NBD_JOURNAL_DIR) return process.env.NBD_JOURNAL_DIR;
+  const shm = process.env.NBD_TEST_SHM_DIR || '/dev/shm';
+  return path.join(shm, `node-nbd-server-${process.geteuid?.() ?? 0}`);
 }
 
 /** IMAGE.nbd/journal.state: which journal the volume has pending, if any. */
@@ -111,20 +179,49 @@ export function journalStatePath(image: string): string {
 }
 
 /**
- * The directory a new journal of this image goes to: journalDir(), or
- * IMAGE.nbd/ when that cannot be used. Journals are named by a random id
- * that the volume's journal state records, never by the image file's
- * times (which some filesystems do not keep).
+ * Why `dir` must not hold our journals, or '' when it may: it must be a
+ * directory itself (not a symlink to one), owned by this process's euid, and
+ * writable by nobody else. Then no other user can remove, rename or add an
+ * entry in it, so what we create there stays ours (its parent, /dev/shm, is
+ * sticky: only we may rename or remove our directory in it).
  */
-export function journalDirFor(image: string): string {
+export function journalDirProblem(dir: string): string {
+  let st: fs.Stats;
+  try {
+    st = fs.lstatSync(dir);
+  } catch (err) {
+    return `cannot stat it: ${(err as Error).message}`;
+  }
+  if (st.isSymbolicLink()) return 'it is a symbolic link';
+  if (!st.isDirectory()) return 'it is not a directory';
+  const euid = process.geteuid?.() ?? st.uid;
+  if (st.uid !== euid) return `it is owned by uid ${st.uid}, not by this process's user (uid ${euid})`;
+  if (st.mode & 0o022) return `other users may write to it (mode ${(st.mode & 0o777).toString(8)})`;
+  return '';
+}
+
+/**
+ * The directory a new journal of this image goes to: journalDir() (created
+ * 0700 if missing), or IMAGE.nbd/ when it cannot be used: not creatable or
+ * writable, or failing journalDirProblem() (logged: someone else may have
+ * taken the name). Journals are named by a random id that the volume's
+ * journal state records, never by the image file's times (which some
+ * filesystems do not keep).
+ */
+export function journalDirFor(image: string, log?: Logger): string {
   const dir = journalDir();
   try {
     fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
     fs.accessSync(dir, fs.constants.W_OK);
-    return fs.realpathSync(dir);
   } catch {
     return metaDir(image);
   }
+  const why = journalDirProblem(dir);
+  if (why) {
+    log?.warn({ dir, why, instead: metaDir(image) }, 'journal directory refused (another user may have taken its name): journals go to IMAGE.nbd/');
+    return metaDir(image);
+  }
+  return fs.realpathSync(dir);
 }
 
 export function rollbackJobPath(image: string, jobId: number): string {
@@ -165,11 +262,11 @@ export function readManifest(image: string): Manifest | null {
 
 export function writeManifest(image: string, m: Manifest): void {
   const dir = metaDir(image);
-  fs.mkdirSync(dir, { recursive: true });
+  fs.mkdirSync(dir, { recursive: true, mode: 0o700 }); // normally there already: the volume lock is in it
   const file = path.join(dir, 'manifest.json');
   const tmp = `${file}.tmp-${process.pid}`;
   try {
-    const fd = fs.openSync(tmp, 'w', 0o644);
+    const fd = fs.openSync(tmp, 'w', 0o600);
     try {
       fs.writeSync(fd, JSON.stringify({ manifest: m, sha256: digest(m) }, null, 2) + '\n');
       fs.fsyncSync(fd);
@@ -243,10 +340,10 @@ export function validateSnapshotName(name: string): void {
  * created. Returns the unlock function (idempotent), which removes the lock
  * file while still holding it, then IMAGE.nbd/ if it is left empty.
  */
-export function lockVolume(image: string): () => void {
+export function lockVolume(image: string, log?: Logger): () => void {
   const dir = metaDir(image);
   const file = path.join(dir, 'lock');
-  const lockFd = lockMetaFile(dir, file, image);
+  const lockFd = lockMetaFile(dir, file, image, log);
   let imageFd: number;
   try {
     imageFd = native.lockFile(image, 'existing');
@@ -263,9 +360,9 @@ export function lockVolume(image: string): () => void {
   };
 }
 
-function lockMetaFile(dir: string, file: string, image: string): number {
+function lockMetaFile(dir: string, file: string, image: string, log?: Logger): number {
   for (let attempt = 0; ; attempt++) {
-    fs.mkdirSync(dir, { recursive: true });
+    ensureMetaDir(image, log);
     let fd: number;
     try {
       fd = native.lockFile(file, 'lock-file');

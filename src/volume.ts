@@ -98,7 +98,7 @@ export class Volume {
    * Returns the settings addExport needs; call open() once the export exists.
    */
   static prepare(image: string, size: number, chunkSize: number | undefined, log: Logger, readOnly = false): PreparedVolume {
-    const unlock = lockVolume(image);
+    const unlock = lockVolume(image, log);
     try {
       let m = readManifest(image);
       if (!m) m = newManifest(size, chunkSize);

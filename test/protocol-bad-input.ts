@@ -432,6 +432,58 @@ t.test('other option misuse: data on LIST/STRUCTURED_REPLY, unknown EXPORT_NAME,
   await checkHealthy(t);
 });
 
+// Issue 15, defect 8: zero-length strings at the very end of an option made
+// the parser take &b[size] (undefined behaviour; a build with
+// -D_GLIBCXX_ASSERTIONS, as binding.gyp now builds by default, aborted the
+// whole server on these bytes).
+t.test('empty strings at the end of an option: proper replies, no crash', async (t) => {
+  const u32 = (v: number) => {
+    const b = Buffer.alloc(4);
+    b.writeUInt32BE(v >>> 0);
+    return b;
+  };
+  // The exact 20 bytes of the report: client flags, then NBD_OPT_GO with no payload.
+  const raw = await RawClient.connect(srv.socket);
+  await raw.readGreeting();
+  await raw.send(Buffer.from('0000000349484156454f50540000000700000000', 'hex'));
+  const go = await raw.readOptionReplies();
+  t.equal(go.length, 1, 'empty NBD_OPT_GO: one reply');
+  t.equal(go[0]!.type, NBD.REP_ERR_INVALID, 'empty NBD_OPT_GO: NBD_REP_ERR_INVALID');
+  const info = await raw.option(NBD.OPT_INFO, u32(0));
+  t.equal(info.at(-1)!.type, NBD.REP_ERR_INVALID, 'NBD_OPT_INFO with payload 00000000: NBD_REP_ERR_INVALID');
+  const sr = await raw.option(NBD.OPT_STRUCTURED_REPLY);
+  t.equal(sr.at(-1)!.type, NBD.REP_ACK, 'STRUCTURED_REPLY acked');
+  raw.structured = true;
+  for (const [what, opt] of [
+    ['LIST_META_CONTEXT', NBD.OPT_LIST_META_CONTEXT],
+    ['SET_META_CONTEXT', NBD.OPT_SET_META_CONTEXT],
+  ] as const) {
+    const r = await raw.option(opt, RawClient.metaPayload('disk', ['']));
+    t.equal(r.at(-1)!.type, NBD.REP_ACK, `${what} whose last query is empty: NBD_REP_ACK`);
+    t.notOk(r.some((x) => x.type === NBD.REP_META_CONTEXT), `${what}: an empty query selects no context`);
+  }
+  await raw.go('disk', { skipHandshake: true });
+  await expectUsable(t, raw, 'after empty strings');
+  await raw.disconnect();
+  t.ok(isAlive(pid), 'server process is alive');
+  await checkHealthy(t);
+});
+
+// Issue 15, defect 7: NBD_OPT_EXPORT_NAME has no error reply, so an oversized
+// name must close the connection (as nbdkit and qemu-nbd do); an option reply
+// would be read by an old client as an export size.
+t.test('NBD_OPT_EXPORT_NAME over 64 KiB: closed without a reply', async (t) => {
+  const c = await RawClient.connect(srv.socket);
+  await c.handshake();
+  await c.sendOption(NBD.OPT_EXPORT_NAME, Buffer.alloc(65 * 1024, 0x61)).catch(() => {});
+  await expectClosed(t, c, 'EXPORT_NAME of 65 KiB');
+  t.equal(c.available, 0, 'the server sent nothing after the greeting');
+  const d = await fresh();
+  await expectUsable(t, d, 'another client after the oversized EXPORT_NAME');
+  await d.disconnect();
+  await checkHealthy(t);
+});
+
 t.test('structured READ chunks: DF gives one content chunk, chunks never overlap', async (t) => {
   const c = await fresh({ blockStatus: true });
   // 64 KiB of data followed by 1 MiB that was never written (a hole).

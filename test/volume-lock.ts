@@ -17,6 +17,7 @@ import { exec, type ExecResult } from './fixtures/exec';
 import { LockChild } from './fixtures/lock-child';
 import { isAlive } from './fixtures/proc';
 import { CLI, tempDirs, startServer } from './fixtures/server';
+import { STRICT } from './fixtures/tools';
 import { lockVolume } from '../src/volume-meta';
 
 const MiB = 1024 * 1024;
@@ -256,4 +257,42 @@ t.test('the lock file is mode 0600 under umask 000, and a symlink in its place i
   t.match(lastLine(r.stderr), /\[METADATA_CORRUPT\]$/, 'METADATA_CORRUPT');
   t.equal(fs.readFileSync(target, 'utf8'), 'precious\n', 'the symlink target is unchanged');
   t.ok(fs.lstatSync(path.join(meta, 'lock')).isSymbolicLink(), 'the symlink is left for the owner to inspect');
+});
+
+// Issue 15, defect 6: the PID-file implementation kept a second lock per
+// inode in TMPDIR/node-nbd-server-locks (/tmp by default), a name any local
+// user could take first. Nothing uses it any more: a directory and lock
+// planted there by another user (nobody), naming a live process, and a
+// symlink planted in place of the lock, change nothing.
+t.test('a lock planted by another user at the old shared /tmp path has no effect', async (t) => {
+  if (process.getuid?.() !== 0) {
+    if (STRICT) t.fail('needs root to plant files owned by nobody; NBD_STRICT_TESTS=1 forbids skipping');
+    else t.plan(0, 'SKIP needs root to plant files owned by nobody');
+    return;
+  }
+  const { dir, img, env, tmp } = setup('nbd-lock-planted-');
+  const planted = legacyInodeLock(tmp, img);
+  fs.mkdirSync(path.dirname(planted), { mode: 0o777 });
+  fs.chownSync(path.dirname(planted), 65534, 65534);
+  fs.writeFileSync(planted, `${process.pid}\n`); // a live PID
+  fs.chownSync(planted, 65534, 65534);
+  const victim = path.join(dir, 'victim');
+  fs.writeFileSync(victim, 'precious\n');
+  const st = fs.statSync(img);
+  const link = path.join(path.dirname(planted), `${st.dev}-${st.ino}.lock.tmp`);
+  fs.symlinkSync(victim, link);
+  const before = fs.readdirSync(path.dirname(planted)).sort();
+  const srv = await startServer({ dir, env });
+  try {
+    const r = await cli(['snapshot', 'create', img, 's1'], env);
+    t.equal(r.code, 0, `served, and snapshot create works (${lastLine(r.stderr)})`);
+  } finally {
+    await srv.stop();
+  }
+  const offline = await cli(['snapshot', 'list', img], env);
+  t.equal(offline.code, 0, `an offline command works too (${lastLine(offline.stderr)})`);
+  t.same(fs.readdirSync(path.dirname(planted)).sort(), before, 'the planted directory is untouched');
+  t.equal(fs.readFileSync(planted, 'utf8'), `${process.pid}\n`, 'the planted lock is untouched');
+  t.equal(fs.readFileSync(victim, 'utf8'), 'precious\n', 'the symlink target is untouched');
+  t.same(fs.readdirSync(tmp), ['node-nbd-server-locks'], 'nothing else in TMPDIR');
 });

@@ -1,8 +1,10 @@
 // binding.cc — module entry point: registers NativeServer and the plain
-// functions (detachDevice, lockFile, unlockFile, and the journal's: see
-// journal_functions.cc).
+// functions (detachDevice, lockFile, unlockFile, peerCredentials, and the
+// journal's: see journal_functions.cc).
 #include <napi.h>
+#include <sys/socket.h>
 
+#include <cerrno>
 #include <cstring>
 
 #include "../core/file_lock.hh"
@@ -48,6 +50,29 @@ Napi::Value UnlockFile(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// peerCredentials(fd) -> {pid, uid, gid}: SO_PEERCRED of a connected unix
+// socket, i.e. who the peer was when it connected (the kernel records it;
+// the peer cannot forge it). Node has no API for it; the control socket
+// (src/control.ts) uses it to serve only its own user and root. Errors carry
+// code CONTROL_FAILED and the errno.
+Napi::Value PeerCredentials(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsNumber()) throw Napi::TypeError::New(env, "peerCredentials(fd) needs a descriptor");
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  if (fd < 0) throw Napi::RangeError::New(env, "bad descriptor");
+  struct ucred cred{};
+  socklen_t len = sizeof cred;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || len != sizeof cred) {
+    int e = errno ? errno : EINVAL;
+    throw nbd::binding::coded_error(env, "CONTROL_FAILED", std::string("SO_PEERCRED: ") + strerror(e), e);
+  }
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("pid", Napi::Number::New(env, cred.pid));
+  o.Set("uid", Napi::Number::New(env, cred.uid));
+  o.Set("gid", Napi::Number::New(env, cred.gid));
+  return o;
+}
+
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeServer", nbd::binding::ServerWrap::Init(env));
   exports.Set("abiVersion", Napi::Number::New(env, 1));
@@ -61,6 +86,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   nbd::binding::register_journal_functions(env, exports);
   exports.Set("lockFile", Napi::Function::New(env, LockFile));
   exports.Set("unlockFile", Napi::Function::New(env, UnlockFile));
+  exports.Set("peerCredentials", Napi::Function::New(env, PeerCredentials));
   return exports;
 }
 }  // namespace

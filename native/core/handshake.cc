@@ -4,9 +4,11 @@
 // exists for the connection. Every length read from the client is checked
 // before it is used: option payloads above kMaxOptionLength are drained and
 // refused with NBD_REP_ERR_TOO_BIG, above kHardMaxOptionLength the client is
-// disconnected (nothing legitimate is that large). Strings inside options are
-// bounds-checked against the option length; a mismatch is NBD_REP_ERR_INVALID
-// and negotiation continues. Unknown options get NBD_REP_ERR_UNSUP.
+// disconnected (nothing legitimate is that large). NBD_OPT_EXPORT_NAME has no
+// error reply, so an oversized one is drained and the connection closed.
+// Strings inside options are bounds-checked against the option length; a
+// mismatch is NBD_REP_ERR_INVALID and negotiation continues. Unknown options
+// get NBD_REP_ERR_UNSUP.
 #include "handshake.hh"
 
 #include <cstring>
@@ -43,21 +45,26 @@ struct Negotiator {
   }
 
   // A cursor over an option payload that refuses to read past its end.
+  // Invariant: pos <= b.size(), so b.size() - pos never wraps. Bytes are
+  // reached through b.data() + pos, and only after the length check: never
+  // b[pos], which is undefined (and aborts under -D_GLIBCXX_ASSERTIONS) when
+  // pos == b.size(), as it is for an empty string at the end of an option.
   struct Cursor {
     const Bytes& b;
     size_t pos = 0;
     bool ok = true;
     uint32_t u32() {
       if (b.size() - pos < 4) { ok = false; return 0; }
-      uint32_t v = load_be32(&b[pos]); pos += 4; return v;
+      uint32_t v = load_be32(b.data() + pos); pos += 4; return v;
     }
     uint16_t u16() {
       if (b.size() - pos < 2) { ok = false; return 0; }
-      uint16_t v = load_be16(&b[pos]); pos += 2; return v;
+      uint16_t v = load_be16(b.data() + pos); pos += 2; return v;
     }
     std::string str(uint32_t len) {
       if (len > kMaxStringLength || b.size() - pos < len) { ok = false; return {}; }
-      std::string s(reinterpret_cast<const char*>(&b[pos]), len); pos += len; return s;
+      if (len == 0) return {};  // b.data() may be null for an empty payload
+      std::string s(reinterpret_cast<const char*>(b.data() + pos), len); pos += len; return s;
     }
     bool done() const { return pos == b.size(); }
   };
@@ -260,6 +267,11 @@ HandshakeResult run_handshake(int fd, SocketReader& reader, const HandshakeConfi
       return {HandshakeOutcome::kRejected, "option length " + std::to_string(len) + " is absurd"};
     if (len > kMaxOptionLength) {
       if (reader.discard(len)) return {HandshakeOutcome::kClosed, {}};
+      // NBD_OPT_EXPORT_NAME has no error reply (an old client would read
+      // one as the export size): close, as nbdkit and qemu-nbd do. Drained
+      // first, so the client sees a clean end of stream, not a reset.
+      if (option == kOptExportName)
+        return {HandshakeOutcome::kRejected, "NBD_OPT_EXPORT_NAME of " + std::to_string(len) + " bytes is too long"};
       if (n.reply_error(option, kRepErrTooBig, "option data too large")) return {HandshakeOutcome::kClosed, {}};
       continue;
     }

@@ -55,7 +55,7 @@ std::unique_ptr<MergeJob> MergeJob::create(const std::string& path, uint64_t sna
                                            uint32_t chunk_size, std::unique_ptr<Bitmap> pending, std::string& err) {
   std::unique_ptr<MergeJob> j(new MergeJob(snapshot_id, volume_size, chunk_size, std::move(pending)));
   j->total_ = j->remaining_ = j->pending_->count();
-  j->fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  j->fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);  // private, as all of IMAGE.nbd/
   if (j->fd_ < 0) { err = errstr("create " + path, errno); return nullptr; }
   uint8_t h[kHeaderSize] = {};
   std::memcpy(h, kMagic, 8);

@@ -97,7 +97,8 @@ uint64_t SnapshotStore::chunk_len(uint64_t c) const {
 std::unique_ptr<SnapshotStore> SnapshotStore::create(uint64_t id, const std::string& path, uint64_t volume_size,
                                                      uint32_t chunk_size, std::string& err) {
   std::unique_ptr<SnapshotStore> s(new SnapshotStore(id, volume_size, chunk_size));
-  s->fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+  // 0600: a store holds the disk's old data, private to the server's user (src/volume-meta.ts).
+  s->fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (s->fd_ < 0) { err = errstr("create " + path, errno); return nullptr; }
   uint8_t h[kHeaderSize] = {};
   std::memcpy(h, kMagic, 8);

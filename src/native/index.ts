@@ -218,6 +218,8 @@ interface NativeModule {
   lockFile(path: string, kind: 'lock-file' | 'existing'): number;
   /** Unlinks `unlinkPath` if it still names the locked file, then closes `fd` (releasing the lock). */
   unlockFile(fd: number, unlinkPath?: string): void;
+  /** SO_PEERCRED of a connected unix socket: who connected (CONTROL_FAILED with `errno` on failure). */
+  peerCredentials(fd: number): { pid: number; uid: number; gid: number };
 }
 
 function load(): NativeModule {
