@@ -14,6 +14,7 @@ import { writeExport } from './fixtures/export-io';
 import { journalState } from './fixtures/journal';
 import { CLI, logLines, startServer, tempDirs, type RunningServer } from './fixtures/server';
 import { STRICT } from './fixtures/tools';
+import { lastLine } from './fixtures/cli-expect';
 
 const MiB = 1024 * 1024;
 const NOBODY = 65534;
@@ -49,7 +50,6 @@ function cli(args: string[]): Promise<ExecResult> {
   return exec(process.execPath, [CLI, ...args], { timeoutMs: 120_000 });
 }
 
-const lastLine = (s: string) => s.trim().split('\n').at(-1) ?? '';
 
 /** A served 4 MiB image in a fresh directory that every user may enter (0755), as a shared images directory is. */
 async function serveShared(prefix: string, args: string[] = []): Promise<{ srv: RunningServer; img: string; meta: string }> {
@@ -165,7 +165,7 @@ t.test('control socket: a peer of another uid is refused even when the modes let
   fs.chmodSync(path.join(meta, 'control.sock'), 0o777);
   const evil = await asNobody(process.execPath, [CLI, 'snapshot', 'create', img, 'evil']);
   t.equal(evil.code, 18, `nobody's request is refused: exit 18 (${lastLine(evil.stderr)})`);
-  t.match(lastLine(evil.stderr), /\[CONTROL_DENIED\]$/, 'CONTROL_DENIED');
+  t.match(lastLine(evil.stderr), /\[CONTROL_DENIED\]$/, `CONTROL_DENIED is the last stderr line (stderr: ${JSON.stringify(evil.stderr.slice(-400))})`);
   t.notOk((await snapshotNames(img)).includes('evil'), 'no snapshot "evil" exists');
   t.ok(
     logLines<{ uid?: number }>(srv).some((l) => l.uid === NOBODY && /refused/.test(l.msg ?? '')),
