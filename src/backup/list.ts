@@ -1,18 +1,10 @@
 // list(): the finished backups of a repository (those with a manifest),
 // oldest first, as plain records for `backup list [--json]`.
-import type { BackupStats } from './manifest';
+import type { Manifest } from './manifest';
 import type { Repository } from './repository';
 
-export interface BackupListEntry {
-  id: string;
-  parent: string | null;
-  time: string;
-  volume: string;
-  snapshot: string | null;
-  size: number;
-  chunkSize: number;
-  stats: BackupStats;
-}
+/** A manifest's fields a listing shows (the manifest less its format version and index reference). */
+export type BackupListEntry = Pick<Manifest, 'id' | 'parent' | 'time' | 'volume' | 'snapshot' | 'size' | 'chunkSize' | 'stats'>;
 
 export async function listBackups(repo: Repository): Promise<BackupListEntry[]> {
   return (await repo.listManifests()).map((m) => ({

@@ -4,7 +4,7 @@
 // connection. This is the seam the CLI uses until change maps come from the
 // addon directly; the qemu:dirty-bitmap meta context can feed `runs` too.
 import { NbdClient } from './nbd-client';
-import type { ChunkRun, ChunkSource } from './source';
+import { givenRuns, type ChunkRun, type ChunkSource } from './source';
 
 export interface NbdSourceOptions {
   chunkSize: number;
@@ -37,16 +37,8 @@ export class NbdChunkSource implements ChunkSource {
     return new NbdChunkSource(await NbdClient.connect(uri), opts);
   }
 
-  async *changedRuns(): AsyncIterable<ChunkRun> {
-    const count = Math.ceil(this.size / this.chunkSize);
-    if (this.runs === undefined) {
-      if (count > 0) yield { start: 0, count };
-      return;
-    }
-    for (const r of this.runs) {
-      if (r.start < 0 || r.count < 1 || r.start + r.count > count) throw new RangeError(`run ${r.start}+${r.count} is outside the volume (${count} chunks)`);
-      yield r;
-    }
+  changedRuns(): AsyncIterable<ChunkRun> {
+    return givenRuns(this.size, this.chunkSize, this.runs);
   }
 
   read(offset: number, buf: Buffer): Promise<void> {

@@ -95,16 +95,8 @@ export class FileChunkSource implements ChunkSource {
     return new FileChunkSource(fh, st.size, file, opts);
   }
 
-  async *changedRuns(): AsyncIterable<ChunkRun> {
-    const count = Math.ceil(this.size / this.chunkSize);
-    if (this.runs === undefined) {
-      if (count > 0) yield { start: 0, count };
-      return;
-    }
-    for (const r of this.runs) {
-      if (r.start < 0 || r.count < 1 || r.start + r.count > count) throw new RangeError(`run ${r.start}+${r.count} is outside the volume (${count} chunks)`);
-      yield r;
-    }
+  changedRuns(): AsyncIterable<ChunkRun> {
+    return givenRuns(this.size, this.chunkSize, this.runs);
   }
 
   async read(offset: number, buf: Buffer): Promise<void> {
@@ -118,5 +110,21 @@ export class FileChunkSource implements ChunkSource {
 
   async close(): Promise<void> {
     await this.fh.close();
+  }
+}
+
+/**
+ * The runs a source was given (validated against the volume), or, with none
+ * given, one run of every chunk: a full backup.
+ */
+export async function* givenRuns(size: number, chunkSize: number, runs: readonly ChunkRun[] | undefined): AsyncIterable<ChunkRun> {
+  const count = Math.ceil(size / chunkSize);
+  if (runs === undefined) {
+    if (count > 0) yield { start: 0, count };
+    return;
+  }
+  for (const r of runs) {
+    if (r.start < 0 || r.count < 1 || r.start + r.count > count) throw new RangeError(`run ${r.start}+${r.count} is outside the volume (${count} chunks)`);
+    yield r;
   }
 }
