@@ -40,9 +40,14 @@ function canSwitchUsers(tt: Test): boolean {
  * environment: tap's NODE_OPTIONS loaders write where nobody may not.
  */
 function asNobody(cmd: string, args: string[]): Promise<ExecResult> {
-  return exec('/usr/sbin/runuser', ['-u', 'nobody', '--', cmd, ...args], {
+  // `env -i`: tap's process tracking adds NODE_OPTIONS (--import of its
+  // processinfo hook) to every child's environment, whatever env we pass;
+  // as nobody that hook cannot write .tap/processinfo and prints a stack
+  // trace after the command's own last line.
+  const path = process.env.PATH ?? '/usr/bin:/bin';
+  return exec('/usr/sbin/runuser', ['-u', 'nobody', '--', '/usr/bin/env', '-i', `PATH=${path}`, 'LANG=C', cmd, ...args], {
     timeoutMs: 120_000,
-    env: { PATH: process.env.PATH ?? '/usr/bin:/bin', LANG: 'C' },
+    env: { PATH: path, LANG: 'C' },
   });
 }
 
