@@ -21,7 +21,7 @@ constexpr uint64_t kWritePiece = 1u << 20;    // data bytes per journal entry, a
 constexpr uint64_t kZeroPieceChunks = 256;    // chunks per zeroing entry, at most
 constexpr uint64_t kRingSlack = 64;           // never fill the ring to the last byte
 constexpr uint64_t kBatchChunks = 1024;       // chunks preserved per batch (one snapshot commit), at most
-// Bounds (see "Bounds" in the .hh): a batch preserves at most kBatchChunks
+// Bounds (see "Bounds" and "Pacing" in the .hh): a batch preserves at most kBatchChunks
 // chunks and kBatchBytes of old data, so a writer waiting for room waits
 // for one batch of bounded work whatever the chunk size. While a drain
 // shrinks the queue (shrink_to), writers get a quarter of the room each
@@ -129,10 +129,10 @@ int FirstWriteQueue::append_locked(std::unique_lock<std::mutex>& lk, uint16_t ty
            (fifo_.empty() || chunks_ + nchunks <= std::min(depth_limit(), cap_));
   };
   // Writers without room are admitted in arrival order, and a newcomer never
-  // overtakes one that waits: the bound can be smaller than one entry
-  // (while a drain shrinks it; a 256-chunk zeroing, a 1 MiB write of 4 KiB chunks), and such an entry
-  // only fits into an empty queue, which smaller writes arriving all the
-  // time would otherwise never leave it.
+  // overtakes one that waits: while a drain shrinks it, the bound can be
+  // smaller than one entry (a 256-chunk zeroing, a 1 MiB write of 4 KiB
+  // chunks), and such an entry only fits into an empty queue, which smaller
+  // writes arriving all the time would otherwise never leave it.
   if (!failed() && !(admission_.empty() && room())) {
     const uint64_t ticket = next_ticket_++;
     admission_.push_back(ticket);
@@ -352,7 +352,7 @@ void FirstWriteQueue::run() {
     const uint64_t limit = batch_limit();
     for (auto& q : fifo_) {
       size_t n = q->last_chunk - q->first_chunk + 1;
-      // A bounded batch (about half the paced depth, at most kBatchChunks):
+      // A bounded batch (batch_limit(): 1024 chunks and 16 MiB at most):
       // writers keep filling the rest while a batch is preserved, and a
       // writer waiting for room waits for one batch, not for everything.
       if (!batch.empty() && chunks + n > limit) break;
