@@ -435,6 +435,14 @@ async function startOnSocket(ctx: StartCtx, cmd: string, args: (sock: string) =>
   });
 }
 
+/** Serves ctx.image with the node-nbd-server CLI at `cli` (this checkout's, or --base's). */
+function startNode(ctx: Parameters<ServerDef['start']>[0], cli: string) {
+  return startOnSocket(ctx, process.execPath, (sock) => [
+    cli, 'serve', ctx.image, '--socket', sock, '--log-level', 'warn',
+    ...(ctx.opts.nodeThreads ? ['--threads', String(ctx.opts.nodeThreads)] : []),
+  ]);
+}
+
 const SERVERS: ServerDef[] = [
   {
     id: 'node',
@@ -445,11 +453,7 @@ const SERVERS: ServerDef[] = [
       const pkg = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { version?: string };
       return `node-nbd-server ${pkg.version ?? '?'} (node ${process.version})`;
     },
-    start: (ctx) =>
-      startOnSocket(ctx, process.execPath, (sock) => [
-        NODE_CLI, 'serve', ctx.image, '--socket', sock, '--log-level', 'warn',
-        ...(ctx.opts.nodeThreads ? ['--threads', String(ctx.opts.nodeThreads)] : []),
-      ]),
+    start: (ctx) => startNode(ctx, NODE_CLI),
   },
   {
     id: 'node-base',
@@ -460,11 +464,7 @@ const SERVERS: ServerDef[] = [
       const r = spawnSync('git', ['-C', baseRoot!, 'log', '-1', '--format=%h %s'], { encoding: 'utf8' });
       return `node-nbd-server at ${baseRoot} (${(r.stdout ?? '').trim().slice(0, 60)})`;
     },
-    start: (ctx) =>
-      startOnSocket(ctx, process.execPath, (sock) => [
-        path.join(baseRoot!, 'bin', 'node-nbd-server.js'), 'serve', ctx.image, '--socket', sock, '--log-level', 'warn',
-        ...(ctx.opts.nodeThreads ? ['--threads', String(ctx.opts.nodeThreads)] : []),
-      ]),
+    start: (ctx) => startNode(ctx, path.join(baseRoot!, 'bin', 'node-nbd-server.js')),
   },
   {
     id: 'nbdkit',
