@@ -30,7 +30,14 @@ const tapBin = path.join(root, 'node_modules', 'tap', 'dist', 'esm', 'run.mjs');
 const shm = fs.existsSync('/dev/shm') ? '/dev/shm' : require('node:os').tmpdir();
 const journalDir = process.env.NBD_JOURNAL_DIR || fs.mkdtempSync(path.join(shm, 'node-nbd-server-test-'));
 process.on('exit', () => {
-  if (!process.env.NBD_JOURNAL_DIR) fs.rmSync(journalDir, { recursive: true, force: true });
+  if (process.env.NBD_JOURNAL_DIR) return;
+  // Best effort: a failure here (a straggler still writing) must not turn a
+  // passing run into exit 1 after its last line.
+  try {
+    fs.rmSync(journalDir, { recursive: true, force: true, maxRetries: 3 });
+  } catch (e) {
+    console.error(`# could not remove the test journal directory ${journalDir}: ${e.message}`);
+  }
 });
 const child = spawn(
   process.execPath,
