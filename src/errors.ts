@@ -18,6 +18,13 @@ export type ErrorCode =
   | 'METADATA_CORRUPT'
   | 'VOLUME_BUSY'
   | 'VOLUME_NOT_FOUND'
+  | 'CHANGES_RANGE_INVALID'
+  | 'CHANGES_UNAVAILABLE'
+  | 'DIFF_FORMAT_INVALID'
+  | 'DIFF_MISMATCH'
+  | 'JOB_NOT_FOUND'
+  | 'JOB_EXISTS'
+  | 'JOB_CANCELED'
   | 'SNAPSHOT_NOT_FOUND'
   | 'SNAPSHOT_EXISTS'
   | 'BAD_SNAPSHOT_NAME'
@@ -134,6 +141,20 @@ export const EXIT_CODES: Record<ErrorCode, number> = {
   NBD_IO_ERROR: 31,
   /** The control socket refused the caller: another user than the server's (or root). */
   CONTROL_DENIED: 18,
+  /** A change map between snapshots A and B where A is not older than B (or names the same snapshot twice). */
+  CHANGES_RANGE_INVALID: 32,
+  /** The change map cannot be computed exactly: a snapshot in the range failed (its reason is in the message). */
+  CHANGES_UNAVAILABLE: 33,
+  /** A diff stream (rbd diff v1) is truncated or malformed. */
+  DIFF_FORMAT_INVALID: 34,
+  /** A diff stream does not fit the image: its size or from-snapshot differs. */
+  DIFF_MISMATCH: 35,
+  /** No job with that id on the volume. */
+  JOB_NOT_FOUND: 8,
+  /** A job of that kind already runs on the volume (e.g. a second backup of one volume). */
+  JOB_EXISTS: 9,
+  /** The job was canceled (`jobs cancel ID`) before it finished. */
+  JOB_CANCELED: 29,
 };
 
 export function isErrorCode(code: unknown): code is ErrorCode {
