@@ -269,8 +269,14 @@ int FirstWriteQueue::shrink_to(uint64_t chunks) {
   shrink_target_ = chunks;
   cap_ = std::max(chunks, std::min(cap_, chunks_));
   const uint64_t seen = failures_;
-  wait_for_thread(lk, [&] { return chunks_ <= shrink_target_ || stop_ || failures_ > seen; });
-  if (chunks_ <= shrink_target_) return 0;
+  // Done once a batch left the queue at or under the target, even if a writer
+  // took mu_ first and queued an entry again (an entry larger than the cap
+  // fits an empty queue): waiting for that one too could cost another batch
+  // or two, and the paused drain that follows applies it anyway.
+  const uint64_t reached = shrink_reached_;
+  auto done = [&] { return chunks_ <= shrink_target_ || shrink_reached_ > reached; };
+  wait_for_thread(lk, [&] { return done() || stop_ || failures_ > seen; });
+  if (done()) return 0;
   return error_ ? error_ : ESHUTDOWN;
 }
 
@@ -392,6 +398,7 @@ void FirstWriteQueue::run() {
     if (cap_ != UINT64_MAX) {  // shrinking: writers get 1/kShrinkShare of what the batch freed
       const uint64_t step = std::max<uint64_t>(1, chunks - chunks / kShrinkShare);
       cap_ = std::max(shrink_target_, cap_ > step ? cap_ - step : 0);
+      if (chunks_ <= shrink_target_) ++shrink_reached_;
     }
     cv_.notify_all();
   }

@@ -222,6 +222,7 @@ class FirstWriteQueue {
   uint64_t failures_ = 0;      // failed applies so far (drain waits for a fresh one)
   uint64_t cap_ = UINT64_MAX;  // temporary lower bound on queued chunks (shrink_to; lowered per batch)
   uint64_t shrink_target_ = 0; // what shrink_to waits for
+  uint64_t shrink_reached_ = 0; // batches after which the queue was at or under shrink_target_ (run())
   uint64_t next_ticket_ = 0;   // admission order of writers waiting for room
   std::deque<uint64_t> admission_;  // tickets of the writers waiting for room, oldest first
   int waiters_ = 0;            // threads waiting for the queue to make progress
