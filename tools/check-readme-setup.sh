@@ -54,6 +54,14 @@ for v in $(env | sed -n 's/^\(npm_[A-Za-z0-9_]*\)=.*/\1/p'); do unset "$v"; done
 unset INIT_CWD
 export npm_config_cache="$work/npm-cache"
 
+# CI may check the repository out as another user than the one running this
+# (root): git then refuses the repository ("dubious ownership") unless
+# safe.directory allows it, and only a protected (global or system) config
+# may say so. A throw-away global config says it for this script's git
+# commands only, leaving the machine's own config alone.
+printf '[safe]\n\tdirectory = %s\n\tdirectory = %s/.git\n' "$root" "$root" >"$work/gitconfig"
+export GIT_CONFIG_GLOBAL="$work/gitconfig"
+
 if [ -n "$(git -C "$root" status --porcelain --untracked-files=no)" ]; then
   echo "# note: the work tree has uncommitted changes; this checks the committed HEAD"
 fi
