@@ -7,6 +7,7 @@
 //                    [--workloads randread-4k,randwrite-4k,read-1m,write-1m]
 //                    [--dir DIR] [--json FILE] [--node-threads N] [--remove-image]
 //                    [--snapshots] [--snapshot-args "ARGS"]
+//   npm run bench -- --backup [ARGS]   the backup benchmark (tools/bench-backup.ts) instead
 //
 // The image (default 2 GiB of non-zero pseudo-random data) is created once in
 // --dir (default $TMPDIR/node-nbd-server-bench) and reused by later runs.
@@ -656,6 +657,12 @@ interface Cell {
 // -------------------------------------------------------------------- main
 
 async function main(): Promise<void> {
+  // --backup: the backup benchmark alone (tools/bench-backup.ts), with every
+  // other argument passed on to it.
+  if (process.argv.includes('--backup')) {
+    await runChildBench('backup', [path.join(__dirname, 'bench-backup.js'), ...process.argv.slice(2).filter((a) => a !== '--backup')]);
+    return;
+  }
   const opts = parseArgs(process.argv.slice(2));
   if (!which('fio')) throw new Error('fio is not installed (it drives every server); install the "fio" package');
   const image = path.join(opts.dir, `bench-${opts.size}.img`);
