@@ -317,6 +317,39 @@ t.test('hostile: a target write error stops the apply after in-flight writes set
   t.ok(target.ops.length < 16 && target.ops.length >= 5, `stopped early (${target.ops.length} writes)`);
 });
 
+t.test('apply: overlapping records land in stream order even when writes complete out of order', async (t) => {
+  // A device that completes queued writes last-first, applying each at completion.
+  const img = Buffer.alloc(SIZE);
+  const queue: (() => void)[] = [];
+  const later = (apply: () => void) =>
+    new Promise<void>((resolve) => {
+      queue.push(() => {
+        apply();
+        resolve();
+      });
+      if (queue.length === 1) setImmediate(() => queue.splice(0).reverse().forEach((f) => f()));
+    });
+  const target = {
+    size: SIZE,
+    write: (o: number, d: Buffer) => later(() => d.copy(img, o)),
+    zero: (o: number, l: number) => later(() => img.fill(0, o, o + l)),
+    flush: async () => undefined,
+    close: async () => undefined,
+  };
+  const recs: Rec[] = [
+    { tag: 's', size: SIZE },
+    { tag: 'w', offset: 0, data: Buffer.alloc(8192, 1) },
+    { tag: 'w', offset: 4096, data: Buffer.alloc(8192, 2) },
+    { tag: 'z', offset: 6000, length: 100 },
+    { tag: 'w', offset: 20000, data: Buffer.alloc(10, 3) },
+    { tag: 'e' },
+  ];
+  await applyRbdDiff(asAsync([encodeModel(recs).bytes]), target, { maxInFlight: 8 });
+  const expect = Buffer.alloc(SIZE);
+  applyModel(expect, recs);
+  t.ok(img.equals(expect), 'the result equals applying the records one by one');
+});
+
 t.test('FileDiffTarget: applies to a raw file in place', async (t) => {
   const dir = makeTempDir('nbd-rbddiff-');
   const file = path.join(dir, 'raw.img');
