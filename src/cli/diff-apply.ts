@@ -63,7 +63,7 @@ function isNbdUri(s: string): boolean {
   return /^nbd(\+unix)?:\/\//.test(s);
 }
 
-function nbdUriFor(addrs: readonly ListenAddress[], exportName: string): string | null {
+export function nbdUriFor(addrs: readonly ListenAddress[], exportName: string): string | null {
   const name = encodeURIComponent(exportName);
   const unix = addrs.find((a) => a.kind === 'unix' && a.path);
   if (unix) return `nbd+unix:///${name}?socket=${encodeURIComponent(unix.path!)}`;
