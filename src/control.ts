@@ -23,6 +23,7 @@ import { isErrorCode, NbdError, type ErrorCode } from './errors';
 import type { Logger } from './logger';
 import { native } from './native';
 import { parseAutoRollback } from './policies';
+import type { ListenAddress } from './server';
 import type { Volume } from './volume';
 import { controlSocketPath } from './volume-meta';
 
@@ -37,6 +38,7 @@ export interface ControlRequest {
     | 'rollback'
     | 'jobs'
     | 'info'
+    | 'nbd-address'
     | 'ping';
   name?: string;
   /** snapshot-create, snapshot-set: an auto-rollback policy or "off" */
@@ -45,10 +47,14 @@ export interface ControlRequest {
   by?: string;
 }
 
-async function handle(v: Volume, req: ControlRequest): Promise<unknown> {
+async function handle(v: Volume, req: ControlRequest, addresses: () => readonly ListenAddress[]): Promise<unknown> {
   switch (req.op) {
     case 'ping':
       return { pid: process.pid, export: v.exportName };
+    case 'nbd-address':
+      // Where this volume's NBD export can be reached (diff apply writes
+      // through it, so writes take the copy-on-write path).
+      return { export: v.exportName, addresses: addresses() };
     case 'snapshot-create':
       return v.snapshots.create(String(req.name ?? ''), { autoRollback: req.autoRollback ? parseAutoRollback(req.autoRollback) : undefined });
     case 'snapshot-set':
@@ -99,8 +105,11 @@ function allowedPeer(sock: net.Socket, clog: Logger): boolean {
   return false;
 }
 
-/** Serves the control socket of one volume; returns a closer. */
-export function serveControl(v: Volume, log: Logger): Promise<() => Promise<void>> {
+/**
+ * Serves the control socket of one volume; returns a closer. `addresses`:
+ * the server's NBD listeners, for 'nbd-address'.
+ */
+export function serveControl(v: Volume, log: Logger, addresses: () => readonly ListenAddress[] = () => []): Promise<() => Promise<void>> {
   const file = controlSocketPath(v.image);
   const clog = log.child({ component: 'control', volume: v.exportName });
   const server = net.createServer((sock) => {
@@ -132,7 +141,7 @@ export function serveControl(v: Volume, log: Logger): Promise<() => Promise<void
           sock.write(JSON.stringify({ ok: false, code: 'BAD_ARGUMENT', message: 'request is not JSON' }) + '\n');
           continue;
         }
-        handle(v, req).then(
+        handle(v, req, addresses).then(
           (result) => sock.write(JSON.stringify({ ok: true, result }) + '\n'),
           (err: unknown) => {
             const e = err as { code?: string; message?: string };
