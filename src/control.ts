@@ -21,6 +21,7 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import { isErrorCode, NbdError, type ErrorCode } from './errors';
 import type { Logger } from './logger';
+import type { ListenAddress } from './server';
 import { native } from './native';
 import { parseAutoRollback } from './policies';
 import type { Volume } from './volume';
@@ -37,16 +38,31 @@ export interface ControlRequest {
     | 'rollback'
     | 'jobs'
     | 'info'
+    | 'change-map'
+    | 'nbd-listeners'
     | 'ping';
   name?: string;
   /** snapshot-create, snapshot-set: an auto-rollback policy or "off" */
   autoRollback?: string;
   /** rollback: who asked (user@host pid) */
   by?: string;
+  /** change-map: snapshot A, and snapshot B or null for the live volume */
+  from?: string;
+  to?: string | null;
 }
 
-async function handle(v: Volume, req: ControlRequest): Promise<unknown> {
+/** Where the serving server can be read over NBD (nbd-listeners): its volume export and listeners. */
+export interface NbdListeners {
+  export: string;
+  listeners: readonly ListenAddress[];
+}
+
+async function handle(v: Volume, req: ControlRequest, listening: () => readonly ListenAddress[]): Promise<unknown> {
   switch (req.op) {
+    case 'change-map':
+      return v.changeMap(req.from as string, req.to ?? null); // validated there
+    case 'nbd-listeners':
+      return { export: v.exportName, listeners: listening() } satisfies NbdListeners;
     case 'ping':
       return { pid: process.pid, export: v.exportName };
     case 'snapshot-create':
@@ -99,8 +115,12 @@ function allowedPeer(sock: net.Socket, clog: Logger): boolean {
   return false;
 }
 
-/** Serves the control socket of one volume; returns a closer. */
-export function serveControl(v: Volume, log: Logger): Promise<() => Promise<void>> {
+/**
+ * Serves the control socket of one volume; returns a closer. `listening`
+ * names the server's NBD listeners (for readers of disk@SNAP exports,
+ * src/backup/volume-source.ts).
+ */
+export function serveControl(v: Volume, log: Logger, listening: () => readonly ListenAddress[] = () => []): Promise<() => Promise<void>> {
   const file = controlSocketPath(v.image);
   const clog = log.child({ component: 'control', volume: v.exportName });
   const server = net.createServer((sock) => {
@@ -132,7 +152,7 @@ export function serveControl(v: Volume, log: Logger): Promise<() => Promise<void
           sock.write(JSON.stringify({ ok: false, code: 'BAD_ARGUMENT', message: 'request is not JSON' }) + '\n');
           continue;
         }
-        handle(v, req).then(
+        handle(v, req, listening).then(
           (result) => sock.write(JSON.stringify({ ok: true, result }) + '\n'),
           (err: unknown) => {
             const e = err as { code?: string; message?: string };

@@ -98,7 +98,7 @@ export async function serve(opts: ServeOptions): Promise<Serving> {
     if (addrs.length > 0 || opts.socket) server.start();
     const log = opts.logger ?? silentLogger();
     for (const j of orphanJournals()) log.warn({ journal: j.path, bytes: j.size, owner: j.owner || undefined, why: j.why }, `orphan first-write journal: ${ORPHAN_HINT}`);
-    for (const v of server.volumeList()) server.addCloseHook(await serveControl(v, log));
+    for (const v of server.volumeList()) server.addCloseHook(await serveControl(v, log, () => server.listening()));
     return { server, ports };
   } catch (err) {
     // Leave no trace of a failed start: images we just created go away.

@@ -78,6 +78,7 @@ Napi::Function ServerWrap::Init(Napi::Env env) {
                          InstanceMethod<&ServerWrap::MergeStatus>("mergeStatus"),
                          InstanceMethod<&ServerWrap::SetDisconnectHold>("setDisconnectHold"),
                          InstanceMethod<&ServerWrap::ReleaseHold>("releaseHold"),
+                         InstanceMethod<&ServerWrap::ChangedChunks>("changedChunks"),
                      });
 }
 

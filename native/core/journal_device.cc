@@ -168,6 +168,13 @@ void JournalDevice::drain() {
   next_->drain();
 }
 
+std::vector<uint64_t> JournalDevice::queued_chunks() const {
+  auto q = queue();
+  const uint64_t n = (size() + chunk_size_ - 1) / chunk_size_;
+  if (!q || n == 0) return {};
+  return q->chunks_in(0, n - 1);
+}
+
 std::string JournalDevice::kept_journal() const {
   std::lock_guard<std::mutex> lk(mode_mu_);
   return kept_journal_;

@@ -88,6 +88,36 @@ int Volume::finish_rollback(std::string& err) {
   return e;
 }
 
+// The order of the reads matters, because chunks move between the sources
+// while writes flow: a merged chunk is preserved (bit set) before it leaves
+// the pending set, and a queued entry's chunks are preserved (bits set)
+// before the entry leaves the queue. So reading the pending set first, the
+// queue second and the bitmaps last, a chunk that left one source before we
+// read it is already in a source we read later; bitmaps only gain bits. The
+// gate (entered like a write) keeps the chain, the merge job and the queue
+// object from being swapped meanwhile: those change only with it closed.
+// Snapshot bitmaps and the pending set are read lock-free (Bitmap words are
+// atomics); the queue's chunk index under its own lock (gate → queue mu_).
+int Volume::changed_chunks(uint64_t from, uint64_t to, std::vector<ChunkRun>& runs, ChangeError& kind,
+                           std::string& err) {
+  GateGuard g(locks_->gate);
+  auto chain_ptr = cow_->chain();
+  const Chain& chain = *chain_ptr;
+  size_t first = 0, end = 0;
+  kind = change_range(chain, from, to, first, end, err);
+  if (kind != ChangeError::kNone) return EINVAL;
+  ChangeSet set((size() + chunk_size() - 1) / chunk_size());
+  if (to == 0) {
+    // Pending in a rollback: live reads show the rollback's snapshot there.
+    if (auto job = rollback_->merge_job()) set.add(job->pending_map());
+    // Acknowledged first writes not yet preserved into any bitmap.
+    set.add_chunks(journal_->queued_chunks());
+  }
+  for (size_t i = first; i < end; ++i) set.add(chain[i]->map());
+  runs = set.runs();
+  return 0;
+}
+
 std::shared_ptr<Device> Volume::view(uint64_t id) {
   auto s = cow_->find(id);
   if (!s) return nullptr;

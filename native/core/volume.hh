@@ -21,6 +21,7 @@
 #include <memory>
 #include <string>
 
+#include "change_map.hh"
 #include "cow_device.hh"
 #include "journal_device.hh"
 #include "rollback_device.hh"
@@ -103,6 +104,15 @@ class Volume {
   // Drops a finished job (EAGAIN if chunks are still pending).
   int finish_rollback(std::string& err);
   std::shared_ptr<MergeJob> merge_job() const { return rollback_->merge_job(); }
+
+  // The chunks that may differ between snapshot `from` and snapshot `to`
+  // (0: the live volume), as ascending disjoint runs (change_map.hh). Never
+  // short of a real change: for the live volume it includes chunks whose
+  // first writes are still queued and chunks a rollback has still pending.
+  // EINVAL with `kind` and `err` when the range is refused. Enters the write
+  // gate like a write (the chain, the merge job and the queue stay put
+  // meanwhile); takes the first-write queue's lock briefly; no stripes.
+  int changed_chunks(uint64_t from, uint64_t to, std::vector<ChunkRun>& runs, ChangeError& kind, std::string& err);
 
   // A read-only device showing snapshot `id` as it was created (null: no such snapshot).
   std::shared_ptr<Device> view(uint64_t id);
