@@ -350,3 +350,44 @@ t.test('a failed snapshot: refused as A or B with its reason; one between A and 
     }
   }
 });
+
+t.test('TRIM and WRITE_ZEROES (with and without NO_HOLE) mark their chunks like writes; a refused FAST_ZERO marks none', async (t) => {
+  const dir = makeTempDir('nbd-changemap-zero-');
+  t.teardown(() => removeDir(dir));
+  const image = path.join(dir, 'disk.img');
+  const p0 = crypto.randomBytes(SIZE);
+  fs.writeFileSync(image, p0);
+  // Inline preservation (no journal) and through the first-write queue.
+  for (const [how, args] of [['inline', ['--cow-journal', '0']], ['queued', []]] as [string, string[]][]) {
+    const srv = await startServer({ dir, images: [image], args });
+    try {
+      await ok(t, ['snapshot', 'create', image, `${how}-a`]);
+      const c = await RawClient.connect(srv.socket);
+      const expect = new Set<number>();
+      try {
+        await c.go('disk');
+        const fast = await c.cmd(NBD.CMD_WRITE_ZEROES, NBD.CMD_FLAG_FAST_ZERO, 40 * CHUNK, CHUNK);
+        t.not(fast.error, 0, `${how}: a FAST_ZERO that would have to preserve is refused`);
+        const reqs: [number, number, number, number][] = [
+          [NBD.CMD_TRIM, 0, 3 * CHUNK + 100, 2 * CHUNK],
+          [NBD.CMD_WRITE_ZEROES, 0, 10 * CHUNK, 3 * CHUNK],
+          [NBD.CMD_WRITE_ZEROES, NBD.CMD_FLAG_NO_HOLE, 20 * CHUNK + 5, 17],
+        ];
+        for (const [cmd, flags, off, len] of reqs) {
+          const r = await c.cmd(cmd, flags, off, len);
+          t.equal(r.error, 0, `${how}: request ${cmd} ${off}+${len}`);
+          for (const ch of chunkRange(off, len)) expect.add(ch);
+        }
+      } finally {
+        await c.disconnect();
+      }
+      const got = chunksOfRuns(await diff(image, `${how}-a`, null));
+      t.same([...got].sort((x, y) => x - y), [...expect].sort((x, y) => x - y), `${how}: the map is exactly the trimmed and zeroed chunks`);
+      await ok(t, ['snapshot', 'create', image, `${how}-b`]);
+      const got2 = chunksOfRuns(await diff(image, `${how}-a`, `${how}-b`));
+      t.same([...got2].sort((x, y) => x - y), [...expect].sort((x, y) => x - y), `${how}: and between the two snapshots`);
+    } finally {
+      t.equal(await srv.stop(), 0, 'server stops cleanly');
+    }
+  }
+});
