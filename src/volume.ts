@@ -133,6 +133,7 @@ export class Volume {
     opts: { readOnly?: boolean; mergeRate?: number } = {},
   ): Volume {
     const v = new Volume(native, image, exportName, prepared, log, opts);
+    v.publishNames();
     v.policies.armHold();
     v.rollback.reconcileHistory();
     v.snapshots.exportAll();
@@ -163,6 +164,12 @@ export class Volume {
     clearInterval(this.failureRetry);
     this.failureRetry = undefined;
     this.policies.armHold(); // the policy may have changed (set, create, delete)
+    this.publishNames();
+  }
+
+  /** Tells the addon the snapshots' names: NBD clients ask for qemu:dirty-bitmap:NAME. */
+  private publishNames(): void {
+    this.native.setSnapshotNames(this.exportName, this.current.snapshots.map((s) => [s.name, s.id]));
   }
 
   /**

@@ -30,6 +30,7 @@ import { NBD, RawClient } from './fixtures/raw-client';
 import { CLI, makeTempDir, removeDir, startServer, type RunningServer } from './fixtures/server';
 import { baseSeed, jobsJson, Rng } from './fixtures/snapshot-model';
 import { ballast, smallFs } from './fixtures/small-fs';
+import { requireTools } from './fixtures/tools';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -390,4 +391,60 @@ t.test('TRIM and WRITE_ZEROES (with and without NO_HOLE) mark their chunks like 
       t.equal(await srv.stop(), 0, 'server stops cleanly');
     }
   }
+});
+
+/** The dirty byte ranges a real client reports, merged. */
+function mergeRanges(r: { offset: number; length: number }[]): { offset: number; length: number }[] {
+  const out: { offset: number; length: number }[] = [];
+  for (const x of r) {
+    const last = out.at(-1);
+    if (last && last.offset + last.length === x.offset) last.length += x.length;
+    else out.push({ ...x });
+  }
+  return out;
+}
+
+t.test('NBD meta context qemu:dirty-bitmap:NAME: nbdinfo --map and qemu-img map x-dirty-bitmap read the change maps', async (t) => {
+  if (!requireTools(t, ['nbdinfo', 'qemu-img'])) return;
+  const rng = new Rng(SEED + 1);
+  const dir = makeTempDir('nbd-changemap-meta-');
+  t.teardown(() => removeDir(dir));
+  const image = path.join(dir, 'disk.img');
+  const srv = await startServer({ dir, images: [image], size: '8M', env: { NBD_TEST_FIRST_WRITE_BATCH: '1000000' } });
+  t.teardown(() => srv.stop('SIGKILL'));
+  const model = new Model();
+  await ok(t, ['snapshot', 'create', image, 'a']);
+  await randomOps(srv, rng, model, 12);
+  await ok(t, ['snapshot', 'create', image, 'b']);
+  await randomOps(srv, rng, model, 12); // still queued: live's map includes them
+  const uri = (exp: string) => `nbd+unix:///${exp}?socket=${srv.socket}`;
+  const env = { ...process.env, PATH: `/usr/bin:${process.env.PATH}` };
+
+  const list = await exec('nbdinfo', ['--list', '--json', uri('')], { env });
+  t.equal(list.code, 0, `nbdinfo --list: ${list.stderr.trim()}`);
+  const exports = (JSON.parse(list.stdout) as { exports: { 'export-name': string; contexts?: string[] }[] }).exports;
+  const ctx = (name: string) => exports.find((e) => e['export-name'] === name)?.contexts ?? [];
+  t.same(ctx('disk'), ['base:allocation', 'qemu:dirty-bitmap:a', 'qemu:dirty-bitmap:b'], 'live offers a bitmap per snapshot');
+  t.same(ctx('disk@b'), ['base:allocation', 'qemu:dirty-bitmap:a'], 'disk@b offers the older snapshot only');
+  t.same(ctx('disk@a'), ['base:allocation'], 'disk@a offers none');
+
+  for (const [exp, from, to] of [['disk', 'a', null], ['disk', 'b', null], ['disk@b', 'a', 'b']] as [string, string, string | null][]) {
+    const want = mergeRanges((await diff(image, from, to)).runs);
+    t.ok(want.length > 0, `${exp} since ${from}: something changed`);
+    const m = await exec('nbdinfo', ['--json', `--map=qemu:dirty-bitmap:${from}`, uri(exp)], { env });
+    t.equal(m.code, 0, `nbdinfo --map=qemu:dirty-bitmap:${from} ${exp}: ${m.stderr.trim()}`);
+    const got = mergeRanges((JSON.parse(m.stdout) as { offset: number; length: number; type: number }[]).filter((e) => e.type & 1).map((e) => ({ offset: e.offset, length: e.length })));
+    t.same(got, want, `nbdinfo: ${exp} dirty since ${from} = the change map`);
+    const q = await exec(
+      'qemu-img',
+      ['map', '--output=json', '--image-opts', `driver=nbd,server.type=unix,server.path=${srv.socket},export=${exp},x-dirty-bitmap=qemu:dirty-bitmap:${from}`],
+      { env },
+    );
+    t.equal(q.code, 0, `qemu-img map x-dirty-bitmap ${exp} ${from}: ${q.stderr.trim()}`);
+    // With x-dirty-bitmap, qemu reports dirty extents as "data": false.
+    const qgot = mergeRanges((JSON.parse(q.stdout) as { start: number; length: number; data: boolean }[]).filter((e) => !e.data).map((e) => ({ offset: e.start, length: e.length })));
+    t.same(qgot, want, `qemu-img map: ${exp} dirty since ${from} = the change map`);
+  }
+  const bad = await exec('nbdinfo', ['--map=qemu:dirty-bitmap:b', uri('disk@b')], { env });
+  t.not(bad.code, 0, 'disk@b has no bitmap of itself');
 });

@@ -1,6 +1,10 @@
 // change_methods.cc — NativeServer.changedChunks: a volume's change map
 // (native/core/change_map.hh, Volume::changed_chunks) for backups and diffs.
 //
+// setSnapshotNames(exportName, [[name, id], ...]) tells the volume its
+// snapshots' names (the control plane owns them), so NBD clients can ask for
+// qemu:dirty-bitmap:NAME (handshake.cc); called after every manifest change.
+//
 // changedChunks(exportName, fromId, toId | null) resolves with a
 // Float64Array of pairs [start, count, start, count, ...]: ascending,
 // disjoint runs of chunk indexes (doubles hold any chunk index exactly, up
@@ -45,6 +49,23 @@ Napi::Value ServerWrap::ChangedChunks(const Napi::CallbackInfo& info) {
       },
       "CHANGES_UNAVAILABLE");
   return queue(t);
+}
+
+Napi::Value ServerWrap::SetSnapshotNames(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto vol = volume(env, info[0]);
+  if (info.Length() < 2 || !info[1].IsArray()) throw Napi::TypeError::New(env, "names must be an array of [name, id]");
+  Napi::Array arr = info[1].As<Napi::Array>();
+  std::vector<std::pair<std::string, uint64_t>> names;
+  for (uint32_t i = 0; i < arr.Length(); ++i) {
+    Napi::Value v = arr.Get(i);
+    if (!v.IsArray() || v.As<Napi::Array>().Length() != 2 || !v.As<Napi::Array>().Get(0u).IsString())
+      throw Napi::TypeError::New(env, "names must be an array of [name, id]");
+    Napi::Array p = v.As<Napi::Array>();
+    names.push_back({p.Get(0u).As<Napi::String>().Utf8Value(), id_of(p.Get(1u))});
+  }
+  vol->set_snapshot_names(std::move(names));
+  return env.Undefined();
 }
 
 }  // namespace nbd::binding

@@ -1,48 +1,50 @@
 // change_map.cc — see change_map.hh for the rule and the refusals.
 #include "change_map.hh"
 
+#include <algorithm>
+
 namespace nbd {
 
+ChangeSet::ChangeSet(uint64_t chunks, uint64_t first, uint64_t count)
+    : first_(std::min(first, chunks)),
+      end_(count > chunks - first_ ? chunks : first_ + count),
+      base_(first_ >> 6),
+      w_(end_ > first_ ? ((end_ + 63) >> 6) - base_ : 0, 0) {}
+
 void ChangeSet::add(const Bitmap& b) {
-  const uint64_t n = std::min<uint64_t>(b.words(), w_.size());
-  for (uint64_t i = 0; i < n; ++i) w_[i] |= b.word(i);
+  const uint64_t n = std::min<uint64_t>(w_.size(), b.words() > base_ ? b.words() - base_ : 0);
+  for (uint64_t i = 0; i < n; ++i) w_[i] |= b.word(base_ + i);
 }
 
 void ChangeSet::add_chunks(const std::vector<uint64_t>& chunks) {
   for (uint64_t c : chunks)
-    if (c < chunks_) w_[c >> 6] |= uint64_t{1} << (c & 63);
-}
-
-uint64_t ChangeSet::count() const {
-  uint64_t n = 0;
-  for (uint64_t v : w_) n += static_cast<uint64_t>(__builtin_popcountll(v));
-  return n;
+    if (c >= first_ && c < end_) w_[(c >> 6) - base_] |= uint64_t{1} << (c & 63);
 }
 
 std::vector<ChunkRun> ChangeSet::runs() const {
+  // Whole words at a time where they are all clear or all set; bit by bit at
+  // the edges (the first and last words may hold bits outside the window).
   std::vector<ChunkRun> out;
-  uint64_t c = 0;
-  while (c < chunks_) {
-    // Skip clear bits a word at a time, then find the run's end the same way.
-    uint64_t v = w_[c >> 6] >> (c & 63);
-    if (v == 0) {
-      c = (c | 63) + 1;
+  auto word = [&](uint64_t c) { return w_[(c >> 6) - base_]; };
+  uint64_t c = first_;
+  while (c < end_) {
+    if ((c & 63) == 0 && word(c) == 0) {
+      c += 64;
       continue;
     }
-    c += static_cast<uint64_t>(__builtin_ctzll(v));
-    if (c >= chunks_) break;
+    if (!test(c)) {
+      ++c;
+      continue;
+    }
     const uint64_t start = c;
-    for (;;) {
-      uint64_t inv = ~w_[c >> 6] >> (c & 63);
-      if (inv == 0) {  // the rest of this word is set
-        c = (c | 63) + 1;
-        if (c >= chunks_) break;
+    while (c < end_) {
+      if ((c & 63) == 0 && end_ - c >= 64 && word(c) == ~uint64_t{0}) {
+        c += 64;
         continue;
       }
-      c += static_cast<uint64_t>(__builtin_ctzll(inv));
-      break;
+      if (!test(c)) break;
+      ++c;
     }
-    if (c > chunks_) c = chunks_;
     out.push_back({start, c - start});
   }
   return out;

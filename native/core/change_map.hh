@@ -44,21 +44,24 @@ struct ChunkRun {
   uint64_t count;
 };
 
-// A set of chunks (one bit each, in 64-bit words) that only grows.
+// A set of chunks (one bit each, in 64-bit words) that only grows, over a
+// window [first, end) of a volume of `chunks` chunks (default: all of it),
+// so a block-status request costs words of its range, not of the volume.
 class ChangeSet {
  public:
-  explicit ChangeSet(uint64_t chunks) : chunks_(chunks), w_((chunks + 63) / 64, 0) {}
-  uint64_t chunks() const { return chunks_; }
-  // ORs in a bitmap over the same chunks (a snapshot's map, a merge's pending set).
+  explicit ChangeSet(uint64_t chunks, uint64_t first = 0, uint64_t count = UINT64_MAX);
+  // ORs in a bitmap over the volume's chunks (a snapshot's map, a merge's pending set).
   void add(const Bitmap& b);
-  // Adds chunk indexes (any order, repeats allowed; indexes past the end are ignored).
+  // Adds chunk indexes (any order, repeats allowed; those outside the window are ignored).
   void add_chunks(const std::vector<uint64_t>& chunks);
-  uint64_t count() const;
-  // Ascending, disjoint, maximal runs.
+  uint64_t first() const { return first_; }
+  uint64_t end() const { return end_; }
+  // Ascending, disjoint, maximal runs inside the window.
   std::vector<ChunkRun> runs() const;
 
  private:
-  uint64_t chunks_;
+  bool test(uint64_t c) const { return (w_[(c >> 6) - base_] >> (c & 63)) & 1; }
+  uint64_t first_, end_, base_;  // base_: the word of first_
   std::vector<uint64_t> w_;
 };
 
@@ -74,5 +77,23 @@ using SnapshotChain = std::vector<std::shared_ptr<SnapshotStore>>;
 // with the failure's reason; see the top of this file).
 ChangeError change_range(const SnapshotChain& chain, uint64_t from, uint64_t to, size_t& first, size_t& end,
                          std::string& err);
+
+// What an export needs to offer the meta context qemu:dirty-bitmap:NAME
+// (handshake.cc, transmission.cc): snapshot names, and change maps over a
+// range of chunks. Implemented by Volume. `at` is the export's own point:
+// a snapshot id for a snapshot export, 0 for the live volume.
+class ChangeSource {
+ public:
+  virtual ~ChangeSource() = default;
+  virtual uint32_t chunk_size() const = 0;
+  // The id of the snapshot named `name` if a change map from it to `at` can
+  // be given (it exists, is healthy and older than `at`), else 0.
+  virtual uint64_t bitmap_from(const std::string& name, uint64_t at) const = 0;
+  // The names of every such snapshot, oldest first.
+  virtual std::vector<std::string> bitmaps_at(uint64_t at) const = 0;
+  // The change map from `from` to `at`, limited to `count` chunks from `first`.
+  virtual int changed_chunks(uint64_t from, uint64_t at, std::vector<ChunkRun>& runs, ChangeError& kind,
+                             std::string& err, uint64_t first, uint64_t count) = 0;
+};
 
 }  // namespace nbd

@@ -168,11 +168,10 @@ void JournalDevice::drain() {
   next_->drain();
 }
 
-std::vector<uint64_t> JournalDevice::queued_chunks() const {
+std::vector<uint64_t> JournalDevice::queued_chunks(uint64_t first, uint64_t last) const {
   auto q = queue();
-  const uint64_t n = (size() + chunk_size_ - 1) / chunk_size_;
-  if (!q || n == 0) return {};
-  return q->chunks_in(0, n - 1);
+  if (!q) return {};
+  return q->chunks_in(first, last);
 }
 
 std::string JournalDevice::kept_journal() const {

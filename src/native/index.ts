@@ -184,6 +184,8 @@ export interface NativeServer {
    * SNAPSHOT_NOT_FOUND, CHANGES_RANGE_INVALID or CHANGES_UNAVAILABLE.
    */
   changedChunks(exportName: string, fromId: number, toId: number | null): Promise<Float64Array>;
+  /** The snapshots' names, for qemu:dirty-bitmap:NAME meta contexts (set after every manifest change). */
+  setSnapshotNames(exportName: string, names: [string, number][]): void;
 }
 
 export interface NativeMergeStatus {
