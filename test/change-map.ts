@@ -30,7 +30,7 @@ import { NBD, RawClient } from './fixtures/raw-client';
 import { CLI, makeTempDir, removeDir, startServer, type RunningServer } from './fixtures/server';
 import { baseSeed, jobsJson, Rng } from './fixtures/snapshot-model';
 import { ballast, smallFs } from './fixtures/small-fs';
-import { requireTools } from './fixtures/tools';
+import { requireTools, SYSTEM_PYTHON } from './fixtures/tools';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -405,7 +405,7 @@ function mergeRanges(r: { offset: number; length: number }[]): { offset: number;
 }
 
 t.test('NBD meta context qemu:dirty-bitmap:NAME: nbdinfo --map and qemu-img map x-dirty-bitmap read the change maps', async (t) => {
-  if (!requireTools(t, ['nbdinfo', 'qemu-img'])) return;
+  if (!requireTools(t, ['nbdinfo', 'qemu-img', 'python3-libnbd'])) return;
   const rng = new Rng(SEED + 1);
   const dir = makeTempDir('nbd-changemap-meta-');
   t.teardown(() => removeDir(dir));
@@ -444,6 +444,59 @@ t.test('NBD meta context qemu:dirty-bitmap:NAME: nbdinfo --map and qemu-img map 
     // With x-dirty-bitmap, qemu reports dirty extents as "data": false.
     const qgot = mergeRanges((JSON.parse(q.stdout) as { start: number; length: number; data: boolean }[]).filter((e) => !e.data).map((e) => ({ offset: e.start, length: e.length })));
     t.same(qgot, want, `qemu-img map: ${exp} dirty since ${from} = the change map`);
+  }
+  // BLOCK_STATUS over random unaligned windows (python-libnbd): each answer
+  // equals the map clipped to the window (the native map works on a window
+  // of bitmap words), and answers with REQ_ONE are one extent that starts it.
+  {
+    const want = (await diff(image, 'a', null)).runs;
+    const windows: [number, number][] = [];
+    for (let i = 0; i < 60; i++) {
+      const len = rng.int(1, 3 * MiB);
+      windows.push([rng.int(0, SIZE - len), len]);
+    }
+    const script = [
+      'import json, sys, nbd',
+      'h = nbd.NBD()',
+      "h.add_meta_context('qemu:dirty-bitmap:a')",
+      `h.connect_uri(${JSON.stringify(uri('disk'))})`,
+      `out = []`,
+      `for off, n in ${JSON.stringify(windows)}:`,
+      '    for flags in (0, nbd.CMD_FLAG_REQ_ONE):',
+      '        ext = []',
+      '        def cb(ctx, o, e, err):',
+      "            if ctx == 'qemu:dirty-bitmap:a': ext.extend(e)",
+      '            return 0',
+      '        h.block_status(n, off, cb, flags)',
+      '        out.append(ext)',
+      'print(json.dumps(out))',
+    ].join('\n');
+    const r = await exec(SYSTEM_PYTHON, ['-c', script]);
+    t.equal(r.code, 0, `python-libnbd block status: ${r.stderr.trim().slice(-300)}`);
+    const answers = JSON.parse(r.stdout) as number[][];
+    let bad = '';
+    windows.forEach(([off, len], i) => {
+      const expect: { offset: number; length: number }[] = [];
+      for (const x of want) {
+        const a = Math.max(off, x.offset);
+        const b = Math.min(off + len, x.offset + x.length);
+        if (a < b) expect.push({ offset: a, length: b - a });
+      }
+      const full = answers[2 * i]!;
+      const got: { offset: number; length: number }[] = [];
+      let pos = off;
+      for (let k = 0; k < full.length; k += 2) {
+        if (full[k + 1]! & 1) got.push({ offset: pos, length: full[k]! });
+        pos += full[k]!;
+      }
+      if (pos !== off + len && !bad) bad = `window ${off}+${len}: the extents cover ${pos - off} bytes`;
+      if (JSON.stringify(mergeRanges(got)) !== JSON.stringify(expect) && !bad) bad = `window ${off}+${len}: ${JSON.stringify(got)} != ${JSON.stringify(expect)}`;
+      const one = answers[2 * i + 1]!;
+      const dirtyAtStart = expect.length > 0 && expect[0]!.offset === off;
+      const oneLen = dirtyAtStart ? expect[0]!.length : (expect[0]?.offset ?? off + len) - off;
+      if ((one.length !== 2 || one[0] !== oneLen || (one[1]! & 1) !== (dirtyAtStart ? 1 : 0)) && !bad) bad = `window ${off}+${len} REQ_ONE: ${JSON.stringify(one)}, expected [${oneLen}, ${dirtyAtStart ? 1 : 0}]`;
+    });
+    t.equal(bad, '', `BLOCK_STATUS over ${windows.length} unaligned windows, with and without REQ_ONE, equals the map`);
   }
   const bad = await exec('nbdinfo', ['--map=qemu:dirty-bitmap:b', uri('disk@b')], { env });
   t.not(bad.code, 0, 'disk@b has no bitmap of itself');
