@@ -24,6 +24,11 @@
 // newer: so failed snapshots strictly between A and B leave the union a
 // cover. B failed: its content is lost, there is nothing to diff against.
 //
+// Also here: ChangeSource, what an export needs to offer the NBD meta
+// context qemu:dirty-bitmap:NAME (implemented by Volume; handshake.cc lists
+// and selects it, transmission.cc answers BLOCK_STATUS with it over the
+// request's chunks only).
+//
 // Threads and locking: none here; plain data. The caller reads the bitmaps
 // (lock-free, Bitmap::word is an acquire load).
 #pragma once
