@@ -167,9 +167,17 @@ export class Volume {
     this.publishNames();
   }
 
-  /** Tells the addon the snapshots' names: NBD clients ask for qemu:dirty-bitmap:NAME. */
+  /**
+   * Tells the addon the snapshots' names: NBD clients ask for
+   * qemu:dirty-bitmap:NAME. Never fails a save: after the export is gone
+   * (a last manifest retry at close) nobody can ask any more.
+   */
   private publishNames(): void {
-    this.native.setSnapshotNames(this.exportName, this.current.snapshots.map((s) => [s.name, s.id]));
+    try {
+      this.native.setSnapshotNames(this.exportName, this.current.snapshots.map((s) => [s.name, s.id]));
+    } catch (err) {
+      this.log.debug({ err: (err as Error).message }, 'snapshot names not passed to the addon');
+    }
   }
 
   /**
