@@ -20,6 +20,7 @@
         "native/core/journal_device.cc",
         "native/core/snapshot_view.cc",
         "native/core/volume.cc",
+        "native/core/change_map.cc",
         "native/core/first_write_queue.cc",
         "native/core/write_journal.cc",
         "native/core/journal_state.cc",
@@ -28,6 +29,7 @@
         "native/binding/server_wrap.cc",
         "native/binding/snapshot_methods.cc",
         "native/binding/rollback_methods.cc",
+        "native/binding/change_methods.cc",
         "native/binding/journal_functions.cc",
         "native/binding/binding.cc"
       ],

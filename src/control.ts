@@ -21,9 +21,9 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import { isErrorCode, NbdError, type ErrorCode } from './errors';
 import type { Logger } from './logger';
+import type { ListenAddress } from './server';
 import { native } from './native';
 import { parseAutoRollback } from './policies';
-import type { ListenAddress } from './server';
 import type { Volume } from './volume';
 import { controlSocketPath } from './volume-meta';
 
@@ -38,23 +38,51 @@ export interface ControlRequest {
     | 'rollback'
     | 'jobs'
     | 'info'
-    | 'nbd-address'
+    | 'change-map'
+    | 'nbd-listeners'
     | 'ping';
   name?: string;
   /** snapshot-create, snapshot-set: an auto-rollback policy or "off" */
   autoRollback?: string;
   /** rollback: who asked (user@host pid) */
   by?: string;
+  /** change-map: snapshot A, and snapshot B or null for the live volume */
+  from?: string;
+  to?: string | null;
 }
 
-async function handle(v: Volume, req: ControlRequest, addresses: () => readonly ListenAddress[]): Promise<unknown> {
+/** Where the serving server can be read over NBD (nbd-listeners): its volume export and listeners. */
+export interface NbdListeners {
+  export: string;
+  listeners: readonly ListenAddress[];
+}
+
+/**
+ * An NBD URI for `exportName` on one of the listeners: the unix socket if
+ * there is one (no network stack), else the first TCP listener (a wildcard
+ * address reached through the loopback); null when the server has none
+ * (only kernel devices).
+ */
+export function listenerUri(listeners: readonly ListenAddress[], exportName: string): string | null {
+  const name = encodeURIComponent(exportName);
+  const unix = listeners.find((a) => a.kind === 'unix' && a.path);
+  if (unix) return `nbd+unix:///${name}?socket=${encodeURIComponent(unix.path!)}`;
+  const tcp = listeners.find((a) => a.kind === 'tcp' && a.port);
+  if (!tcp) return null;
+  let host = tcp.host ?? '127.0.0.1';
+  if (host === '0.0.0.0' || host === '') host = '127.0.0.1';
+  if (host === '::') host = '::1';
+  return `nbd://${host.includes(':') ? `[${host}]` : host}:${tcp.port}/${name}`;
+}
+
+async function handle(v: Volume, req: ControlRequest, listening: () => readonly ListenAddress[]): Promise<unknown> {
   switch (req.op) {
+    case 'change-map':
+      return v.changeMap(req.from as string, req.to ?? null); // validated there
+    case 'nbd-listeners':
+      return { export: v.exportName, listeners: listening() } satisfies NbdListeners;
     case 'ping':
       return { pid: process.pid, export: v.exportName };
-    case 'nbd-address':
-      // Where this volume's NBD export can be reached (diff apply writes
-      // through it, so writes take the copy-on-write path).
-      return { export: v.exportName, addresses: addresses() };
     case 'snapshot-create':
       return v.snapshots.create(String(req.name ?? ''), { autoRollback: req.autoRollback ? parseAutoRollback(req.autoRollback) : undefined });
     case 'snapshot-set':
@@ -106,10 +134,11 @@ function allowedPeer(sock: net.Socket, clog: Logger): boolean {
 }
 
 /**
- * Serves the control socket of one volume; returns a closer. `addresses`:
- * the server's NBD listeners, for 'nbd-address'.
+ * Serves the control socket of one volume; returns a closer. `listening`
+ * names the server's NBD listeners (for readers of disk@SNAP exports,
+ * src/backup/volume-source.ts).
  */
-export function serveControl(v: Volume, log: Logger, addresses: () => readonly ListenAddress[] = () => []): Promise<() => Promise<void>> {
+export function serveControl(v: Volume, log: Logger, listening: () => readonly ListenAddress[] = () => []): Promise<() => Promise<void>> {
   const file = controlSocketPath(v.image);
   const clog = log.child({ component: 'control', volume: v.exportName });
   const server = net.createServer((sock) => {
@@ -141,7 +170,7 @@ export function serveControl(v: Volume, log: Logger, addresses: () => readonly L
           sock.write(JSON.stringify({ ok: false, code: 'BAD_ARGUMENT', message: 'request is not JSON' }) + '\n');
           continue;
         }
-        handle(v, req, addresses).then(
+        handle(v, req, listening).then(
           (result) => sock.write(JSON.stringify({ ok: true, result }) + '\n'),
           (err: unknown) => {
             const e = err as { code?: string; message?: string };

@@ -4,6 +4,7 @@
 // drains in-flight requests and flushes on a worker thread.
 import { EventEmitter } from 'node:events';
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { fromNative, NbdError } from './errors';
 import { silentLogger, type Logger } from './logger';
 import { native, type NativeEvent, type NativeServer, type NativeServerStats } from './native';
@@ -227,7 +228,8 @@ export class NbdServer extends EventEmitter {
     } catch (err) {
       throw fromNative(err);
     }
-    this.addresses.push({ kind: 'unix', path: socketPath });
+    // Absolute, so that other processes (control 'nbd-listeners') can reach it from any directory.
+    this.addresses.push({ kind: 'unix', path: path.resolve(socketPath) });
   }
 
   listening(): readonly ListenAddress[] {

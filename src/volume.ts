@@ -5,6 +5,7 @@
 //   jobs       the background job registry                  src/jobs.ts
 //   rollback   the rollback job: rollback, merge, history    src/rollback.ts
 //   policies   auto-rollback                                 src/policies.ts
+//   changeMap  chunks changed between snapshots, or since one src/change-map.ts
 // Each of them reads the manifest here and changes it only through save()
 // (or saveOrRetry()); each module states its own crash order at its top.
 //
@@ -29,6 +30,7 @@
 //     open, and releases the lock last, after a last try at a pending
 //     failure record.
 // Everything here runs on the main JS thread.
+import { changeMap, type ChangeMap } from './change-map';
 import { NbdError } from './errors';
 import { JobRegistry } from './jobs';
 import { orphanJournals } from './journals';
@@ -131,6 +133,7 @@ export class Volume {
     opts: { readOnly?: boolean; mergeRate?: number } = {},
   ): Volume {
     const v = new Volume(native, image, exportName, prepared, log, opts);
+    v.publishNames();
     v.policies.armHold();
     v.rollback.reconcileHistory();
     v.snapshots.exportAll();
@@ -161,6 +164,20 @@ export class Volume {
     clearInterval(this.failureRetry);
     this.failureRetry = undefined;
     this.policies.armHold(); // the policy may have changed (set, create, delete)
+    this.publishNames();
+  }
+
+  /**
+   * Tells the addon the snapshots' names: NBD clients ask for
+   * qemu:dirty-bitmap:NAME. Never fails a save: after the export is gone
+   * (a last manifest retry at close) nobody can ask any more.
+   */
+  private publishNames(): void {
+    try {
+      this.native.setSnapshotNames(this.exportName, this.current.snapshots.map((s) => [s.name, s.id]));
+    } catch (err) {
+      this.log.debug({ err: (err as Error).message }, 'snapshot names not passed to the addon');
+    }
   }
 
   /**
@@ -224,6 +241,11 @@ export class Volume {
     } catch {
       return undefined;
     }
+  }
+
+  /** The chunks that may differ between snapshot `from` and snapshot `to` (null: live); src/change-map.ts. */
+  changeMap(from: string, to: string | null): Promise<ChangeMap> {
+    return changeMap(this, from, to);
   }
 
   /** Volume -> snapshot mapping and the volume's state (`info IMAGE`). */

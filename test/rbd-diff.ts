@@ -16,7 +16,7 @@ import { NbdError } from '../src/errors';
 import { applyModel, asAsync, decodeModel, encodeModel, MemorySource, MemoryTarget, pieces, prng, runDiffApply, type Rec } from './fixtures/diff-stream';
 import { CLI, serverFor, tempDirs } from './fixtures/server';
 import { exec } from './fixtures/exec';
-import { nbdUriFor } from '../src/cli/diff-apply';
+import { listenerUri as nbdUriFor } from '../src/control';
 
 const KiB = 1024;
 const makeTempDir = tempDirs(t);

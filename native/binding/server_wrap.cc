@@ -78,6 +78,8 @@ Napi::Function ServerWrap::Init(Napi::Env env) {
                          InstanceMethod<&ServerWrap::MergeStatus>("mergeStatus"),
                          InstanceMethod<&ServerWrap::SetDisconnectHold>("setDisconnectHold"),
                          InstanceMethod<&ServerWrap::ReleaseHold>("releaseHold"),
+                         InstanceMethod<&ServerWrap::ChangedChunks>("changedChunks"),
+                         InstanceMethod<&ServerWrap::SetSnapshotNames>("setSnapshotNames"),
                      });
 }
 
@@ -133,7 +135,10 @@ Napi::Value ServerWrap::AddExport(const Napi::CallbackInfo& info) {
     throw coded_error(env, "EXPORT_EXISTS", "an export named '" + e->name + "' already exists");
   Napi::Array snapshots = Napi::Array::New(env);
   std::shared_ptr<nbd::Device> top = dev;
-  if (o.Has("chunkSize") && !o.Get("chunkSize").IsUndefined()) top = open_volume(env, e->name, dev, o, snapshots);
+  if (o.Has("chunkSize") && !o.Get("chunkSize").IsUndefined()) {
+    top = open_volume(env, e->name, dev, o, snapshots);
+    e->changes = volumes_[e->name];  // qemu:dirty-bitmap:NAME on the live export
+  }
   if (read_only) e->device = std::make_shared<nbd::ReadOnlyDevice>(top);
   else e->device = top;
   if (!server_->exports().add(e)) {

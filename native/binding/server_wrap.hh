@@ -58,6 +58,9 @@ class ServerWrap : public Napi::ObjectWrap<ServerWrap> {
   Napi::Value MergeStatus(const Napi::CallbackInfo& info);
   Napi::Value SetDisconnectHold(const Napi::CallbackInfo& info);
   Napi::Value ReleaseHold(const Napi::CallbackInfo& info);
+  // change_methods.cc
+  Napi::Value ChangedChunks(const Napi::CallbackInfo& info);
+  Napi::Value SetSnapshotNames(const Napi::CallbackInfo& info);
   std::shared_ptr<nbd::Volume> volume(Napi::Env env, const Napi::Value& name);
   // Opens the snapshot chain of a volume export (addExport with chunkSize).
   std::shared_ptr<nbd::Device> open_volume(Napi::Env env, const std::string& name, std::shared_ptr<nbd::Device> live,

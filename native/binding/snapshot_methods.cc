@@ -281,6 +281,8 @@ Napi::Value ServerWrap::AddSnapshotExport(const Napi::CallbackInfo& info) {
   e->name = info[2].As<Napi::String>().Utf8Value();
   if (info.Length() > 3 && info[3].IsString()) e->description = info[3].As<Napi::String>().Utf8Value();
   e->device = dev;
+  e->changes = vol;  // qemu:dirty-bitmap:NAME: changes from NAME to this snapshot
+  e->changes_at = id;
   if (!server_->exports().add(e)) throw coded_error(env, "EXPORT_EXISTS", "an export named '" + e->name + "' already exists");
   return env.Undefined();
 }

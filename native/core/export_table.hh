@@ -76,10 +76,17 @@ class Admission {
   bool held_ = false;
 };
 
+class ChangeSource;  // change_map.hh
+
 struct Export {
   std::string name;
   std::string description;
   std::shared_ptr<Device> device;
+  // For a volume's exports: the change maps behind qemu:dirty-bitmap:NAME
+  // (null: none offered), from snapshot NAME to this export's point
+  // (changes_at: a snapshot id, 0 for the live volume). Set before add().
+  std::shared_ptr<ChangeSource> changes;
+  uint64_t changes_at = 0;
   ExportStats stats;
   Admission admission;
 };

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "byte_order.hh"
+#include "change_map.hh"
 #include "nbd_protocol.hh"
 
 namespace nbd {
@@ -31,9 +32,12 @@ struct Negotiator {
   const HandshakeConfig& cfg;
   Session& session;
   bool no_zeroes = false;
-  // Meta context state: the export the last SET_META_CONTEXT named.
+  // Meta context state: the export the last SET_META_CONTEXT named, and
+  // what it selected: base:allocation (context id 1) and at most one
+  // qemu:dirty-bitmap:NAME (context id 2; the snapshot's id, 0 = none).
   std::string meta_export;
   bool meta_base_allocation = false;
+  uint64_t meta_dirty_from = 0;
 
   int reply(uint32_t option, uint32_t type, const Bytes& data) {
     OptionReplyHeader h{be64(kOptReplyMagic), be32(option), be32(type), be32(static_cast<uint32_t>(data.size()))};
@@ -110,26 +114,60 @@ struct Negotiator {
     bool same = meta_export == name ||
                 cfg.exports->find(meta_export) == session.exp;
     session.base_allocation_id = (session.structured && meta_base_allocation && same) ? 1 : 0;
+    session.dirty_from = session.structured && same && session.exp->changes ? meta_dirty_from : 0;
+    session.dirty_bitmap_id = session.dirty_from ? 2 : 0;
   }
 
-  // Parses a meta-context request. On success fills `name` and whether
-  // base:allocation matched; returns an error reply type or 0.
-  uint32_t parse_meta(const Bytes& data, bool is_set, std::string& name, bool& base_alloc, std::string& why) {
+  // Parses a meta-context request: the export name and the queries.
+  uint32_t parse_meta(const Bytes& data, std::string& name, std::vector<std::string>& queries, std::string& why) {
     Cursor c{data};
     uint32_t nlen = c.u32();
     name = c.str(nlen);
     uint32_t nq = c.u32();
     if (!c.ok) { why = "malformed meta context request"; return kRepErrInvalid; }
-    base_alloc = false;
-    if (nq == 0) base_alloc = !is_set;  // LIST with no query lists everything; SET selects nothing
     for (uint32_t i = 0; i < nq; ++i) {
       uint32_t qlen = c.u32();
       std::string q = c.str(qlen);
       if (!c.ok) { why = "meta context query runs past the option"; return kRepErrInvalid; }
-      if (q == "base:allocation" || (!is_set && q == "base:")) base_alloc = true;
+      queries.push_back(std::move(q));
     }
     if (!c.done()) { why = "trailing bytes after meta context queries"; return kRepErrInvalid; }
     return 0;
+  }
+
+  // The contexts `queries` select on export `e`. LIST: no query lists
+  // everything, "base:" and "qemu:" / "qemu:dirty-bitmap:" list their
+  // namespace. SET: exact names only, one dirty bitmap at most (qemu's
+  // clients use one). qemu:dirty-bitmap:NAME exists on a volume's exports
+  // for each healthy snapshot NAME older than the export's point (the live
+  // volume, or snapshot B for disk@B): the chunks changed from NAME to it
+  // (change_map.hh).
+  struct MetaMatch {
+    bool base_alloc = false;
+    std::vector<std::pair<std::string, uint64_t>> dirty;  // (context name, snapshot id)
+  };
+  static MetaMatch match_meta(const Export& e, bool is_set, const std::vector<std::string>& queries) {
+    static const std::string kDirty = "qemu:dirty-bitmap:";
+    MetaMatch m;
+    auto all_dirty = [&] {
+      if (!e.changes) return;
+      for (auto& n : e.changes->bitmaps_at(e.changes_at))
+        if (uint64_t id = e.changes->bitmap_from(n, e.changes_at)) m.dirty.push_back({kDirty + n, id});
+    };
+    if (queries.empty() && !is_set) {  // LIST with no query lists everything; SET selects nothing
+      m.base_alloc = true;
+      all_dirty();
+      return m;
+    }
+    for (auto& q : queries) {
+      if (q == "base:allocation" || (!is_set && q == "base:")) m.base_alloc = true;
+      else if (!is_set && (q == "qemu:" || q == kDirty)) all_dirty();
+      else if (q.compare(0, kDirty.size(), kDirty) == 0 && q.size() > kDirty.size() && e.changes &&
+               !(is_set && !m.dirty.empty())) {
+        if (uint64_t id = e.changes->bitmap_from(q.substr(kDirty.size()), e.changes_at)) m.dirty.push_back({q, id});
+      }
+    }
+    return m;
   }
 
   // Returns: 1 = continue negotiating, 0 = enter transmission, -1 = close quietly, -2 = fatal.
@@ -193,26 +231,37 @@ struct Negotiator {
       case kOptListMetaContext:
       case kOptSetMetaContext: {
         bool is_set = option == kOptSetMetaContext;
+        auto forget = [&] {
+          if (is_set) { meta_export.clear(); meta_base_allocation = false; meta_dirty_from = 0; }
+        };
         if (!session.structured)
           return reply_error(option, kRepErrInvalid, "negotiate NBD_OPT_STRUCTURED_REPLY first") ? -1 : 1;
         std::string name, why;
-        bool base_alloc = false;
-        if (uint32_t err = parse_meta(data, is_set, name, base_alloc, why)) {
-          if (is_set) { meta_export.clear(); meta_base_allocation = false; }
+        std::vector<std::string> queries;
+        if (uint32_t err = parse_meta(data, name, queries, why)) {
+          forget();
           return reply_error(option, err, why) ? -1 : 1;
         }
-        if (!cfg.exports->find(name)) {
-          if (is_set) { meta_export.clear(); meta_base_allocation = false; }
+        auto e = cfg.exports->find(name);
+        if (!e) {
+          forget();
           return reply_error(option, kRepErrUnknown, "unknown export '" + name + "'") ? -1 : 1;
         }
-        if (base_alloc) {
+        MetaMatch m = match_meta(*e, is_set, queries);
+        auto send_ctx = [&](uint32_t id, const std::string& ctx) {
           Bytes d;
-          put_be32(d, is_set ? 1 : 0);
-          const std::string ctx = "base:allocation";
+          put_be32(d, is_set ? id : 0);
           d.insert(d.end(), ctx.begin(), ctx.end());
-          if (reply(option, kRepMetaContext, d)) return -1;
+          return reply(option, kRepMetaContext, d);
+        };
+        if (m.base_alloc && send_ctx(1, "base:allocation")) return -1;
+        for (auto& [ctx, id] : m.dirty)
+          if (send_ctx(2, ctx)) return -1;
+        if (is_set) {
+          meta_export = name;
+          meta_base_allocation = m.base_alloc;
+          meta_dirty_from = m.dirty.empty() ? 0 : m.dirty.front().second;
         }
-        if (is_set) { meta_export = name; meta_base_allocation = base_alloc; }
         return reply(option, kRepAck, {}) ? -1 : 1;
       }
       default:

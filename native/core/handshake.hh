@@ -16,6 +16,8 @@ struct Session {
   std::string export_name;       // as the client asked for it
   bool structured = false;       // NBD_OPT_STRUCTURED_REPLY was accepted
   uint32_t base_allocation_id = 0;  // nonzero: base:allocation was selected
+  uint32_t dirty_bitmap_id = 0;     // nonzero: qemu:dirty-bitmap:NAME was selected...
+  uint64_t dirty_from = 0;          // ...the snapshot NAME's id (exp->changes)
   uint16_t tx_flags = 0;         // what we advertised
   uint32_t max_payload = 0;
 };

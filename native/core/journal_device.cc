@@ -168,6 +168,12 @@ void JournalDevice::drain() {
   next_->drain();
 }
 
+std::vector<uint64_t> JournalDevice::queued_chunks(uint64_t first, uint64_t last) const {
+  auto q = queue();
+  if (!q) return {};
+  return q->chunks_in(first, last);
+}
+
 std::string JournalDevice::kept_journal() const {
   std::lock_guard<std::mutex> lk(mode_mu_);
   return kept_journal_;

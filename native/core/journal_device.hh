@@ -103,6 +103,9 @@ class JournalDevice : public FilterDevice {
   // "inline", "journal" or "inline (journal unavailable: ...)", and queued entries.
   std::string first_write_mode() const;
   uint64_t queued_writes() const;
+  // Sorted chunks of [first, last] with queued entries (taken under the queue's lock): their
+  // writes are acknowledged but not yet preserved, so no bitmap has them.
+  std::vector<uint64_t> queued_chunks(uint64_t first, uint64_t last) const;
   // Closes the gate with the queue drained, keeping the pause short (see the
   // .cc). Returns with the gate CLOSED, also on error (err says why).
   int pause_and_drain(std::string& err);

@@ -48,6 +48,8 @@ class MergeJob {
   uint64_t remaining() const;
   uint64_t chunks() const { return pending_->size(); }
   bool pending(uint64_t c) const { return pending_->test(c); }
+  // The pending set itself (bits only ever clear), for change maps.
+  const Bitmap& pending_map() const { return *pending_; }
   // The first pending chunk >= c, or chunks() if there is none.
   uint64_t next_pending(uint64_t c) const;
   // Durably records `chunks` (ascending) as merged, then clears their bits.

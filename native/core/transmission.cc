@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "byte_order.hh"
+#include "change_map.hh"
 #include "errors.hh"
 #include "nbd_protocol.hh"
 
@@ -101,7 +102,7 @@ bool validate(const Session& s, PendingRequest& req) {
       if (req.length && past_end) return refuse(req, kENOSPC, "WRITE_ZEROES past the end of the export");
       break;
     case kCmdBlockStatus:
-      if (!s.base_allocation_id) return refuse(req, kEINVAL, "BLOCK_STATUS without a negotiated meta context");
+      if (!s.base_allocation_id && !s.dirty_bitmap_id) return refuse(req, kEINVAL, "BLOCK_STATUS without a negotiated meta context");
       allowed |= kCmdFlagReqOne;
       if (req.flags & ~allowed) return refuse(req, kEINVAL, "BLOCK_STATUS with a flag that was not negotiated");
       if (req.length && past_end) return refuse(req, kEINVAL, "BLOCK_STATUS past the end of the export");
@@ -199,10 +200,11 @@ int reply_read(ReplySender& out, const Session& s, const PendingRequest& req, co
   return out.send(iov.data(), static_cast<int>(iov.size()));
 }
 
-int reply_block_status(ReplySender& out, const Session& s, const PendingRequest& req, std::vector<Extent>& ext) {
-  // Merge neighbours with equal flags; clip to the request (REQ_ONE requires it).
+// One BLOCK_STATUS chunk body for context `id`: neighbours with equal flags
+// merged, clipped to the request (REQ_ONE: one extent).
+std::vector<uint8_t> block_status_body(uint32_t id, const PendingRequest& req, const std::vector<Extent>& ext) {
   std::vector<uint8_t> body;
-  put_be32(body, s.base_allocation_id);
+  put_be32(body, id);
   uint64_t covered = 0;
   size_t n = 0;
   for (size_t i = 0; i < ext.size() && covered < req.length; ++i) {
@@ -221,10 +223,49 @@ int reply_block_status(ReplySender& out, const Session& s, const PendingRequest&
     put_be32(body, req.length);
     put_be32(body, 0);
   }
-  uint8_t head[sizeof(StructuredReply)];
-  fill_chunk_header(head, kReplyFlagDone, kReplyTypeBlockStatus, req.cookie, static_cast<uint32_t>(body.size()));
-  struct iovec iov[2] = {{head, sizeof head}, {body.data(), body.size()}};
-  return out.send(iov, 2);
+  return body;
+}
+
+// One chunk per negotiated context, the last one flagged DONE, sent whole.
+int reply_block_status(ReplySender& out, const PendingRequest& req,
+                       const std::vector<std::pair<uint32_t, std::vector<Extent>>>& contexts) {
+  std::vector<std::vector<uint8_t>> bodies;
+  for (auto& [id, ext] : contexts) bodies.push_back(block_status_body(id, req, ext));
+  std::vector<ChunkHead> heads(bodies.size());
+  std::vector<struct iovec> iov;
+  for (size_t i = 0; i < bodies.size(); ++i) {
+    fill_chunk_header(heads[i].b, i + 1 == bodies.size() ? kReplyFlagDone : 0, kReplyTypeBlockStatus, req.cookie,
+                      static_cast<uint32_t>(bodies[i].size()));
+    iov.push_back({heads[i].b, sizeof(StructuredReply)});
+    iov.push_back({bodies[i].data(), bodies[i].size()});
+  }
+  return out.send(iov.data(), static_cast<int>(iov.size()));
+}
+
+// qemu:dirty-bitmap:NAME over the request's range: flag 1 (dirty) for the
+// chunks changed from snapshot NAME to the export's point, 0 elsewhere
+// (change_map.hh; as qemu reports its dirty bitmaps).
+int dirty_extents(const Session& s, const PendingRequest& req, std::vector<Extent>& out) {
+  ChangeSource& src = *s.exp->changes;
+  const uint64_t cs = src.chunk_size();
+  const uint64_t first = req.offset / cs, last = (req.offset + req.length - 1) / cs;
+  std::vector<ChunkRun> runs;
+  ChangeError kind = ChangeError::kNone;
+  std::string err;
+  // The snapshot may have been deleted or failed since the negotiation.
+  if (src.changed_chunks(s.dirty_from, s.exp->changes_at, runs, kind, err, first, last - first + 1)) return EIO;
+  const uint64_t end = req.offset + req.length;
+  uint64_t pos = req.offset;
+  for (const ChunkRun& r : runs) {
+    if (out.size() + 2 > kMaxExtents) return 0;  // a prefix of the range is a valid answer
+    const uint64_t a = std::max(pos, r.start * cs), b = std::min(end, (r.start + r.count) * cs);
+    if (a >= b) continue;
+    if (a > pos) out.push_back({a - pos, 0});
+    out.push_back({b - a, 1});
+    pos = b;
+  }
+  if (pos < end) out.push_back({end - pos, 0});
+  return 0;
 }
 
 }  // namespace
@@ -314,11 +355,19 @@ int execute_request(ReplySender& out, const Session& s, PendingRequest& req, IoB
       st.zeroes.fetch_add(1, std::memory_order_relaxed);
       break;
     case kCmdBlockStatus: {
-      std::vector<Extent> ext;
-      err = dev.extents(req.length, req.offset, (req.flags & kCmdFlagReqOne) ? 1 : kMaxExtents, ext);
+      std::vector<std::pair<uint32_t, std::vector<Extent>>> contexts;
       st.block_status.fetch_add(1, std::memory_order_relaxed);
-      if (err) break;
-      return reply_block_status(out, s, req, ext);
+      if (s.base_allocation_id) {
+        contexts.push_back({s.base_allocation_id, {}});
+        err = dev.extents(req.length, req.offset, (req.flags & kCmdFlagReqOne) ? 1 : kMaxExtents, contexts.back().second);
+        if (err) break;
+      }
+      if (s.dirty_bitmap_id) {
+        contexts.push_back({s.dirty_bitmap_id, {}});
+        err = dirty_extents(s, req, contexts.back().second);
+        if (err) break;
+      }
+      return reply_block_status(out, req, contexts);
     }
     default:
       err = EINVAL;

@@ -2,6 +2,7 @@
 // steps that span layers.
 #include "volume.hh"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -86,6 +87,73 @@ int Volume::finish_rollback(std::string& err) {
   int e = rollback_->finish(err);
   locks_->gate.open();
   return e;
+}
+
+// The order of the reads matters, because chunks move between the sources
+// while writes flow: a merged chunk is preserved (bit set) before it leaves
+// the pending set, and a queued entry's chunks are preserved (bits set)
+// before the entry leaves the queue. So reading the pending set first, the
+// queue second and the bitmaps last, a chunk that left one source before we
+// read it is already in a source we read later; bitmaps only gain bits. The
+// gate (entered like a write) keeps the chain, the merge job and the queue
+// object from being swapped meanwhile: those change only with it closed.
+// Snapshot bitmaps and the pending set are read lock-free (Bitmap words are
+// atomics); the queue's chunk index under its own lock (gate → queue mu_).
+int Volume::changed_chunks(uint64_t from, uint64_t to, std::vector<ChunkRun>& runs, ChangeError& kind,
+                           std::string& err, uint64_t first_chunk, uint64_t count) {
+  GateGuard g(locks_->gate);
+  auto chain_ptr = cow_->chain();
+  const Chain& chain = *chain_ptr;
+  size_t first = 0, end = 0;
+  kind = change_range(chain, from, to, first, end, err);
+  if (kind != ChangeError::kNone) return EINVAL;
+  ChangeSet set((size() + chunk_size() - 1) / chunk_size(), first_chunk, count);
+  if (to == 0) {
+    // Pending in a rollback: live reads show the rollback's snapshot there.
+    if (auto job = rollback_->merge_job()) set.add(job->pending_map());
+    // Acknowledged first writes not yet preserved into any bitmap.
+    if (set.end() > set.first()) set.add_chunks(journal_->queued_chunks(set.first(), set.end() - 1));
+  }
+  for (size_t i = first; i < end; ++i) set.add(chain[i]->map());
+  runs = set.runs();
+  return 0;
+}
+
+void Volume::set_snapshot_names(std::vector<std::pair<std::string, uint64_t>> names) {
+  std::lock_guard<std::mutex> lk(names_mu_);
+  names_ = std::move(names);
+}
+
+uint64_t Volume::bitmap_from(const std::string& name, uint64_t at) const {
+  uint64_t id = 0;
+  {
+    std::lock_guard<std::mutex> lk(names_mu_);
+    for (auto& [n, i] : names_)
+      if (n == name) id = i;
+  }
+  if (id == 0) return 0;
+  size_t first = 0, end = 0;
+  std::string err;
+  return change_range(*cow_->chain(), id, at, first, end, err) == ChangeError::kNone ? id : 0;
+}
+
+std::vector<std::string> Volume::bitmaps_at(uint64_t at) const {
+  std::vector<std::pair<std::string, uint64_t>> names;
+  {
+    std::lock_guard<std::mutex> lk(names_mu_);
+    names = names_;
+  }
+  auto chain = cow_->chain();
+  std::vector<std::pair<size_t, std::string>> found;
+  for (auto& [n, id] : names) {
+    size_t first = 0, end = 0;
+    std::string err;
+    if (change_range(*chain, id, at, first, end, err) == ChangeError::kNone) found.push_back({first, n});
+  }
+  std::sort(found.begin(), found.end());
+  std::vector<std::string> out;
+  for (auto& f : found) out.push_back(f.second);
+  return out;
 }
 
 std::shared_ptr<Device> Volume::view(uint64_t id) {

@@ -19,8 +19,12 @@
 #pragma once
 
 #include <memory>
+#include <mutex>
 #include <string>
+#include <utility>
+#include <vector>
 
+#include "change_map.hh"
 #include "cow_device.hh"
 #include "journal_device.hh"
 #include "rollback_device.hh"
@@ -28,7 +32,7 @@
 
 namespace nbd {
 
-class Volume {
+class Volume : public ChangeSource {
  public:
   using FailureCallback = CowDevice::FailureCallback;
   using Chain = CowDevice::Chain;
@@ -39,7 +43,7 @@ class Volume {
 
   // The top of the live chain: what the volume's export serves.
   std::shared_ptr<Device> device() const { return journal_; }
-  uint32_t chunk_size() const { return cow_->chunk_size(); }
+  uint32_t chunk_size() const override { return cow_->chunk_size(); }
   uint64_t size() const { return live_->size(); }
 
   // At open, in this order: load_snapshot() for each (chain order = call
@@ -104,6 +108,25 @@ class Volume {
   int finish_rollback(std::string& err);
   std::shared_ptr<MergeJob> merge_job() const { return rollback_->merge_job(); }
 
+  // The chunks that may differ between snapshot `from` and snapshot `to`
+  // (0: the live volume), as ascending disjoint runs (change_map.hh),
+  // limited to `count` chunks from `first`. Never short of a real change:
+  // for the live volume it includes chunks whose first writes are still
+  // queued and chunks a rollback has still pending. EINVAL with `kind` and
+  // `err` when the range is refused. Enters the write gate like a write
+  // (the chain, the merge job and the queue stay put meanwhile); takes the
+  // first-write queue's lock briefly; no stripes. Any thread.
+  int changed_chunks(uint64_t from, uint64_t to, std::vector<ChunkRun>& runs, ChangeError& kind, std::string& err,
+                     uint64_t first, uint64_t count) override;
+  int changed_chunks(uint64_t from, uint64_t to, std::vector<ChunkRun>& runs, ChangeError& kind, std::string& err) {
+    return changed_chunks(from, to, runs, kind, err, 0, UINT64_MAX);
+  }
+  // Snapshot names (the control plane owns them; it sets them after every
+  // manifest change), for qemu:dirty-bitmap:NAME meta contexts.
+  void set_snapshot_names(std::vector<std::pair<std::string, uint64_t>> names);
+  uint64_t bitmap_from(const std::string& name, uint64_t at) const override;
+  std::vector<std::string> bitmaps_at(uint64_t at) const override;
+
   // A read-only device showing snapshot `id` as it was created (null: no such snapshot).
   std::shared_ptr<Device> view(uint64_t id);
 
@@ -113,6 +136,8 @@ class Volume {
   const std::shared_ptr<CowDevice> cow_;
   const std::shared_ptr<RollbackDevice> rollback_;
   const std::shared_ptr<JournalDevice> journal_;
+  mutable std::mutex names_mu_;  // leaf; guards names_
+  std::vector<std::pair<std::string, uint64_t>> names_;
 };
 
 }  // namespace nbd

@@ -11,12 +11,12 @@
 //   Tests use it, and so do peers that back up a copy of an image.
 // - NbdChunkSource (nbd-source.ts): any NBD export (e.g. disk@SNAP), all
 //   chunks or given runs, read with NBD_CMD_READ.
-// - next: the server's own change maps. The server unions the copy-on-write
-//   bitmaps between the parent's snapshot and this one (in the addon),
-//   yields them as runs, marks trimmed/zeroed runs `zero` (no read), and
-//   reads disk@SNAP through the addon's snapshot read path, or any NBD
-//   export with NBD_CMD_READ and the qemu:dirty-bitmap meta context. Only
-//   this interface is needed for either.
+// - openVolumeSource (volume-source.ts): this server's own volumes. The
+//   addon unions the copy-on-write bitmaps between the parent's snapshot and
+//   this one (src/change-map.ts), and disk@SNAP is read over NBD. Not yet:
+//   marking trimmed/zeroed runs `zero` (no read). Other NBD servers' exports
+//   can feed NbdChunkSource's runs from their qemu:dirty-bitmap meta context
+//   (this server offers it too).
 import * as fsp from 'node:fs/promises';
 import * as path from 'node:path';
 import { NbdError } from '../errors';

@@ -7,7 +7,7 @@
 //   - IMAGE is nbd:// or nbd+unix://: that export, as it is. The stream's
 //     snapshot names are neither checked nor created there.
 //   - a server serves IMAGE: its export, over one of its listeners (asked
-//     through IMAGE.nbd/control.sock, 'nbd-address'); a server with no
+//     through IMAGE.nbd/control.sock, 'nbd-listeners'); a server with no
 //     listener (attach) is refused with VOLUME_BUSY.
 //   - offline: the volume is opened in this process (an NbdServer, which
 //     takes the volume lock, as the other offline volume commands do) and
@@ -29,13 +29,13 @@ import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import type { Readable } from 'node:stream';
-import { callControl } from '../control';
+import { callControl, listenerUri, type NbdListeners } from '../control';
 import { applyRbdDiff, type ApplyDiffResult } from '../diff/rbd-diff-apply';
 import type { DiffHeader } from '../diff/rbd-diff-parser';
 import { NbdDiffTarget } from '../diff/diff-target';
 import { NbdError } from '../errors';
 import { createLogger } from '../logger';
-import { NbdServer, type ListenAddress } from '../server';
+import { NbdServer } from '../server';
 import type { SnapshotInfo } from '../snapshots';
 import { validateSnapshotName } from '../volume-meta';
 import { output } from './volume-command';
@@ -63,17 +63,6 @@ function isNbdUri(s: string): boolean {
   return /^nbd(\+unix)?:\/\//.test(s);
 }
 
-export function nbdUriFor(addrs: readonly ListenAddress[], exportName: string): string | null {
-  const name = encodeURIComponent(exportName);
-  const unix = addrs.find((a) => a.kind === 'unix' && a.path);
-  if (unix) return `nbd+unix:///${name}?socket=${encodeURIComponent(unix.path!)}`;
-  const tcp = addrs.find((a) => a.kind === 'tcp' && a.port);
-  if (!tcp) return null;
-  let host = tcp.host ?? '127.0.0.1';
-  if (host === '0.0.0.0' || host === '') host = '127.0.0.1';
-  if (host === '::') host = '::1';
-  return `nbd://${host.includes(':') ? `[${host}]` : host}:${tcp.port}/${name}`;
-}
 
 function checker(snaps: SnapshotOps | null, wantSnapshot: boolean, image: string): (h: DiffHeader) => Promise<void> {
   return async (h) => {
@@ -117,10 +106,10 @@ export async function diffApply(image: string, input: Readable, opts: DiffApplyO
   }
   if (isNbdUri(image)) return applyVia(image, input, null, image, wantSnapshot);
 
-  const online = await callControl(image, { op: 'nbd-address' });
+  const online = await callControl(image, { op: 'nbd-listeners' });
   if (online) {
-    const { export: exportName, addresses } = online.result as { export: string; addresses: ListenAddress[] };
-    const uri = nbdUriFor(addresses ?? [], exportName);
+    const l = online.result as NbdListeners;
+    const uri = listenerUri(l.listeners, l.export);
     if (!uri) throw new NbdError('VOLUME_BUSY', `${image} is served with no NBD listener (only a kernel device?): apply through the device's server with a listener, or stop it`);
     const snaps: SnapshotOps = {
       list: async () => (await callControl(image, { op: 'snapshot-list' }))!.result as SnapshotInfo[],

@@ -4,6 +4,7 @@ import { Command, CommanderError } from 'commander';
 import { EXIT_CODES, NbdError } from '../errors';
 import { packageVersion } from '../package-root';
 import { registerAttach } from './attach';
+import { registerDiff } from './diff';
 import { registerJournal } from './journal';
 import { registerServe } from './serve';
 import { registerRollback } from './rollback';
@@ -23,6 +24,7 @@ export function buildProgram(): Command {
   registerSnapshot(program);
   registerRollback(program);
   registerJournal(program);
+  registerDiff(program);
   return program;
 }
 

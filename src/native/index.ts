@@ -177,6 +177,15 @@ export interface NativeServer {
   /** Arms the admission hold: the last session leaving holds new ones (event "last-disconnect") until releaseHold. */
   setDisconnectHold(exportName: string, on: boolean): void;
   releaseHold(exportName: string): void;
+  /**
+   * The change map from snapshot `fromId` to snapshot `toId` (null: the live
+   * volume): [start, count, start, count, ...], ascending disjoint runs of
+   * chunk indexes (native/core/change_map.hh). Rejects with
+   * SNAPSHOT_NOT_FOUND, CHANGES_RANGE_INVALID or CHANGES_UNAVAILABLE.
+   */
+  changedChunks(exportName: string, fromId: number, toId: number | null): Promise<Float64Array>;
+  /** The snapshots' names, for qemu:dirty-bitmap:NAME meta contexts (set after every manifest change). */
+  setSnapshotNames(exportName: string, names: [string, number][]): void;
 }
 
 export interface NativeMergeStatus {
