@@ -5,6 +5,7 @@
 // copy-on-write path keeps snapshots exact). Interop with the Ceph tools is
 // in test/interop-rbd.ts.
 import t from 'tap';
+import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { PassThrough, Writable } from 'node:stream';
@@ -509,3 +510,51 @@ t.test('diff apply: the NBD address of a serving server', async (t) => {
   t.equal(nbdUriFor([{ kind: 'tcp', host: '192.0.2.1', port: 2 }], 'd'), 'nbd://192.0.2.1:2/d');
   t.equal(nbdUriFor([], 'd'), null, 'no listener (attach only)');
 });
+
+// The whole user path: `diff IMAGE --from a --to b --format rbd` (change map
+// from the server's own bitmaps, bytes read from disk@b) piped into
+// `diff apply` on a copy at snapshot a. Online (the source is served) and
+// offline (the source is not), each with writes, zeroes and a TRIM between
+// the snapshots.
+for (const mode of ['online', 'offline'] as const) {
+  t.test(`diff --format rbd | diff apply: a copy at a becomes b (${mode})`, async (t) => {
+    const dir = makeTempDir('nbd-rbddiff-e2e-');
+    const image = path.join(dir, 'disk.img');
+    const s0 = makeImage(image, 31);
+    t.equal((await cli(['snapshot', 'create', image, 'a'])).code, 0, 'snapshot a');
+    const replica = path.join(dir, 'replica.img');
+    fs.writeFileSync(replica, s0);
+    t.equal((await cli(['snapshot', 'create', replica, 'a'])).code, 0, 'the replica has a too');
+    const srv = await serverFor(t, { images: [image], dir });
+    const c = await NbdClient.connect(srv.uri('disk'));
+    const s1 = Buffer.from(s0);
+    for (const [off, len] of [[0, 70_000], [1_500_000, 4096], [VOL - 10_000, 10_000]] as const) {
+      const d = randomBytes(len);
+      await c.write(off, d);
+      d.copy(s1, off);
+    }
+    await c.zero(2 * 1024 * KiB, 256 * KiB);
+    s1.fill(0, 2 * 1024 * KiB, 2 * 1024 * KiB + 256 * KiB);
+    await c.flush();
+    await c.close();
+    t.equal((await cli(['snapshot', 'create', image, 'b'])).code, 0, 'snapshot b');
+    if (mode === 'offline') await srv.stop();
+
+    const d = path.join(dir, 'a-b.rbd');
+    const out = fs.openSync(d, 'w');
+    const r0 = await new Promise<number | null>((resolve, reject) => {
+      const p = spawn(process.execPath, [CLI, 'diff', image, '--from', 'a', '--to', 'b', '--format', 'rbd'], { stdio: ['ignore', out, 'pipe'] });
+      p.on('error', reject);
+      p.on('close', resolve);
+    });
+    fs.closeSync(out);
+    t.equal(r0, 0, 'diff --format rbd exits 0');
+    // Only what changed travels: well under the volume's size.
+    t.ok(fs.statSync(d).size < 200 * KiB, `the stream holds the changes only (${fs.statSync(d).size} bytes)`);
+    const r = await runDiffApply([replica, '--file', d, '--json'], null);
+    t.equal(r.code, 0, `diff apply: ${r.stderr}`);
+    t.ok(fs.readFileSync(replica).equals(s1), 'the replica reads b');
+    const list = await cli(['snapshot', 'list', replica, '--json']);
+    t.same((JSON.parse(list.stdout) as { name: string }[]).map((s) => s.name), ['a', 'b'], 'the replica has snapshot b');
+  });
+}

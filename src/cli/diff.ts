@@ -56,10 +56,12 @@ export function registerDiff(program: Command): Command {
     .command('diff')
     .description('Print the chunks that changed between two snapshots, or since a snapshot (online or offline).')
     .argument('<image>', 'image file')
-    .requiredOption('--from <snapshot>', 'the older snapshot (A)')
+    // Not a requiredOption: commander would demand it of `diff apply` too.
+    .option('--from <snapshot>', 'the older snapshot (A); required')
     .option('--to <snapshot>', 'the newer snapshot (B); default: the live volume')
     .option('--format <format>', `output format: ${Object.keys(DIFF_FORMATS).join(', ')}`, 'json')
-    .action(async (image: string, o: { from: string; to?: string; format: string }) => {
+    .action(async (image: string, o: { from?: string; to?: string; format: string }) => {
+      if (o.from === undefined) throw new NbdError('BAD_ARGUMENT', 'diff needs --from SNAPSHOT');
       const format = DIFF_FORMATS[o.format];
       if (!format) throw new NbdError('BAD_ARGUMENT', `unknown diff format "${o.format}" (${Object.keys(DIFF_FORMATS).join(', ')})`);
       const map = await volumeChangeMap(image, o.from, o.to ?? null);
