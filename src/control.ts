@@ -23,6 +23,7 @@ import { isErrorCode, NbdError, type ErrorCode } from './errors';
 import type { Logger } from './logger';
 import { native } from './native';
 import { parseAutoRollback } from './policies';
+import type { BackupRequest } from './backup-job';
 import type { Volume } from './volume';
 import { controlSocketPath } from './volume-meta';
 
@@ -36,6 +37,8 @@ export interface ControlRequest {
     | 'snapshot-get'
     | 'rollback'
     | 'jobs'
+    | 'job-cancel'
+    | 'backup-create'
     | 'info'
     | 'ping';
   name?: string;
@@ -43,6 +46,12 @@ export interface ControlRequest {
   autoRollback?: string;
   /** rollback: who asked (user@host pid) */
   by?: string;
+  /** jobs: also the finished ones */
+  all?: boolean;
+  /** job-cancel: the job */
+  id?: number;
+  /** backup-create: what `backup create` asked (paths absolute) */
+  backup?: BackupRequest;
 }
 
 async function handle(v: Volume, req: ControlRequest): Promise<unknown> {
@@ -58,7 +67,12 @@ async function handle(v: Volume, req: ControlRequest): Promise<unknown> {
     case 'rollback':
       return v.rollback.to(String(req.name ?? ''), { trigger: 'command', by: String(req.by ?? 'unknown') });
     case 'jobs':
-      return v.jobs.list();
+      return v.jobs.list({ all: req.all === true });
+    case 'job-cancel':
+      return v.jobs.cancel(Number(req.id), v.image);
+    case 'backup-create':
+      if (!req.backup || typeof req.backup.repo !== 'string') throw new NbdError('BAD_ARGUMENT', 'backup-create needs a repository');
+      return v.backups.create(req.backup);
     case 'info':
       await v.settle();
       return v.info();

@@ -4,6 +4,8 @@
 // drains in-flight requests and flushes on a worker thread.
 import { EventEmitter } from 'node:events';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
 import { fromNative, NbdError } from './errors';
 import { silentLogger, type Logger } from './logger';
 import { native, type NativeEvent, type NativeServer, type NativeServerStats } from './native';
@@ -166,6 +168,7 @@ export class NbdServer extends EventEmitter {
         this.log.info({ volume: prepared.path, entries: fw.replayedAtOpen }, 'applied first writes journalled before the last stop (preserved first)');
       }
       if (fw?.mode.startsWith('inline (')) this.log.warn({ volume: prepared.path, mode: fw.mode }, 'first writes after a snapshot are preserved inline');
+      v.exportUri = (name) => this.ownUri(name);
       this.volumes.set(info.name, v);
     }
     const exp: ExportInfo = { name: info.name, path: prepared.path, size: info.size, readOnly: info.readOnly, created: prepared.created };
@@ -318,6 +321,34 @@ export class NbdServer extends EventEmitter {
     v.policies.apply('on-disconnect')
       .catch((err: Error) => this.log.error({ volume: exportName, err: err.message }, 'auto-rollback on disconnect failed'))
       .finally(release);
+  }
+
+  /**
+   * An NBD URI at which this process serves export `name`, for reading its
+   * own exports (a backup reads disk@SNAP, src/backup-job.ts sourceFor):
+   * the first unix listener, else the first TCP one (a wildcard address is
+   * reached through loopback). A server with no listener that has not
+   * started (an offline command) gets a private one first: a unix socket in
+   * a new 0700 temporary directory, removed at close; the server starts.
+   */
+  ownUri(name: string): string {
+    const exp = encodeURIComponent(name);
+    if (this.addresses.length === 0 && this.state === 'new') {
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'node-nbd-server-'));
+      fs.chmodSync(dir, 0o700);
+      const sock = path.join(dir, 'nbd.sock');
+      this.addCloseHook(async () => fs.rmSync(dir, { recursive: true, force: true }));
+      this.listenUnix(sock);
+      this.start();
+    }
+    const unix = this.addresses.find((a) => a.kind === 'unix');
+    if (unix?.path) return `nbd+unix:///${exp}?socket=${unix.path}`;
+    const tcp = this.addresses.find((a) => a.kind === 'tcp');
+    if (tcp?.port !== undefined && this.state === 'serving') {
+      const host = !tcp.host || tcp.host === '0.0.0.0' ? '127.0.0.1' : tcp.host === '::' ? '::1' : tcp.host;
+      return `nbd://${host.includes(':') ? `[${host}]` : host}:${tcp.port}/${exp}`;
+    }
+    throw new NbdError('BAD_ARGUMENT', `this server has no NBD listener through which to read ${name} (serve with --socket or --listen)`);
   }
 
   private assertOpen(): void {

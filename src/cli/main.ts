@@ -4,6 +4,8 @@ import { Command, CommanderError } from 'commander';
 import { EXIT_CODES, NbdError } from '../errors';
 import { packageVersion } from '../package-root';
 import { registerAttach } from './attach';
+import { registerBackup } from './backup';
+import { registerJobs } from './jobs';
 import { registerJournal } from './journal';
 import { registerServe } from './serve';
 import { registerRollback } from './rollback';
@@ -23,6 +25,8 @@ export function buildProgram(): Command {
   registerSnapshot(program);
   registerRollback(program);
   registerJournal(program);
+  registerJobs(program);
+  registerBackup(program);
   return program;
 }
 
