@@ -221,6 +221,9 @@ export class Backups implements JobKind<BackupJobInfo> {
   }
 
   resume(): void {
+    for (const r of unfinished(this.v.manifest, this.type).filter((x) => ownerAliveElsewhere(x.owner))) {
+      this.v.log.warn({ job: r.id, owner: r.owner }, 'backup job belongs to another live process: not taken over');
+    }
     const mine = unfinished(this.v.manifest, this.type).filter((r) => !ownerAliveElsewhere(r.owner));
     if (mine.length === 0 || this.v.jobs.running(this)) return;
     if (this.v.readOnly) return;

@@ -31,10 +31,12 @@ export function jobBar(): { update(jobs: VolumeJob[]): void; stop(): void } {
     hideCursor: true,
   });
   let started = false;
+  let ended: string | undefined;
   return {
     update(jobs) {
       const j = jobs[0];
-      if (!j) return;
+      if (!j || j.total === 0) return; // the total is known once the job reads
+      ended = isFinished(j.state) ? j.state : undefined;
       if (!started) {
         bar.start(Math.max(j.total, 1), j.done, { subject: subject(j) });
         started = true;
@@ -43,7 +45,8 @@ export function jobBar(): { update(jobs: VolumeJob[]): void; stop(): void } {
       bar.update(j.done, { subject: subject(j) });
     },
     stop() {
-      if (started) bar.update(bar.getTotal());
+      // Waits that end with nothing left (jobs --wait) ended well; a job that failed or was canceled keeps its count.
+      if (started && (ended === undefined || ended === 'done')) bar.update(bar.getTotal());
       bar.stop();
     },
   };
@@ -145,13 +148,15 @@ export function registerJobs(program: Command): void {
     .argument('[id]', 'job id')
     .option('--image <image>', 'image file, when only the id is given')
     .option('--json', 'machine-readable output')
-    .action(async (a: string, b: string | undefined, o: { image?: string; json?: boolean }) => {
+    .action(async (a: string, b: string | undefined, o: { image?: string; json?: boolean }, cmd: Command) => {
+      // `jobs` has --json too: commander gives it to the parent when it stands after the subcommand.
+      const json = Boolean(o.json ?? (cmd.parent?.opts() as { json?: boolean } | undefined)?.json);
       const image = b !== undefined ? a : o.image;
       const idText = b !== undefined ? b : a;
       if (!image) throw new NbdError('BAD_ARGUMENT', 'which volume? use: node-nbd-server jobs cancel IMAGE ID (or ID --image IMAGE)');
       if (!/^\d+$/.test(idText)) throw new NbdError('BAD_ARGUMENT', `job id must be a number, got "${idText}"`);
       const id = Number(idText);
       const j = (await onVolume(image, { op: 'job-cancel', id }, (v) => v.jobs.cancel(id, v.image))) as VolumeJob;
-      output(o, j, (x) => process.stdout.write(`job ${x.id} (${x.type}): ${x.state}\n`));
+      output({ json }, j, (x) => process.stdout.write(`job ${x.id} (${x.type}): ${x.state}\n`));
     });
 }
