@@ -20,7 +20,8 @@
 //   2. auto: the snapshot is created if the volume has none of that name
 //      (a crash between 1 and 2 makes it at resume: the backup then shows the
 //      volume at the resume, which is still after the request);
-//   3. manifest: the parent chosen (once: a resume keeps it);
+//   3. manifest: the parent chosen (once: a resume keeps it, unless its
+//      snapshot was deleted meanwhile);
 //   4. the repository backup under the chosen id (src/backup/backup.ts: packs
 //      before their packidx, index, manifest last). If the repository holds
 //      that backup's manifest already, it is complete and is not run again;
@@ -292,8 +293,10 @@ export class Backups implements JobKind<BackupJobInfo> {
       try {
         let done = await this.finished(repo, p.backupId);
         if (!done) {
-          // Step 3: the parent, chosen once.
-          if (p.parent === undefined) {
+          // Step 3: the parent, chosen once (again only if its snapshot was deleted meanwhile: the
+          // changes are computed from it).
+          const cur = params(rec);
+          if (cur.parent === undefined || (cur.parentSnapshot && !v.manifest.snapshots.some((s) => s.name === cur.parentSnapshot))) {
             const parent = await this.chooseParent(repo, p.backupId);
             rec = await this.update(id, (r) => ({ ...r, params: { ...r.params, parent: parent?.id ?? null, parentSnapshot: parent?.snapshot ?? null } }));
           }
@@ -381,7 +384,11 @@ export class Backups implements JobKind<BackupJobInfo> {
   /** Deletes the auto bases of this repository other than this job's (and any an unfinished backup uses). */
   private async rotate(id: number, p: BackupParams): Promise<string[]> {
     const v = this.v;
-    const inUse = new Set(unfinished(v.manifest, this.type).filter((r) => r.id !== id).map((r) => params(r).snapshot));
+    const inUse = new Set(
+      unfinished(v.manifest, this.type)
+        .filter((r) => r.id !== id)
+        .flatMap((r) => [params(r).snapshot, params(r).parentSnapshot ?? '']),
+    );
     const old = v.manifest.snapshots.filter((s) => s.backupBase?.repo === p.repo && s.name !== p.snapshot && !inUse.has(s.name));
     const deleted: string[] = [];
     for (const s of old) {
