@@ -251,10 +251,15 @@ export class JobRegistry<I extends JobInfo = JobInfo> {
     await Promise.all([...this.loops.values()]);
   }
 
-  /** Resolves when no job is unfinished; calls onProgress about every `everyMs`. */
+  /**
+   * Resolves when no job runs here: none is unfinished of a kind whose loop
+   * runs (a record nobody runs, such as an interrupted backup during an
+   * offline rollback, or one owned by another live process, is not waited
+   * for). Calls onProgress about every `everyMs`.
+   */
   async wait(onProgress?: (jobs: I[]) => void, everyMs = 200): Promise<void> {
     for (;;) {
-      const j = this.list();
+      const j = this.list().filter((x) => this.loops.has(x.type));
       onProgress?.(j);
       if (j.length === 0) return;
       if (this.aborted) throw new NbdError('SERVER_CLOSED', 'the volume was closed before its jobs finished');

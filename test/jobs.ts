@@ -217,9 +217,38 @@ t.test('the rollback merge is a job on the same records: listed, not cancelable,
   srv = await startServer({ dir, images: ['disk.img'] });
   t.teardown(() => srv.stop());
   t.ok((await readExport(srv.socket, 'disk', 0, size)).data?.equals(p0), 'live shows a after the restart');
-  expectOk(t, await cli(['jobs', img, '--wait']), 'jobs --wait');
+  expectOk(t, await cli(['jobs', img, '--wait', '--json']), 'jobs --wait');
   const all = await jobs(img, true);
   t.match(all, [{ id: 1, type: 'rollback-merge', state: 'done', owner: { pid: srv.proc.pid } }], 'job 1 is done, finished by the new server');
   t.equal(all[0]!.done, all[0]!.total, 'every chunk merged');
   t.ok((await readExport(srv.socket, 'disk', 0, size)).data?.equals(p0), 'live equals a');
+});
+
+t.test('an offline rollback finishes its merge with an interrupted backup recorded (waits only for jobs that run)', async (t) => {
+  const { img, repo } = dirs();
+  fs.writeFileSync(img, crypto.randomBytes(4 * MiB));
+  expectOk(t, await cli(['backup', 'init', repo]), 'init');
+  expectOk(t, await cli(['snapshot', 'create', img, 'a']), 'snapshot a');
+  // An interrupted backup: running, owned by a process that is gone.
+  const m = readManifest(img)!;
+  const now = new Date().toISOString();
+  const rec: JobRecord = {
+    id: 1,
+    kind: 'backup',
+    volume: img,
+    state: 'running',
+    cursor: { done: 0, total: 256 },
+    owner: { ...thisOwner(), start: 'gone' },
+    createdAt: now,
+    updatedAt: now,
+    params: { repo, snapshot: 'a', autoSnapshot: false, backupId: '20260101T000000Z-0000abce' },
+  };
+  writeManifest(img, { ...m, nextJobId: 2, jobs: [rec] });
+  const r = await cli(['rollback', img, 'a', '--json']);
+  expectOk(t, r, 'offline rollback (merges to its end, does not wait for the backup nobody runs)');
+  const all = await jobs(img, true);
+  t.same(all.map((j) => [j.id, j.type, j.state]), [[1, 'backup', 'running'], [2, 'rollback-merge', 'done']], 'the merge is done; the backup is still recorded, for the next run');
+  expectOk(t, await cli(['jobs', img, '--wait', '--json']), 'jobs --wait runs the backup here (--json: no progress lines)');
+  t.same((await jobs(img, true)).map((j) => [j.id, j.state]), [[1, 'done'], [2, 'done']], 'both done');
+  t.same(backupsIn(repo), ['20260101T000000Z-0000abce'], 'the backup is in the repository under its recorded id');
 });
