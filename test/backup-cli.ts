@@ -12,6 +12,7 @@ import * as path from 'node:path';
 import { readManifest, writeManifest } from '../src/volume-meta';
 import { cli, expectError, expectOk } from './fixtures/cli-expect';
 import { readExport, writeExport } from './fixtures/export-io';
+import { startRgw } from './fixtures/rgw';
 import { makeTempDir, removeDir, startServer, type RunningServer } from './fixtures/server';
 
 const KiB = 1024;
@@ -219,3 +220,54 @@ t.test('bad input: clear codes, no job recorded, no snapshot made, no backup wri
   expectError(t, await cli(['jobs', 'cancel', img, '99']), 8, 'JOB_NOT_FOUND', 'cancel of an unknown job');
   expectError(t, await cli(['jobs', 'cancel', '99']), 2, 'BAD_ARGUMENT', 'cancel without the image');
 });
+
+t.test('S3 (radosgw): online full + incremental with credentials as flags; a kill -9 mid-backup resumes with the credentials from the environment', async (t) => {
+  const rgw = await startRgw(t);
+  if (!rgw) return;
+  const bucket = await rgw.bucket('backup-cli');
+  const repo = `s3://${bucket}/volumes`;
+  const flags = ['--s3-endpoint', rgw.endpoint, '--s3-region', rgw.region, '--access-key-id', rgw.accessKeyId, '--secret-access-key', rgw.secretAccessKey];
+  const { dir, img } = dirs();
+  expectOk(t, await cli(['backup', 'init', repo, ...flags]), 'init s3://');
+  let srv = await startServer({ dir, size: '8M' });
+  const model = Buffer.alloc(SIZE);
+  await scribble(srv, model, 100);
+  const j1 = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--wait', ...flags], 'create 1 (S3)');
+  t.match(j1, { state: 'done', parent: null }, 'full');
+  const e1 = Buffer.from(model);
+  await scribble(srv, model, 30);
+  t.equal(await srv.stop(), 0, 'stop');
+  // Throttled, killed mid-way, restarted with the credentials in its environment only.
+  srv = await startServer({ dir, images: ['disk.img'], env: { NBD_TEST_BACKUP_READ_DELAY_MS: '3000' } });
+  const started = await json<Job>(t, ['backup', 'create', img, '--repo', repo, ...flags], 'create 2 (S3), throttled');
+  await until(async () => ((await json<Job[]>(t, ['jobs', img], 'jobs')).some((j) => j.id === started.id && j.state === 'running') ? true : undefined));
+  await srv.stop('SIGKILL');
+  t.equal(readManifest(img)?.jobs?.find((j) => j.id === started.id)?.state, 'running', 'running after the kill');
+  srv = await startServer({
+    dir,
+    images: ['disk.img'],
+    env: { AWS_ACCESS_KEY_ID: rgw.accessKeyId, AWS_SECRET_ACCESS_KEY: rgw.secretAccessKey, AWS_REGION: rgw.region },
+  });
+  t.teardown(() => srv.stop());
+  const done = await until(async () => (await json<Job[]>(t, ['jobs', img, '--all'], 'jobs --all')).find((j) => j.id === started.id && j.state !== 'running'));
+  t.match(done, { state: 'done', parent: j1.backup, backup: started.backup }, 'resumed with the environment\'s credentials and done, incremental from 1');
+  for (const [id, e] of [
+    [j1.backup, e1],
+    [started.backup, model],
+  ] as const) {
+    const out = path.join(dir, `r-${id}.img`);
+    expectOk(t, await cli(['backup', 'restore', repo, id, out, ...flags]), `restore ${id}`);
+    t.ok(fs.readFileSync(out).equals(e), `restore of ${id} is exact`);
+  }
+  t.match(await json<{ ok: boolean }>(t, ['backup', 'verify', repo, '--read-data', ...flags], 'verify (S3)'), { ok: true }, 'the S3 repository verifies');
+});
+
+async function until<T>(fn: () => Promise<T | undefined>, ms = 180_000): Promise<T> {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = await fn();
+    if (v !== undefined) return v;
+    if (Date.now() > end) throw new Error('timed out');
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}

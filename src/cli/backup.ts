@@ -71,6 +71,14 @@ function s3Flags(o: RepoOptions): S3Flags | undefined {
 
 /** A local REPO made absolute (the server that runs a job has its own working directory). */
 function repoLocation(repo: string): string {
+  if (repo.startsWith('s3://')) {
+    // The AWS SDK warns on stderr, once per process, that its releases after
+    // January 2027 need Node 22: nothing a user of this command can act on
+    // (this package supports Node 20), and it would break the one-error-line
+    // stderr contract. AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED=false
+    // brings it back.
+    process.env.AWS_SDK_JS_NODE_VERSION_SUPPORT_WARNING_DISABLED ??= 'true';
+  }
   return /^[a-z][a-z0-9+.-]*:\/\//i.test(repo) ? repo : path.resolve(repo);
 }
 
