@@ -259,11 +259,12 @@ export class Backups implements JobKind<BackupJobInfo> {
   }
 
   /** Changes the record (in the serial queue); returns it as saved. */
-  private update(id: number, fn: (r: JobRecord) => JobRecord): Promise<JobRecord> {
+  private update(id: number, fn: (r: JobRecord) => JobRecord, unlessClosing = false): Promise<JobRecord> {
     const v = this.v;
     return v.serial(async () => {
       const cur = v.manifest.jobs?.find((j) => j.id === id);
       if (!cur) throw new NbdError('JOB_NOT_FOUND', `job ${id} is gone from the manifest`);
+      if (unlessClosing && v.jobs.aborted) return cur;
       const next = fn(cur);
       v.save(putJob(v.manifest, next));
       return v.manifest.jobs!.find((j) => j.id === id)!;
@@ -315,9 +316,11 @@ export class Backups implements JobKind<BackupJobInfo> {
               logger: v.log,
               onProgress: (pr) => {
                 this.live.set(id, { done: pr.chunksDone, total });
-                if (Date.now() - saved >= CURSOR_SAVE_MS) {
+                if (Date.now() - saved >= CURSOR_SAVE_MS && !signal.aborted) {
                   saved = Date.now();
-                  void this.update(id, (r) => ({ ...r, cursor: { done: pr.chunksDone, total } })).catch(() => undefined);
+                  // Informative only (a resume reruns the backup; dedup skips what was uploaded), so
+                  // it is dropped once the volume closes: no manifest write after the lock is released.
+                  void this.update(id, (r) => ({ ...r, cursor: { done: pr.chunksDone, total } }), true).catch(() => undefined);
                 }
               },
             });
