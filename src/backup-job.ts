@@ -151,7 +151,8 @@ export class Backups implements JobKind<BackupJobInfo> {
   describe(rec: JobRecord): BackupJobInfo {
     const p = params(rec);
     const live = this.live.get(rec.id);
-    const prog = live && !isFinished(rec.state) ? progress(live.done, live.total) : progress(rec.cursor.done, rec.cursor.total);
+    let prog = live && !isFinished(rec.state) ? progress(live.done, live.total) : progress(rec.cursor.done, rec.cursor.total);
+    if (!isFinished(rec.state) && prog.total === 0) prog = { ...prog, percent: 0 }; // not reading yet: nothing known done
     return {
       ...baseInfo(rec, prog),
       type: 'backup',
