@@ -22,8 +22,10 @@ import * as net from 'node:net';
 import { isErrorCode, NbdError, type ErrorCode } from './errors';
 import type { Logger } from './logger';
 import type { ListenAddress } from './server';
+export { listenerUri } from './server';
 import { native } from './native';
 import { parseAutoRollback } from './policies';
+import type { BackupRequest } from './backup-job';
 import type { Volume } from './volume';
 import { controlSocketPath } from './volume-meta';
 
@@ -37,6 +39,8 @@ export interface ControlRequest {
     | 'snapshot-get'
     | 'rollback'
     | 'jobs'
+    | 'job-cancel'
+    | 'backup-create'
     | 'info'
     | 'change-map'
     | 'nbd-listeners'
@@ -49,6 +53,12 @@ export interface ControlRequest {
   /** change-map: snapshot A, and snapshot B or null for the live volume */
   from?: string;
   to?: string | null;
+  /** jobs: also the finished ones */
+  all?: boolean;
+  /** job-cancel: the job */
+  id?: number;
+  /** backup-create: what `backup create` asked (paths absolute) */
+  backup?: BackupRequest;
 }
 
 /** Where the serving server can be read over NBD (nbd-listeners): its volume export and listeners. */
@@ -57,23 +67,6 @@ export interface NbdListeners {
   listeners: readonly ListenAddress[];
 }
 
-/**
- * An NBD URI for `exportName` on one of the listeners: the unix socket if
- * there is one (no network stack), else the first TCP listener (a wildcard
- * address reached through the loopback); null when the server has none
- * (only kernel devices).
- */
-export function listenerUri(listeners: readonly ListenAddress[], exportName: string): string | null {
-  const name = encodeURIComponent(exportName);
-  const unix = listeners.find((a) => a.kind === 'unix' && a.path);
-  if (unix) return `nbd+unix:///${name}?socket=${encodeURIComponent(unix.path!)}`;
-  const tcp = listeners.find((a) => a.kind === 'tcp' && a.port);
-  if (!tcp) return null;
-  let host = tcp.host ?? '127.0.0.1';
-  if (host === '0.0.0.0' || host === '') host = '127.0.0.1';
-  if (host === '::') host = '::1';
-  return `nbd://${host.includes(':') ? `[${host}]` : host}:${tcp.port}/${name}`;
-}
 
 async function handle(v: Volume, req: ControlRequest, listening: () => readonly ListenAddress[]): Promise<unknown> {
   switch (req.op) {
@@ -92,7 +85,12 @@ async function handle(v: Volume, req: ControlRequest, listening: () => readonly 
     case 'rollback':
       return v.rollback.to(String(req.name ?? ''), { trigger: 'command', by: String(req.by ?? 'unknown') });
     case 'jobs':
-      return v.jobs.list();
+      return v.jobs.list({ all: req.all === true });
+    case 'job-cancel':
+      return v.jobs.cancel(Number(req.id), v.image);
+    case 'backup-create':
+      if (!req.backup || typeof req.backup.repo !== 'string') throw new NbdError('BAD_ARGUMENT', 'backup-create needs a repository');
+      return v.backups.create(req.backup);
     case 'info':
       await v.settle();
       return v.info();

@@ -1,16 +1,20 @@
-// Rollback: the first kind of job (src/jobs.ts). Rolls the live volume back
+// Rollback: a kind of job (src/jobs.ts, kind rollback-merge). Rolls the live volume back
 // to a snapshot at once (live reads show the snapshot from the moment the
 // job is active) and merges the snapshot's chunks into the live image in the
 // background; every snapshot is kept. The native layer does the data path
 // (native/core/merge_job.hh, RollbackDevice); this module owns the job's record
-// in the manifest, the merge loop and the history lines, in this order:
+// (a JobRecord in the manifest's `jobs`, params RollbackParams; the merge
+// file holds its real progress cursor), the merge loop and the history
+// lines, in this order:
 //
 //   rollback: native writes the merge job file (pending set, synced) with
-//           writes paused -> manifest records the job -> native activates it
+//           writes paused -> manifest records the job (state running, with
+//           basedOn and nextJobId, and the replaced job's record set
+//           canceled, in one write) -> native activates it
 //           (live reads show the snapshot from here) -> writes resume ->
 //           history line -> background merge (run() below) copies the
-//           pending chunks, then finishMerge(): history line, the job is
-//           dropped from the manifest and its file removed. A crash before
+//           pending chunks, then finishMerge(): history line, the record
+//           is set done in the manifest and the merge file removed. A crash before
 //           the manifest leaves an orphan job file (removed at open) and the
 //           volume as it was; after it, the next open resumes the job
 //           (native/core/merge_job.hh). A rollback while a merge runs
@@ -23,17 +27,21 @@
 //           the job again at the next open, which does not append it twice
 //           (src/history.ts).
 //
-// At most one rollback job per volume (the manifest's `rollback`). Manifest
+// At most one running rollback job per volume (runningRollback()). A merge
+// cannot be canceled (live already shows the snapshot): `jobs cancel` is
+// refused. A kill leaves the record running; the next open resumes it
+// (Volume.prepare hands the merge file to the native layer; resume() takes
+// the record over and starts the loop). Manifest
 // changes run in the volume's serial queue (src/volume.ts), like snapshot
 // create and delete; merge steps run outside it, on the runner's loop.
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import { fromNative, NbdError } from './errors';
 import { appendHistory, readHistory, type HistoryEntry } from './history';
-import { nextJobId, progress, type JobInfo, type JobKind } from './jobs';
+import { addJob, baseInfo, progress, putJob, thisOwner, type JobInfo, type JobKind } from './jobs';
 import type { NativeMergeStatus } from './native';
 import type { Volume } from './volume';
-import { rollbackJobPath, type RollbackJob, type RollbackTrigger } from './volume-meta';
+import { rollbackJobPath, runningRollback, type JobRecord, type RollbackJob, type RollbackParams, type RollbackTrigger } from './volume-meta';
 
 /** A running rollback merge, as `jobs IMAGE` shows it. */
 export interface RollbackJobInfo extends JobInfo {
@@ -100,8 +108,15 @@ export class Rollbacks implements JobKind<RollbackJobInfo> {
       if (info.state === 'failed') {
         throw new NbdError('SNAPSHOT_FAILED', `snapshot "${name}" failed and cannot be rolled back to: ${info.failure?.reason ?? 'unknown reason'}`);
       }
-      const prior = v.manifest.rollback;
-      const jobId = nextJobId(v.manifest);
+      const prior = runningRollback(v.manifest);
+      const params: RollbackParams = { snapshotId: s.id, ...who, ...(prior ? { replaced: v.nameOf(prior.snapshotId) } : {}) };
+      let base = v.manifest;
+      if (prior) {
+        const pr = v.manifest.jobs!.find((j) => j.id === prior.jobId)!;
+        base = putJob(base, { ...pr, state: 'canceled', error: { code: 'JOB_CANCELED', message: `replaced by the rollback to ${name}` } });
+      }
+      const added = addJob(base, this.type, v.image, params);
+      const jobId = added.rec.id;
       const file = rollbackJobPath(v.image, jobId);
       fs.rmSync(file, { force: true });
       try {
@@ -110,15 +125,9 @@ export class Rollbacks implements JobKind<RollbackJobInfo> {
         fs.rmSync(file, { force: true });
         throw fromNative(err);
       }
-      const job: RollbackJob = {
-        jobId,
-        snapshotId: s.id,
-        startedAt: new Date().toISOString(),
-        ...who,
-        ...(prior ? { replaced: v.nameOf(prior.snapshotId) } : {}),
-      };
+      const job: RollbackJob = { jobId, snapshotId: s.id, startedAt: added.rec.createdAt, ...who, ...(params.replaced ? { replaced: params.replaced } : {}) };
       try {
-        v.save({ ...v.manifest, rollback: job, basedOn: { snapshotId: s.id, since: job.startedAt }, nextJobId: jobId + 1 });
+        v.save({ ...added.manifest, basedOn: { snapshotId: s.id, since: job.startedAt } });
       } catch (err) {
         v.native.abortRollback(v.exportName);
         fs.rmSync(file, { force: true });
@@ -133,48 +142,63 @@ export class Rollbacks implements JobKind<RollbackJobInfo> {
       this.mergeError = undefined;
       v.jobs.start(this);
       const j = this.current();
-      return { ...(j ?? this.infoOf(job, st)), visibleMs };
+      return { ...(j ?? this.describe({ ...added.rec, state: 'done', cursor: { done: st?.total ?? 0, total: st?.total ?? 0 } } as unknown as JobRecord)), visibleMs };
     });
   }
 
   /** The running rollback merge, if any. */
   current(): RollbackJobInfo | undefined {
-    const job = this.v.manifest.rollback;
+    const job = runningRollback(this.v.manifest);
     if (!job) return undefined;
-    let st: NativeMergeStatus | null = null;
-    try {
-      st = this.v.native.mergeStatus(this.v.exportName);
-    } catch {
-      st = null;
-    }
-    return this.infoOf(job, st);
+    return this.describe(this.v.manifest.jobs!.find((j) => j.id === job.jobId)!);
   }
 
-  list(): RollbackJobInfo[] {
-    const j = this.current();
-    return j ? [j] : [];
+  private status(): NativeMergeStatus | null {
+    try {
+      return this.v.native.mergeStatus(this.v.exportName);
+    } catch {
+      return null;
+    }
   }
 
   resume(): void {
-    const job = this.v.manifest.rollback;
+    const job = runningRollback(this.v.manifest);
     if (!job || this.v.readOnly || this.v.jobs.running(this)) return;
     this.v.log.info({ snapshot: this.v.nameOf(job.snapshotId) }, 'resuming an unfinished rollback merge');
+    // Taken over: this process owns it now (the volume lock says nobody else can).
+    const rec = this.v.manifest.jobs!.find((j) => j.id === job.jobId)!;
+    const owner = thisOwner();
+    if (rec.owner.pid !== owner.pid || rec.owner.start !== owner.start) {
+      void this.v
+        .serial(async () => {
+          const r = this.v.manifest.jobs?.find((j) => j.id === job.jobId);
+          if (r && r.state === 'running') this.v.save(putJob(this.v.manifest, { ...r, owner }));
+        })
+        .catch((err: Error) => this.v.log.warn({ err: err.message }, 'could not record the new owner of the rollback merge'));
+    }
     this.v.jobs.start(this);
   }
 
-  private infoOf(job: RollbackJob, st: NativeMergeStatus | null): RollbackJobInfo {
-    const total = st?.total ?? 0;
-    const done = st ? st.total - st.remaining : 0;
+  cancel(rec: JobRecord): Promise<JobRecord> {
+    return Promise.reject(
+      new NbdError('BAD_ARGUMENT', `job ${rec.id} is a rollback merge, which cannot be canceled: live already shows snapshot ${this.v.nameOf((rec.params as unknown as RollbackParams).snapshotId)}; roll back to another snapshot instead`),
+    );
+  }
+
+  describe(rec: JobRecord): RollbackJobInfo {
+    const p = rec.params as unknown as RollbackParams;
+    const running = runningRollback(this.v.manifest)?.jobId === rec.id;
+    const st = running ? this.status() : null;
+    const prog = st ? progress(st.total - st.remaining, st.total) : progress(rec.cursor.done, rec.cursor.total);
+    const base = baseInfo(rec, prog);
     return {
+      ...base,
       type: 'rollback-merge',
-      volume: this.v.image,
-      snapshot: this.v.nameOf(job.snapshotId),
-      snapshotId: job.snapshotId,
-      startedAt: job.startedAt,
-      trigger: job.trigger,
-      by: job.by,
-      ...progress(done, total),
-      ...(this.mergeError ? { error: this.mergeError } : {}),
+      snapshot: this.v.nameOf(p.snapshotId),
+      snapshotId: p.snapshotId,
+      trigger: p.trigger,
+      by: p.by,
+      ...(running && this.mergeError ? { error: this.mergeError } : {}),
     };
   }
 
@@ -216,7 +240,7 @@ export class Rollbacks implements JobKind<RollbackJobInfo> {
   private async finishMerge(): Promise<void> {
     const v = this.v;
     const st = v.native.mergeStatus(v.exportName);
-    const job = v.manifest.rollback;
+    const job = runningRollback(v.manifest);
     if (!st || st.remaining > 0 || !job) return;
     try {
       await v.native.finishRollback(v.exportName);
@@ -235,8 +259,8 @@ export class Rollbacks implements JobKind<RollbackJobInfo> {
     if (!done) {
       this.history({ at: new Date().toISOString(), event: 'merge-finished', jobId: job.jobId, snapshot: v.nameOf(job.snapshotId), snapshotId: job.snapshotId, chunks: st.total, ms });
     }
-    const { rollback: _done, ...rest } = v.manifest;
-    v.save(rest);
+    const rec = v.manifest.jobs!.find((j) => j.id === job.jobId)!;
+    v.save(putJob(v.manifest, { ...rec, state: 'done', cursor: { done: st.total, total: st.total } }));
     fs.rmSync(rollbackJobPath(v.image, job.jobId), { force: true });
     v.log.info({ snapshot: v.nameOf(job.snapshotId), chunks: st.total, ms }, 'rollback merge finished');
   }
@@ -261,7 +285,7 @@ export class Rollbacks implements JobKind<RollbackJobInfo> {
   /** At open: the running job's history entry, if a crash lost it (see src/history.ts). */
   reconcileHistory(): void {
     const v = this.v;
-    const job = v.manifest.rollback;
+    const job = runningRollback(v.manifest);
     if (!job) return;
     let entries: HistoryEntry[];
     try {

@@ -4,6 +4,7 @@
 // drains in-flight requests and flushes on a worker thread.
 import { EventEmitter } from 'node:events';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { fromNative, NbdError } from './errors';
 import { silentLogger, type Logger } from './logger';
@@ -167,6 +168,7 @@ export class NbdServer extends EventEmitter {
         this.log.info({ volume: prepared.path, entries: fw.replayedAtOpen }, 'applied first writes journalled before the last stop (preserved first)');
       }
       if (fw?.mode.startsWith('inline (')) this.log.warn({ volume: prepared.path, mode: fw.mode }, 'first writes after a snapshot are preserved inline');
+      v.exportUri = (name) => this.ownUri(name);
       this.volumes.set(info.name, v);
     }
     const exp: ExportInfo = { name: info.name, path: prepared.path, size: info.size, readOnly: info.readOnly, created: prepared.created };
@@ -322,6 +324,29 @@ export class NbdServer extends EventEmitter {
       .finally(release);
   }
 
+  /**
+   * An NBD URI at which this process serves export `name`, for reading its
+   * own exports (a backup reads disk@SNAP, src/backup-job.ts sourceFor):
+   * the first unix listener, else the first TCP one (a wildcard address is
+   * reached through loopback). A server with no listener that has not
+   * started (an offline command) gets a private one first: a unix socket in
+   * a new 0700 temporary directory, removed at close; the server starts.
+   */
+  ownUri(name: string): string {
+    if (this.addresses.length === 0 && this.state === 'new') {
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'node-nbd-server-'));
+      fs.chmodSync(dir, 0o700);
+      const sock = path.join(dir, 'nbd.sock');
+      this.addCloseHook(async () => fs.rmSync(dir, { recursive: true, force: true }));
+      this.listenUnix(sock);
+      this.start();
+    }
+    // A TCP listener is usable once the server serves.
+    const uri = listenerUri(this.state === 'serving' ? this.addresses : this.addresses.filter((a) => a.kind === 'unix'), name);
+    if (uri) return uri;
+    throw new NbdError('BAD_ARGUMENT', `this server has no NBD listener through which to read ${name} (serve with --socket or --listen)`);
+  }
+
   private assertOpen(): void {
     if (this.state === 'closing' || this.state === 'closed') throw new NbdError('SERVER_CLOSED', 'server is closed');
   }
@@ -360,4 +385,22 @@ export class NbdServer extends EventEmitter {
     this.emit(ev.type, ev);
     this.emit('event', ev);
   }
+}
+
+/**
+ * An NBD URI for `exportName` on one of the listeners: the unix socket if
+ * there is one (no network stack), else the first TCP listener (a wildcard
+ * address reached through the loopback); null when the server has none
+ * (only kernel devices).
+ */
+export function listenerUri(listeners: readonly ListenAddress[], exportName: string): string | null {
+  const name = encodeURIComponent(exportName);
+  const unix = listeners.find((a) => a.kind === 'unix' && a.path);
+  if (unix) return `nbd+unix:///${name}?socket=${encodeURIComponent(unix.path!)}`;
+  const tcp = listeners.find((a) => a.kind === 'tcp' && a.port);
+  if (!tcp) return null;
+  let host = tcp.host ?? '127.0.0.1';
+  if (host === '0.0.0.0' || host === '') host = '127.0.0.1';
+  if (host === '::') host = '::1';
+  return `nbd://${host.includes(':') ? `[${host}]` : host}:${tcp.port}/${name}`;
 }

@@ -80,7 +80,7 @@ export class Snapshots {
   /** Resolves with the snapshot, and how long writes were paused for it (pausedMs). */
   create(
     name: string,
-    opts: { autoRollback?: AutoRollbackPolicy | 'off' } = {},
+    opts: { autoRollback?: AutoRollbackPolicy | 'off'; backupBase?: SnapshotRecord['backupBase'] } = {},
   ): Promise<SnapshotInfo & { pausedMs?: number; drainMs?: number; preflushMs?: number }> {
     validateSnapshotName(name);
     const v = this.v;
@@ -114,7 +114,14 @@ export class Snapshots {
         removeFiles();
         throw fromNative(err);
       }
-      const rec: SnapshotRecord = { id, name, createdAt: new Date().toISOString(), state: 'active', ...(policy ? { autoRollback: policy } : {}) };
+      const rec: SnapshotRecord = {
+        id,
+        name,
+        createdAt: new Date().toISOString(),
+        state: 'active',
+        ...(policy ? { autoRollback: policy } : {}),
+        ...(opts.backupBase ? { backupBase: opts.backupBase } : {}),
+      };
       try {
         v.save({ ...v.manifest, nextId: id + 1, snapshots: [...v.manifest.snapshots, rec] });
       } catch (err) {

@@ -6,7 +6,7 @@
 //   snap-<id>.snap  snapshot <id>: preserved chunk data (sparse) and its
 //                   checksummed log (native/core/snapshot_store.cc, format 2)
 //   rollback-<n>.merge  the running rollback merge's pending set and progress
-//                   (native/core/merge_job.hh)
+//                   (native/core/merge_job.hh); its job record is in the manifest
 //   history.jsonl   every rollback and finished merge, one JSON line each (src/history.ts)
 //   journal.state   which first-write journal may hold acknowledged writes
 //                   (native/core/journal_state.hh)
@@ -31,7 +31,14 @@ export const MANIFEST_FORMAT = 'node-nbd-server-volume';
 // 2: snapshots in one file each (snap-<id>.snap, store format 2). A version 1
 // manifest without snapshots is read as version 2; one with snapshots names
 // files of store format 1, which this build does not read.
-export const MANIFEST_VERSION = 2;
+// 3: jobs are records in `jobs` (src/jobs.ts); a running rollback merge is
+// the running record of kind rollback-merge, no longer version 2's
+// `rollback`. A manifest is written as version 3 only when it holds job
+// records (else as version 2, which older builds read): an older build must
+// refuse a volume with a running job rather than take its merge file for an
+// orphan. A version 2 manifest's `rollback` is read as a running record.
+export const MANIFEST_VERSION = 3;
+const MANIFEST_VERSION_NO_JOBS = 2;
 export const DEFAULT_CHUNK_SIZE = 16 * 1024;
 
 export const AUTO_ROLLBACK_POLICIES = ['on-disconnect', 'on-start'] as const;
@@ -45,6 +52,8 @@ export interface SnapshotRecord {
   failure?: { reason: string; at: string };
   /** Rolls the volume back to this snapshot automatically (at most one snapshot per volume). */
   autoRollback?: AutoRollbackPolicy;
+  /** Made by a backup job as its base (src/backup-job.ts): deleted by a later backup to the same repository. */
+  backupBase?: { job: number; repo: string };
 }
 
 /** Who or what started a rollback. */
@@ -64,6 +73,46 @@ export interface RollbackJob extends RollbackTrigger {
   replaced?: string;
 }
 
+/** A job's state: running (or being canceled) until it ends as done, failed or canceled. */
+export type JobState = 'running' | 'canceling' | 'done' | 'failed' | 'canceled';
+export const FINISHED_JOB_STATES: readonly JobState[] = ['done', 'failed', 'canceled'];
+
+/**
+ * The process that runs (or last ran) a job: its PID, host, and start time
+ * (boot id and start time in clock ticks from /proc/PID/stat), so that a
+ * reused PID is not taken for the owner (src/jobs.ts ownerAlive).
+ */
+export interface JobOwner {
+  pid: number;
+  host: string;
+  start: string;
+}
+
+/** One job of the volume (src/jobs.ts): common fields, and `params` of its kind. */
+export interface JobRecord<P extends object = Record<string, unknown>> {
+  id: number;
+  /** 'rollback-merge' | 'backup' */
+  kind: string;
+  /** The image path. */
+  volume: string;
+  state: JobState;
+  /** Progress cursor: units done of total (chunks). */
+  cursor: { done: number; total: number };
+  owner: JobOwner;
+  createdAt: string;
+  updatedAt: string;
+  /** Why it failed or was canceled. */
+  error?: { code: string; message: string };
+  params: P;
+}
+
+/** A rollback merge's parameters (its progress is in its merge file). */
+export interface RollbackParams extends RollbackTrigger {
+  snapshotId: number;
+  /** The running rollback this one replaced (its snapshot's name), for the history. */
+  replaced?: string;
+}
+
 export interface Manifest {
   format: typeof MANIFEST_FORMAT;
   version: number;
@@ -71,8 +120,10 @@ export interface Manifest {
   size: number;
   nextId: number;
   snapshots: SnapshotRecord[];
-  /** The running rollback merge, if any. */
+  /** Version 2 only: the running rollback merge (read into `jobs`). */
   rollback?: RollbackJob;
+  /** Jobs: every unfinished one, and the last finished ones (src/jobs.ts). */
+  jobs?: JobRecord[];
   /** Volume -> snapshot: the snapshot the volume's content was last rolled back to. */
   basedOn?: { snapshotId: number; since: string };
   nextJobId?: number;
@@ -224,6 +275,14 @@ export function journalDirFor(image: string, log?: Logger): string {
   return fs.realpathSync(dir);
 }
 
+/** The running rollback merge (the running record of kind rollback-merge), in version 2's shape. */
+export function runningRollback(m: Manifest): RollbackJob | undefined {
+  const r = m.jobs?.find((j) => j.kind === 'rollback-merge' && (j.state === 'running' || j.state === 'canceling')) as JobRecord<RollbackParams> | undefined;
+  if (!r) return undefined;
+  const p = r.params;
+  return { jobId: r.id, snapshotId: p.snapshotId, startedAt: r.createdAt, trigger: p.trigger, by: p.by, ...(p.replaced ? { replaced: p.replaced } : {}) };
+}
+
 export function rollbackJobPath(image: string, jobId: number): string {
   return path.join(metaDir(image), `rollback-${jobId}.merge`);
 }
@@ -253,14 +312,40 @@ export function readManifest(image: string): Manifest | null {
     throw new NbdError('METADATA_CORRUPT', `${file} fails its checksum (corrupt metadata)`);
   }
   if (m.format !== MANIFEST_FORMAT) throw new NbdError('METADATA_CORRUPT', `${file} is not a ${MANIFEST_FORMAT} manifest`);
-  if (m.version === 1 && Array.isArray(m.snapshots) && m.snapshots.length === 0) m.version = MANIFEST_VERSION;
-  if (m.version !== MANIFEST_VERSION) {
-    throw new NbdError('METADATA_CORRUPT', `${file} has format version ${m.version}; this build reads version ${MANIFEST_VERSION}`);
+  if (m.version === 1 && Array.isArray(m.snapshots) && m.snapshots.length === 0) m.version = MANIFEST_VERSION_NO_JOBS;
+  if (m.version !== MANIFEST_VERSION && m.version !== MANIFEST_VERSION_NO_JOBS) {
+    throw new NbdError('METADATA_CORRUPT', `${file} has format version ${m.version}; this build reads versions 2 and ${MANIFEST_VERSION}`);
+  }
+  if (m.version === MANIFEST_VERSION && !Array.isArray(m.jobs)) throw new NbdError('METADATA_CORRUPT', `${file}: version ${m.version} without jobs`);
+  if (m.rollback) {
+    // Version 2: the running rollback becomes its job record.
+    const { rollback: r, ...rest } = m;
+    const owner = { pid: 0, host: '', start: '' };
+    const rec: JobRecord<RollbackParams> = {
+      id: r.jobId,
+      kind: 'rollback-merge',
+      volume: image,
+      state: 'running',
+      cursor: { done: 0, total: 0 },
+      owner,
+      createdAt: r.startedAt,
+      updatedAt: r.startedAt,
+      params: { snapshotId: r.snapshotId, trigger: r.trigger, by: r.by, ...(r.replaced ? { replaced: r.replaced } : {}) },
+    };
+    return { ...rest, jobs: [...(rest.jobs ?? []), rec as unknown as JobRecord] };
   }
   return m;
 }
 
-export function writeManifest(image: string, m: Manifest): void {
+/** `m` as it is written: version 3 with job records, else version 2 (see MANIFEST_VERSION). */
+export function manifestToWrite(m: Manifest): Manifest {
+  const { rollback: _v2, jobs, ...rest } = m;
+  return jobs?.length ? { ...rest, version: MANIFEST_VERSION, jobs } : { ...rest, version: MANIFEST_VERSION_NO_JOBS };
+}
+
+/** Writes `m` (as manifestToWrite() makes it, which it returns) atomically. */
+export function writeManifest(image: string, given: Manifest): Manifest {
+  const m = manifestToWrite(given);
   const dir = metaDir(image);
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 }); // normally there already: the volume lock is in it
   const file = path.join(dir, 'manifest.json');
@@ -288,10 +373,11 @@ export function writeManifest(image: string, m: Manifest): void {
   } finally {
     fs.closeSync(dfd);
   }
+  return m;
 }
 
 export function newManifest(size: number, chunkSize = DEFAULT_CHUNK_SIZE): Manifest {
-  return { format: MANIFEST_FORMAT, version: MANIFEST_VERSION, chunkSize, size, nextId: 1, snapshots: [] };
+  return { format: MANIFEST_FORMAT, version: MANIFEST_VERSION_NO_JOBS, chunkSize, size, nextId: 1, snapshots: [] };
 }
 
 /** Removes snapshot files that no manifest entry names (left by a crash mid-create or mid-delete). */
@@ -308,7 +394,7 @@ export function removeOrphans(image: string, m: Manifest): string[] {
   for (const n of names) {
     const mm = /^snap-(\d+)\.(snap|data|map)$/.exec(n);
     const job = /^rollback-(\d+)\.merge$/.exec(n);
-    if ((mm && !keep.has(Number(mm[1]))) || (job && Number(job[1]) !== m.rollback?.jobId) || /^manifest\.json\.tmp-\d+$/.test(n)) {
+    if ((mm && !keep.has(Number(mm[1]))) || (job && Number(job[1]) !== runningRollback(m)?.jobId) || /^manifest\.json\.tmp-\d+$/.test(n)) {
       fs.rmSync(path.join(dir, n), { force: true });
       removed.push(n);
     }

@@ -4,6 +4,7 @@
 //   snapshots  create, delete, list, info, failures, exports  src/snapshots.ts
 //   jobs       the background job registry                  src/jobs.ts
 //   rollback   the rollback job: rollback, merge, history    src/rollback.ts
+//   backups    the backup job                               src/backup-job.ts
 //   policies   auto-rollback                                 src/policies.ts
 //   changeMap  chunks changed between snapshots, or since one src/change-map.ts
 // Each of them reads the manifest here and changes it only through save()
@@ -32,6 +33,7 @@
 // Everything here runs on the main JS thread.
 import { changeMap, type ChangeMap } from './change-map';
 import { NbdError } from './errors';
+import { Backups, type BackupJobInfo } from './backup-job';
 import { JobRegistry } from './jobs';
 import { orphanJournals } from './journals';
 import type { Logger } from './logger';
@@ -45,14 +47,15 @@ import {
   readManifest,
   removeOrphans,
   rollbackJobPath,
+  runningRollback,
   snapshotPaths,
   writeManifest,
   type Manifest,
   type SnapshotRecord,
 } from './volume-meta';
 
-/** The running jobs of a volume, of every kind (today: rollback merges). */
-export type VolumeJob = RollbackJobInfo;
+/** The jobs of a volume, of every kind. */
+export type VolumeJob = RollbackJobInfo | BackupJobInfo;
 
 /** What prepare() found: the settings addExport needs, and the lock to hand to open(). */
 export interface PreparedVolume {
@@ -65,8 +68,16 @@ export interface PreparedVolume {
 
 export class Volume {
   readonly snapshots: Snapshots;
-  readonly jobs = new JobRegistry<VolumeJob>();
+  readonly jobs = new JobRegistry<VolumeJob>(() => this.current);
   readonly rollback: Rollbacks;
+  readonly backups: Backups;
+  /**
+   * An NBD URI at which this process serves export `name` (a snapshot view
+   * disk@SNAP): set by the NbdServer that opened the volume (ownUri).
+   */
+  exportUri: (name: string) => string = () => {
+    throw new NbdError('BAD_ARGUMENT', 'this volume is not served by an NBD server in this process');
+  };
   readonly policies: Policies;
   /** Served read-only: a rollback would have to write, so it is refused. */
   readonly readOnly: boolean;
@@ -92,7 +103,9 @@ export class Volume {
     this.snapshots = new Snapshots(this);
     this.rollback = new Rollbacks(this, opts.mergeRate);
     this.policies = new Policies(this);
+    this.backups = new Backups(this);
     this.jobs.register(this.rollback);
+    this.jobs.register(this.backups);
   }
 
   /**
@@ -115,7 +128,8 @@ export class Volume {
         ...snapshotPaths(image, s.id),
         ...(s.state === 'failed' ? { failure: s.failure?.reason ?? 'recorded as failed in the manifest' } : {}),
       }));
-      const rollbackJob = m.rollback ? rollbackJobPath(image, m.rollback.jobId) : undefined;
+      const running = runningRollback(m);
+      const rollbackJob = running ? rollbackJobPath(image, running.jobId) : undefined;
       return { manifest: m, unlock, chunkSize: m.chunkSize, snapshots, rollbackJob };
     } catch (err) {
       unlock();
@@ -157,8 +171,7 @@ export class Volume {
 
   /** Writes `m` (derived from `manifest`) and makes it current; throws if it cannot be written. */
   save(m: Manifest): void {
-    writeManifest(this.image, m);
-    this.current = m;
+    this.current = writeManifest(this.image, m);
     // Every manifest derives from this.manifest, so it records any failure
     // an earlier write could not (saveOrRetry): no more retries needed.
     clearInterval(this.failureRetry);

@@ -260,8 +260,11 @@ t.test('a merge interrupted by SIGKILL: snapshot commands are refused until it f
   t.comment(`killed with the merge at ${jobs[0]?.percent ?? 100}%`);
   t.ok(jobs.length === 1 && jobs[0]!.percent < 100, `the merge was still running when killed (${jobs[0]?.percent ?? 'no job'}%)`);
   t.equal(jobs[0]?.total, size / (16 * KiB), 'every chunk was pending');
-  const m = JSON.parse(fs.readFileSync(path.join(`${img}.nbd`, 'manifest.json'), 'utf8')) as { manifest: { rollback?: unknown } };
-  t.ok(m.manifest.rollback, 'the manifest still records the unfinished merge after the kill');
+  const m = JSON.parse(fs.readFileSync(path.join(`${img}.nbd`, 'manifest.json'), 'utf8')) as { manifest: { jobs?: { kind: string; state: string }[] } };
+  t.ok(
+    m.manifest.jobs?.some((j) => j.kind === 'rollback-merge' && j.state === 'running'),
+    'the manifest still records the unfinished merge (a running rollback-merge job) after the kill',
+  );
   // Offline, with the job unfinished: create and delete are refused, nothing changes.
   const c = await cli(['snapshot', 'create', img, 'x']);
   expectError(t, c, 7, 'ROLLBACK_RUNNING', 'create while a merge is pending', /jobs .+ --wait/);

@@ -133,8 +133,10 @@ interface Pending {
 
 /** What the manifest on disk records (read raw, after the kill, before the restart). */
 interface DiskManifest {
+  /** The running rollback merge: its job record (manifest `jobs`, kind rollback-merge, running), as id and snapshot. */
   rollback?: { jobId: number; snapshotId: number };
   snapshots: { id: number; name: string }[];
+  jobs?: { id: number; kind: string; state: string; params: { snapshotId: number } }[];
 }
 
 
@@ -241,7 +243,9 @@ class KillRig {
 
   diskManifest(): DiskManifest {
     const text = fs.readFileSync(path.join(this.meta, 'manifest.json'), 'utf8');
-    return (JSON.parse(text) as { manifest: DiskManifest }).manifest;
+    const m = (JSON.parse(text) as { manifest: DiskManifest }).manifest;
+    const r = m.jobs?.find((j) => j.kind === 'rollback-merge' && (j.state === 'running' || j.state === 'canceling'));
+    return { ...m, rollback: r ? { jobId: r.id, snapshotId: r.params.snapshotId } : undefined };
   }
 
   historyFile(): HistoryJson[] {

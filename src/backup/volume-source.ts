@@ -22,7 +22,6 @@
 // The source does not keep the snapshot from being deleted meanwhile
 // (online): reads then fail with an NBD error, never with wrong data.
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { changeMap as computeChangeMap, type ChangeMap } from '../change-map';
 import { callControl, listenerUri, type NbdListeners } from '../control';
@@ -30,6 +29,7 @@ import { NbdError } from '../errors';
 import { createLogger } from '../logger';
 import { NbdServer } from '../server';
 import type { SnapshotInfo } from '../snapshots';
+import type { Volume } from '../volume';
 import type { SnapshotRecord } from '../volume-meta';
 import { NbdChunkSource } from './nbd-source';
 import type { ChunkRun, ChunkSource } from './source';
@@ -82,9 +82,6 @@ function refuseFailed(image: string, s: Pick<SnapshotRecord, 'name' | 'state' | 
   }
 }
 
-function unixUri(socket: string, exportName: string): string {
-  return `nbd+unix:///${encodeURIComponent(exportName)}?socket=${encodeURIComponent(socket)}`;
-}
 
 /** The URI of `exportName` on the first usable listener (unix preferred). */
 function sourceUri(l: NbdListeners, exportName: string, image: string): string {
@@ -117,35 +114,36 @@ export async function openVolumeSource(image: string, opts: VolumeSourceOptions)
     });
     return new VolumeChunkSource(src, changes, async () => undefined);
   }
-  // Offline: our own server on a private socket.
+  // Offline: the volume opened in this process, served on a private socket.
   if (!fs.existsSync(image)) throw new NbdError('IMAGE_NOT_FOUND', `image ${image} does not exist`);
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-volume-source-'));
-  fs.chmodSync(dir, 0o700);
   const server = new NbdServer({ logger: createLogger('warn') });
-  const cleanup = async () => {
-    try {
-      await server.close();
-    } finally {
-      fs.rmSync(dir, { recursive: true, force: true });
-    }
-  };
   try {
     const exp = server.addImage({ path: image, snapshots: true });
-    const v = server.volume(exp.name);
-    refuseFailed(image, v.snapshot(opts.snapshot)); // SNAPSHOT_NOT_FOUND, SNAPSHOT_FAILED
-    const changes = opts.since ? await computeChangeMap(v, opts.since, opts.snapshot) : undefined;
-    const socket = path.join(dir, 'nbd.sock');
-    server.listenUnix(socket);
-    server.start();
-    const src = await NbdChunkSource.open(unixUri(socket, `${exp.name}@${opts.snapshot}`), {
-      chunkSize: v.chunkSize,
-      runs: changes?.runs,
-      volume,
-      snapshot: opts.snapshot,
-    });
-    return new VolumeChunkSource(src, changes, cleanup);
+    return await volumeSource(server.volume(exp.name), { ...opts, volume }, () => server.close());
   } catch (err) {
-    await cleanup();
+    await server.close();
     throw err;
   }
+}
+
+/**
+ * The same source over a volume opened in this process (a serving server's,
+ * whose jobs run here, or an offline command's): the change map from the
+ * volume itself, the reads through the process's own listener (ownUri: a
+ * private unix socket when it has none). `onClose` runs after the reads end.
+ */
+export async function volumeSource(
+  v: Volume,
+  opts: VolumeSourceOptions & { volume?: string },
+  onClose: () => Promise<void> = async () => undefined,
+): Promise<ChunkSource & { readonly changes: ChangeMap | undefined }> {
+  refuseFailed(v.image, v.snapshot(opts.snapshot)); // SNAPSHOT_NOT_FOUND, SNAPSHOT_FAILED
+  const changes = opts.since ? await computeChangeMap(v, opts.since, opts.snapshot) : undefined;
+  const src = await NbdChunkSource.open(v.exportUri(`${v.exportName}@${opts.snapshot}`), {
+    chunkSize: v.chunkSize,
+    runs: changes?.runs,
+    volume: opts.volume ?? path.basename(v.image),
+    snapshot: opts.snapshot,
+  });
+  return new VolumeChunkSource(src, changes, onClose);
 }

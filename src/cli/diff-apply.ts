@@ -26,8 +26,6 @@
 // and creates no snapshot.
 import { Command } from 'commander';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
-import * as path from 'node:path';
 import type { Readable } from 'node:stream';
 import { callControl, listenerUri, type NbdListeners } from '../control';
 import { applyRbdDiff, type ApplyDiffResult } from '../diff/rbd-diff-apply';
@@ -119,13 +117,9 @@ export async function diffApply(image: string, input: Readable, opts: DiffApplyO
   }
 
   if (!fs.existsSync(image)) throw new NbdError('IMAGE_NOT_FOUND', `image ${image} does not exist`);
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbd-diff-apply-')); // 0700: nobody else reaches the socket
   const server = new NbdServer({ logger: createLogger('warn') });
   try {
     const exp = server.addImage({ path: image, snapshots: true });
-    const sock = path.join(dir, 'nbd.sock');
-    server.listenUnix(sock);
-    server.start();
     const v = server.volume(exp.name);
     const snaps: SnapshotOps = {
       list: async () => {
@@ -134,10 +128,10 @@ export async function diffApply(image: string, input: Readable, opts: DiffApplyO
       },
       create: async (name) => void (await v.snapshots.create(name)),
     };
-    return await applyVia(`nbd+unix:///${encodeURIComponent(exp.name)}?socket=${encodeURIComponent(sock)}`, input, snaps, image, wantSnapshot);
+    // ownUri: a private unix socket (0700 directory, removed at close).
+    return await applyVia(server.ownUri(exp.name), input, snaps, image, wantSnapshot);
   } finally {
     await server.close();
-    fs.rmSync(dir, { recursive: true, force: true });
   }
 }
 

@@ -5,6 +5,8 @@ import { EXIT_CODES, NbdError } from '../errors';
 import { packageVersion } from '../package-root';
 import { registerAttach } from './attach';
 import { registerDiff } from './diff';
+import { registerBackup } from './backup';
+import { registerJobs } from './jobs';
 import { registerJournal } from './journal';
 import { registerServe } from './serve';
 import { registerRollback } from './rollback';
@@ -25,6 +27,8 @@ export function buildProgram(): Command {
   registerRollback(program);
   registerJournal(program);
   registerDiff(program);
+  registerJobs(program);
+  registerBackup(program);
   return program;
 }
 

@@ -1,83 +1,16 @@
-// `node-nbd-server rollback IMAGE SNAPSHOT [--wait]`, `jobs IMAGE [--wait]`,
-// `history IMAGE` and `info IMAGE`. Online, the serving server rolls back and
+// `node-nbd-server rollback IMAGE SNAPSHOT [--wait]`, `history IMAGE` and
+// `info IMAGE` (`jobs` is src/cli/jobs.ts). Online, the serving server rolls back and
 // merges in the background (the command returns once the snapshot is
 // visible); offline there is no server to merge later, so the command merges
 // to the end itself (a kill leaves the job recorded: the next serve or
 // `jobs IMAGE --wait` resumes it).
 import { Command } from 'commander';
-import { SingleBar } from 'cli-progress';
-import { callControl } from '../control';
 import { readHistory, type HistoryEntry } from '../history';
 import { ORPHAN_HINT } from '../journals';
 import { commandTrigger, type RollbackResult } from '../rollback';
-import type { Volume, VolumeJob } from '../volume';
+import type { Volume } from '../volume';
+import { jobBar, printJobs, waitJobs } from './jobs';
 import { onVolume, output } from './volume-command';
-
-/** A progress bar on stderr for the merge of one volume. */
-function mergeBar(): { update(jobs: VolumeJob[]): void; stop(): void } {
-  const bar = new SingleBar({
-    format: 'merging {snapshot} [{bar}] {percentage}% | {value}/{total} chunks | {duration_formatted}',
-    stream: process.stderr,
-    noTTYOutput: true,
-    notTTYSchedule: 2000,
-    hideCursor: true,
-  });
-  let started = false;
-  return {
-    update(jobs) {
-      const j = jobs[0];
-      if (!j) return;
-      if (!started) {
-        bar.start(Math.max(j.total, 1), j.done, { snapshot: j.snapshot });
-        started = true;
-      }
-      bar.setTotal(Math.max(j.total, 1));
-      bar.update(j.done, { snapshot: j.snapshot });
-    },
-    stop() {
-      if (started) bar.update(bar.getTotal());
-      bar.stop();
-    },
-  };
-}
-
-/** Waits until the volume has no running job; online by polling the server. */
-async function waitJobs(image: string, show: boolean): Promise<void> {
-  const bar = show ? mergeBar() : undefined;
-  try {
-    for (;;) {
-      const online = await callControl(image, { op: 'jobs' });
-      if (!online) {
-        // No server (or it stopped): finish the merge here.
-        await onVolume(image, { op: 'ping' }, async (v: Volume) => {
-          v.jobs.resume();
-          await v.jobs.wait((j) => bar?.update(j));
-        });
-        return;
-      }
-      const jobs = online.result as VolumeJob[];
-      bar?.update(jobs);
-      if (jobs.length === 0) return;
-      await new Promise((r) => setTimeout(r, 200));
-    }
-  } finally {
-    bar?.stop();
-  }
-}
-
-function printJobs(jobs: VolumeJob[]): void {
-  if (jobs.length === 0) {
-    process.stdout.write('no jobs\n');
-    return;
-  }
-  for (const j of jobs) {
-    process.stdout.write(
-      `${j.type}: to snapshot ${j.snapshot}, ${j.percent}% (${j.done}/${j.total} chunks), started ${j.startedAt} by ${j.trigger} (${j.by})` +
-        (j.error ? `, retrying after: ${j.error}` : '') +
-        '\n',
-    );
-  }
-}
 
 function printHistory(list: HistoryEntry[]): void {
   if (list.length === 0) {
@@ -111,7 +44,7 @@ export function registerRollback(program: Command): void {
       const r = (await onVolume(image, { op: 'rollback', name: snapshot, by: who.by }, async (v) => {
         offline = true;
         const res = await v.rollback.to(snapshot, who);
-        const bar = o.wait ? mergeBar() : undefined;
+        const bar = o.wait ? jobBar() : undefined;
         try {
           await v.jobs.wait((j) => bar?.update(j));
         } finally {
@@ -127,17 +60,6 @@ export function registerRollback(program: Command): void {
             (offline || o.wait ? `merged ${r.total} chunks\n` : `merging ${r.total} chunks in the background (node-nbd-server jobs ${image})\n`),
         );
       }
-    });
-  program
-    .command('jobs')
-    .description("Show the volume's running jobs (rollback merges) and their progress.")
-    .argument('<image>', 'image file')
-    .option('--json', 'machine-readable output')
-    .option('--wait', 'wait until they finish (offline: run them here), with a progress bar')
-    .action(async (image: string, o: { json?: boolean; wait?: boolean }) => {
-      if (o.wait) await waitJobs(image, !o.json);
-      const jobs = (await onVolume(image, { op: 'jobs' }, (v) => v.jobs.list())) as VolumeJob[];
-      output(o, jobs, printJobs);
     });
   program
     .command('history')
