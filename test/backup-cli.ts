@@ -52,8 +52,11 @@ async function json<T>(t: Test, args: string[], what: string): Promise<T> {
   return JSON.parse(r.stdout || 'null') as T;
 }
 
-/** Random writes of 4..64 KiB into the live export, applied to `model` too. */
-async function scribble(srv: RunningServer, model: Buffer, n: number): Promise<void> {
+/** Chunk size of the volumes here (the default), for the chunks a scribble touches. */
+const CHUNK = 16 * KiB;
+
+/** Random writes of 4..64 KiB into the live export, applied to `model` too; adds the chunks written to `touched`. */
+async function scribble(srv: RunningServer, model: Buffer, n: number, touched = new Set<number>()): Promise<void> {
   const writes: [number, Buffer][] = [];
   for (let i = 0; i < n; i++) {
     const len = (1 + crypto.randomInt(16)) * 4 * KiB;
@@ -61,6 +64,7 @@ async function scribble(srv: RunningServer, model: Buffer, n: number): Promise<v
     const data = i % 5 === 4 ? Buffer.alloc(len) : crypto.randomBytes(len);
     writes.push([off, data]);
     data.copy(model, off);
+    for (let c = Math.floor(off / CHUNK); c * CHUNK < off + len; c++) touched.add(c);
   }
   const errors = await writeExport(srv.socket, 'disk', writes);
   if (errors.some((e) => e)) throw new Error(`writes failed: ${errors.join(',')}`);
@@ -96,12 +100,19 @@ t.test('online and offline, full then incremental: each restore is exact; the ba
   t.ok(snap1.data?.equals(expected[0]!), 'disk@backup-1 shows the volume at the backup');
 
   // 2. online, a user's snapshot: incremental from backup 1; backup-1 (made by the job) is deleted.
-  await scribble(srv, model, 50);
+  const touched = new Set<number>();
+  await scribble(srv, model, 50, touched);
   expectOk(t, await cli(['snapshot', 'create', img, 'mine']), 'snapshot create mine');
+  const [mineInfo] = (JSON.parse((await cli(['snapshot', 'list', img, '--json'])).stdout) as { name: string; chunkSize: number }[]).filter((x) => x.name === 'mine');
+  t.equal(mineInfo?.chunkSize, CHUNK, 'the volume has the default chunk size');
   expected.push(Buffer.from(model));
   await scribble(srv, model, 20); // after the snapshot: not in backup 2
   const j2 = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'mine', '--wait'], 'online create 2');
   t.match(j2, { state: 'done', snapshot: 'mine', autoSnapshot: false, parent: j1.backup }, 'job 2: incremental from backup 1');
+  // The change map, not a full read: exactly the chunks written between the two snapshots.
+  const stats2 = j2.result?.stats as { chunksChanged?: number; bytesRead?: number } | undefined;
+  t.equal(stats2?.chunksChanged, touched.size, `job 2 read only the changed chunks (${stats2?.chunksChanged} of ${SIZE / CHUNK}; ${touched.size} written)`);
+  t.ok((stats2?.bytesRead ?? Infinity) <= touched.size * CHUNK, `job 2 read ${stats2?.bytesRead} bytes, at most the changed chunks`);
   t.same(j2.result?.deleted, ['backup-1'], 'job 2 deleted the base backup 1 made');
   t.same(await snapshotNames(img), ['mine'], 'only the user snapshot is left');
   expected.push(Buffer.from(model)); // backup 3 (offline) sees the live volume as it is now
