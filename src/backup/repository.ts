@@ -108,13 +108,13 @@ export class Repository {
   /** Opens a repository: REPO_NOT_FOUND, BACKUP_KEY_REQUIRED, BACKUP_KEY_WRONG, REPO_VERSION. */
   static async open(backend: Backend, opts: OpenOptions = {}): Promise<Repository> {
     if (backend instanceof LocalBackend && !backend.rootIsDirectory()) {
-      throw new NbdError('REPO_NOT_FOUND', `${backend.location} is not a backup repository (no such directory)`);
+      throw new NbdError('REPO_NOT_FOUND', `${backend.location} is not a backup repository (no such directory; create one with: node-nbd-server backup init ${backend.location})`);
     }
     let data: Buffer;
     try {
       data = await backend.get(CONFIG_KEY);
     } catch (err) {
-      if (isObjectMissing(err)) throw new NbdError('REPO_NOT_FOUND', `${backend.location} is not a backup repository (it has no config)`);
+      if (isObjectMissing(err)) throw new NbdError('REPO_NOT_FOUND', `${backend.location} is not a backup repository (it has no config; an empty location becomes one with: node-nbd-server backup init ${backend.location})`);
       throw err;
     }
     const config = decodeConfig(data, backend.location);
