@@ -47,6 +47,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { NbdError, isErrorCode } from './errors';
 import { addJob, baseInfo, isFinished, ownerAliveElsewhere, progress, putJob, thisOwner, unfinished, type JobInfo, type JobKind } from './jobs';
+import { ForwardingChunkSource } from './backup/source';
 import { volumeSource } from './backup/volume-source';
 import { backup, openRepository, type BackupStats, type ChunkSource, type Repository, type S3Flags } from './backup/index';
 import { newBackupId } from './backup/manifest';
@@ -130,18 +131,12 @@ export async function sourceFor(v: Volume, snapshot: string, parentSnapshot: str
   }
   const delay = Number(process.env.NBD_TEST_BACKUP_READ_DELAY_MS) || 0;
   if (!delay) return src;
-  return {
-    size: src.size,
-    chunkSize: src.chunkSize,
-    volume: src.volume,
-    snapshot: src.snapshot,
-    changedRuns: () => src.changedRuns(),
-    read: async (offset, buf) => {
+  return new (class extends ForwardingChunkSource {
+    override async read(offset: number, buf: Buffer): Promise<void> {
       await new Promise((r) => setTimeout(r, delay));
-      await src.read(offset, buf);
-    },
-    close: () => src.close(),
-  };
+      await this.inner.read(offset, buf);
+    }
+  })(src);
 }
 
 export class Backups implements JobKind<BackupJobInfo> {

@@ -44,6 +44,35 @@ export interface ChunkSource {
   close(): Promise<void>;
 }
 
+/**
+ * A ChunkSource that forwards everything to another one: the base of sources
+ * that add to one (a close hook, a test hook on reads) and override only that.
+ */
+export class ForwardingChunkSource implements ChunkSource {
+  constructor(protected readonly inner: ChunkSource) {}
+  get size(): number {
+    return this.inner.size;
+  }
+  get chunkSize(): number {
+    return this.inner.chunkSize;
+  }
+  get volume(): string {
+    return this.inner.volume;
+  }
+  get snapshot(): string | null {
+    return this.inner.snapshot;
+  }
+  changedRuns(): AsyncIterable<ChunkRun> {
+    return this.inner.changedRuns();
+  }
+  read(offset: number, buf: Buffer): Promise<void> {
+    return this.inner.read(offset, buf);
+  }
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}
+
 export interface FileSourceOptions {
   chunkSize: number;
   /** Runs to back up; default: every chunk. */

@@ -32,7 +32,7 @@ import type { SnapshotInfo } from '../snapshots';
 import type { Volume } from '../volume';
 import type { SnapshotRecord } from '../volume-meta';
 import { NbdChunkSource } from './nbd-source';
-import type { ChunkRun, ChunkSource } from './source';
+import { ForwardingChunkSource, type ChunkSource } from './source';
 
 export interface VolumeSourceOptions {
   /** The snapshot to read. */
@@ -41,32 +41,16 @@ export interface VolumeSourceOptions {
   since: string | null;
 }
 
-class VolumeChunkSource implements ChunkSource {
+class VolumeChunkSource extends ForwardingChunkSource {
   constructor(
-    private readonly inner: NbdChunkSource,
+    inner: NbdChunkSource,
     /** The change map, or undefined for a full source. */
     readonly changes: ChangeMap | undefined,
     private readonly onClose: () => Promise<void>,
-  ) {}
-  get size(): number {
-    return this.inner.size;
+  ) {
+    super(inner);
   }
-  get chunkSize(): number {
-    return this.inner.chunkSize;
-  }
-  get volume(): string {
-    return this.inner.volume;
-  }
-  get snapshot(): string | null {
-    return this.inner.snapshot;
-  }
-  changedRuns(): AsyncIterable<ChunkRun> {
-    return this.inner.changedRuns();
-  }
-  read(offset: number, buf: Buffer): Promise<void> {
-    return this.inner.read(offset, buf);
-  }
-  async close(): Promise<void> {
+  override async close(): Promise<void> {
     try {
       await this.inner.close();
     } finally {
