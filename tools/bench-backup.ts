@@ -337,12 +337,14 @@ async function initRepo(tool: Tool, kind: RepoKind, work: string, s3: S3 | null,
     const env = { ...s3!.env, RESTIC_PASSWORD: PASSWORD };
     const location = tool === 'restic' ? `s3:${s3!.endpoint}/${bucket}/repo` : `s3://${bucket}/repo`;
     if (tool === 'restic') sh(`restic -r ${q(location)} init`, env);
+    if (tool === 'ours') sh(node(`backup init ${q(location)}`), env);
     return { tool, kind, location, env, bytes: () => bucketBytes(s3!, bucket) };
   }
   const location = path.join(work, `repo-${tool}`);
   fs.rmSync(location, { recursive: true, force: true });
   const env: NodeJS.ProcessEnv = { RESTIC_PASSWORD: PASSWORD, BORG_PASSPHRASE: '', BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK: 'yes', BORG_RELOCATED_REPO_ACCESS_IS_OK: 'yes' };
   if (tool === 'restic') sh(`restic -r ${q(location)} init`, env);
+  if (tool === 'ours') sh(node(`backup init ${q(location)}`), env);
   if (tool === 'borg' || tool === 'borg-fixed') sh(`borg init --encryption=none ${q(location)}`, env);
   return { tool, kind, location, env, bytes: async () => dirBytes(location) };
 }
@@ -352,9 +354,10 @@ function backupWith(r: Repo, v: Served, snap: string): string {
   const src = uri(v, snap);
   switch (r.tool) {
     case 'ours': {
-      const out = sh(node(`backup create ${q(v.image)} --repo ${q(r.location)} --snapshot ${q(snap)} --json`), r.env).stdout;
-      const j = JSON.parse(out) as { id?: string; backup?: { id?: string } };
-      const id = j.id ?? j.backup?.id;
+      const out = sh(node(`backup create ${q(v.image)} --repo ${q(r.location)} --snapshot ${q(snap)} --wait --json`), r.env).stdout;
+      const j = JSON.parse(out) as { state?: string; backup?: string; result?: { backup?: string } };
+      if (j.state !== 'done') throw new Error(`backup create ended ${j.state}: ${out.slice(0, 500)}`);
+      const id = j.result?.backup ?? j.backup;
       if (!id) throw new Error(`backup create printed no id: ${out.slice(0, 500)}`);
       return id;
     }

@@ -69,6 +69,35 @@ function s3Flags(o: RepoOptions): S3Flags | undefined {
   return Object.keys(f).length ? f : undefined;
 }
 
+/**
+ * The S3 settings a backup job needs, for a request to the serving server:
+ * the flags, else this command's AWS environment. The job runs in the
+ * server, whose environment is not the user's; the secrets travel over the
+ * control socket (0600, peer-checked) and stay in the server's memory only,
+ * never in the job record.
+ */
+function jobS3(repo: string, o: RepoOptions): S3Flags | undefined {
+  const f = s3Flags(o);
+  if (!repo.startsWith('s3://')) return f;
+  const env = process.env;
+  const pick = (...names: string[]) => names.map((n) => env[n]).find((v) => v !== undefined && v !== '');
+  const fromEnv: S3Flags = {};
+  const endpoint = pick('AWS_ENDPOINT_URL_S3', 'AWS_ENDPOINT_URL', 'S3_ENDPOINT');
+  const region = pick('AWS_REGION', 'AWS_DEFAULT_REGION');
+  const accessKeyId = pick('AWS_ACCESS_KEY_ID');
+  const secretAccessKey = pick('AWS_SECRET_ACCESS_KEY');
+  const sessionToken = pick('AWS_SESSION_TOKEN');
+  if (endpoint) fromEnv.endpoint = endpoint;
+  if (region) fromEnv.region = region;
+  if (accessKeyId && secretAccessKey) {
+    fromEnv.accessKeyId = accessKeyId;
+    fromEnv.secretAccessKey = secretAccessKey;
+    if (sessionToken) fromEnv.sessionToken = sessionToken;
+  }
+  const merged = { ...fromEnv, ...(f ?? {}) };
+  return Object.keys(merged).length ? merged : undefined;
+}
+
 /** A local REPO made absolute (the server that runs a job has its own working directory). */
 function repoLocation(repo: string): string {
   if (repo.startsWith('s3://')) {
@@ -163,7 +192,7 @@ export function registerBackup(program: Command): void {
     const req: BackupRequest = {
       repo: repoLocation(o.repo),
       ...(o.keyFile ? { keyFile: path.resolve(o.keyFile) } : {}),
-      ...(s3Flags(o) ? { s3: s3Flags(o) } : {}),
+      ...(jobS3(o.repo, o) ? { s3: jobS3(o.repo, o) } : {}),
       ...(o.snapshot !== undefined ? { snapshot: o.snapshot } : {}),
     };
     let offline = false;
