@@ -102,3 +102,24 @@ t.test('a resumed backup whose parent snapshot was deleted and made again under 
   const bad = await restoreDiff(t, repo, done.backup, model, 'backup 2');
   t.same(bad.slice(0, 20), [], `backup 2 restores s exactly (${bad.length} chunks differ)`);
 });
+
+t.test('backing up an older snapshot after a newer one, and the same snapshot twice: done and exact', async (t) => {
+  const { dir, img, repo } = dirs();
+  expectOk(t, await cli(['backup', 'init', repo]), 'init');
+  const srv = await startServer({ dir, size: '8M' });
+  t.teardown(() => srv.stop());
+  const model = Buffer.alloc(SIZE);
+  await scribble(srv, model, 40);
+  expectOk(t, await cli(['snapshot', 'create', img, 'old']), 'snapshot old');
+  const eOld = Buffer.from(model);
+  await scribble(srv, model, 40);
+  expectOk(t, await cli(['snapshot', 'create', img, 'new']), 'snapshot new');
+  const bNew = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'new', '--wait'], 'backup of new');
+  t.equal(bNew.state, 'done', 'backup of new: done');
+  const bOld = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'old', '--wait'], 'backup of old (after new)');
+  t.equal(bOld?.state, 'done', 'backup of old after new: done');
+  if (bOld?.state === 'done') t.same(await restoreDiff(t, repo, bOld.backup, eOld, 'old'), [], 'old restores exactly');
+  const again = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'new', '--wait'], 'backup of new again');
+  t.equal(again?.state, 'done', 'backup of new again: done');
+  if (again?.state === 'done') t.same(await restoreDiff(t, repo, again.backup, model, 'new again'), [], 'new again restores exactly');
+});
