@@ -1,13 +1,14 @@
 // Adversarial review 11: backups, change maps and diffs that must never be
 // silently wrong. Each test reproduces one finding (see the commit messages).
 import t, { type Test } from 'tap';
+import { spawnSync } from 'node:child_process';
 import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { readManifest } from '../src/volume-meta';
 import { cli, expectOk } from './fixtures/cli-expect';
 import { writeExport } from './fixtures/export-io';
-import { makeTempDir, removeDir, startServer, type RunningServer } from './fixtures/server';
+import { CLI, makeTempDir, removeDir, startServer, type RunningServer } from './fixtures/server';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -122,4 +123,38 @@ t.test('backing up an older snapshot after a newer one, and the same snapshot tw
   const again = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'new', '--wait'], 'backup of new again');
   t.equal(again?.state, 'done', 'backup of new again: done');
   if (again?.state === 'done') t.same(await restoreDiff(t, repo, again.backup, model, 'new again'), [], 'new again restores exactly');
+});
+
+t.test('diff apply to a volume whose live content moved on since the from-snapshot: refused, never a silent wrong copy', async (t) => {
+  const { dir } = dirs();
+  const SZ = 2 * MiB;
+  const image = path.join(dir, 'src.img');
+  const replica = path.join(dir, 'replica.img');
+  const s0 = crypto.randomBytes(SZ);
+  fs.writeFileSync(image, s0);
+  fs.writeFileSync(replica, s0);
+  expectOk(t, await cli(['snapshot', 'create', image, 'a']), 'source: snapshot a');
+  expectOk(t, await cli(['snapshot', 'create', replica, 'a']), 'replica: snapshot a');
+  // The source moves on at chunk 0; the replica's live is written at chunk 10 after a.
+  let srv = await startServer({ dir, images: [image] });
+  t.same(await writeExport(srv.socket, 'src', [[0, crypto.randomBytes(16 * KiB)]]), [0], 'source write');
+  t.equal(await srv.stop(), 0, 'stop source');
+  expectOk(t, await cli(['snapshot', 'create', image, 'b']), 'source: snapshot b');
+  srv = await startServer({ dir, images: [replica] });
+  t.same(await writeExport(srv.socket, 'replica', [[10 * 16 * KiB, crypto.randomBytes(16 * KiB)]]), [0], 'replica write after a');
+  t.equal(await srv.stop(), 0, 'stop replica');
+  const d = path.join(dir, 'a-b.rbd');
+  const out = fs.openSync(d, 'w');
+  const r0 = spawnSync(process.execPath, [CLI, 'diff', image, '--from', 'a', '--to', 'b', '--format', 'rbd'], { stdio: ['ignore', out, 'pipe'] });
+  fs.closeSync(out);
+  t.equal(r0.status, 0, 'diff --format rbd');
+  const srcB = fs.readFileSync(image);
+  const r = await cli(['diff', 'apply', replica, '--file', d, '--json']);
+  if (r.code === 0) {
+    t.ok(fs.readFileSync(replica).equals(srcB), 'applied: the replica reads b exactly');
+  } else {
+    t.match(r.stderr, /DIFF_MISMATCH/, 'refused: DIFF_MISMATCH');
+    const list = await cli(['snapshot', 'list', replica, '--json']);
+    t.same((JSON.parse(list.stdout) as { name: string }[]).map((s) => s.name), ['a'], 'no snapshot b made on the replica');
+  }
 });
