@@ -125,7 +125,7 @@ t.test('backing up an older snapshot after a newer one, and the same snapshot tw
   if (again?.state === 'done') t.same(await restoreDiff(t, repo, again.backup, model, 'new again'), [], 'new again restores exactly');
 });
 
-t.test('diff apply to a volume whose live content moved on since the from-snapshot: refused, never a silent wrong copy', async (t) => {
+t.test('diff apply to a volume whose live content moved on since the from-snapshot: DIFF_MISMATCH and no snapshot b, never a silent wrong copy', async (t) => {
   const { dir } = dirs();
   const SZ = 2 * MiB;
   const image = path.join(dir, 'src.img');
