@@ -158,3 +158,32 @@ t.test('diff apply to a volume whose live content moved on since the from-snapsh
     t.same((JSON.parse(list.stdout) as { name: string }[]).map((s) => s.name), ['a'], 'no snapshot b made on the replica');
   }
 });
+
+t.test('rollback between two backups (to a snapshot older than the parent\'s), then writes: the incremental restores exactly', async (t) => {
+  const { dir, img, repo } = dirs();
+  expectOk(t, await cli(['backup', 'init', repo]), 'init');
+  const srv = await startServer({ dir, size: '8M' });
+  t.teardown(() => srv.stop());
+  const model = Buffer.alloc(SIZE);
+  await scribble(srv, model, 40);
+  expectOk(t, await cli(['snapshot', 'create', img, 'u']), 'snapshot u');
+  const eU = Buffer.from(model);
+  await scribble(srv, model, 40);
+  const b1 = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--wait'], 'backup 1');
+  t.equal(b1?.state, 'done', 'backup 1 done');
+  await scribble(srv, model, 40);
+  t.equal((await cli(['rollback', img, 'u', '--wait'])).code, 0, 'rollback to u');
+  eU.copy(model);
+  await scribble(srv, model, 20);
+  const b2 = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--wait'], 'backup 2');
+  t.match(b2, { state: 'done', parent: b1.backup }, 'backup 2: incremental from 1');
+  t.same(await restoreDiff(t, repo, b2.backup, model, 'backup 2'), [], 'backup 2 restores exactly');
+  // And a rollback to the parent's own base, then a backup of the live volume again.
+  const names = (JSON.parse((await cli(['snapshot', 'list', img, '--json'])).stdout) as { name: string }[]).map((s) => s.name);
+  const base2 = names.find((n) => n.startsWith('backup-'))!;
+  t.equal((await cli(['rollback', img, base2, '--wait'])).code, 0, `rollback to ${base2}`);
+  const eBase2 = Buffer.from(model);
+  const b3 = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--wait'], 'backup 3');
+  t.equal(b3?.state, 'done', 'backup 3 done');
+  t.same(await restoreDiff(t, repo, b3.backup, eBase2, 'backup 3'), [], 'backup 3 restores exactly');
+});
