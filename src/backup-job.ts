@@ -316,8 +316,19 @@ export class Backups implements JobKind<BackupJobInfo> {
           if (params(rec).snapshotId !== snapId) rec = await this.update(id, (r) => ({ ...r, params: { ...r.params, snapshotId: snapId } }));
           const q = params(rec);
           signal.throwIfAborted();
-          // Step 4.
-          const source = await sourceFor(v, q.snapshot, q.parentSnapshot ?? null);
+          // Step 4. From these checks to the change map's name resolution (sourceFor ->
+          // changeMap) nothing awaits, so the map is computed from the records checked here: a
+          // parent snapshot or a target deleted and made again under its name while the steps
+          // above awaited is not used for the changes (the parent then serves dedup only).
+          const exact = q.parent ? this.parentValid(q.parent, q.parentSnapshot ?? null, q.snapshot) : false;
+          if (v.snapshot(q.snapshot).id !== q.snapshotId) throw new NbdError('SNAPSHOT_NOT_FOUND', `snapshot "${q.snapshot}" was replaced while the backup started`);
+          const source = await sourceFor(v, q.snapshot, exact ? (q.parentSnapshot ?? null) : null);
+          // The reads go to the export opened by name: the snapshot it showed then must be
+          // the one the map was computed for (a later replacement makes its reads fail).
+          if (v.manifest.snapshots.find((s) => s.name === q.snapshot)?.id !== q.snapshotId) {
+            await source.close().catch(() => undefined);
+            throw new NbdError('SNAPSHOT_NOT_FOUND', `snapshot "${q.snapshot}" was replaced while the backup started`);
+          }
           const total = Math.ceil(source.size / source.chunkSize);
           this.live.set(id, { done: 0, total });
           let saved = Date.now();
