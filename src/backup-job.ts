@@ -67,6 +67,8 @@ export interface BackupParams {
   /** Chosen once (step 3): the parent backup, or null for a full one. */
   parent?: string | null;
   parentSnapshot?: string | null;
+  /** The id of the snapshot record step 4 reads (set before it reads). */
+  snapshotId?: number;
   result?: { backup: string; parent: string | null; stats: BackupStats; deleted: string[] };
 }
 
@@ -300,14 +302,28 @@ export class Backups implements JobKind<BackupJobInfo> {
           // Step 3: the parent, chosen once (again only if its snapshot was deleted meanwhile: the
           // changes are computed from it).
           const cur = params(rec);
-          if (cur.parent === undefined || (cur.parentSnapshot && !v.manifest.snapshots.some((s) => s.name === cur.parentSnapshot))) {
-            const parent = await this.chooseParent(repo, p.backupId);
+          if (cur.parent === undefined || (cur.parent !== null && !this.parentValid(cur.parent, cur.parentSnapshot ?? null, p.snapshot))) {
+            const parent = await this.chooseParent(repo, p.backupId, p.snapshot);
             rec = await this.update(id, (r) => ({ ...r, params: { ...r.params, parent: parent?.id ?? null, parentSnapshot: parent?.snapshot ?? null } }));
           }
+          // The snapshot record read (by id: the name could be given to another one later).
+          const snapId = v.snapshot(params(rec).snapshot).id;
+          if (params(rec).snapshotId !== snapId) rec = await this.update(id, (r) => ({ ...r, params: { ...r.params, snapshotId: snapId } }));
           const q = params(rec);
           signal.throwIfAborted();
-          // Step 4.
-          const source = await sourceFor(v, q.snapshot, q.parentSnapshot ?? null);
+          // Step 4. From these checks to the change map's name resolution (sourceFor ->
+          // changeMap) nothing awaits, so the map is computed from the records checked here: a
+          // parent snapshot or a target deleted and made again under its name while the steps
+          // above awaited is not used for the changes (the parent then serves dedup only).
+          const exact = q.parent ? this.parentValid(q.parent, q.parentSnapshot ?? null, q.snapshot) : false;
+          if (v.snapshot(q.snapshot).id !== q.snapshotId) throw new NbdError('SNAPSHOT_NOT_FOUND', `snapshot "${q.snapshot}" was replaced while the backup started`);
+          const source = await sourceFor(v, q.snapshot, exact ? (q.parentSnapshot ?? null) : null);
+          // The reads go to the export opened by name: the snapshot it showed then must be
+          // the one the map was computed for (a later replacement makes its reads fail).
+          if (v.manifest.snapshots.find((s) => s.name === q.snapshot)?.id !== q.snapshotId) {
+            await source.close().catch(() => undefined);
+            throw new NbdError('SNAPSHOT_NOT_FOUND', `snapshot "${q.snapshot}" was replaced while the backup started`);
+          }
           const total = Math.ceil(source.size / source.chunkSize);
           this.live.set(id, { done: 0, total });
           let saved = Date.now();
@@ -332,6 +348,8 @@ export class Backups implements JobKind<BackupJobInfo> {
           }
         }
         completed = true;
+        // Step 5a: the snapshot record lists this backup (what makes it a parent later).
+        await this.recordBackupOf(params(this.record(id) ?? rec).snapshotId, done.id);
         // Step 5: older bases of this repository.
         const deleted = await this.rotate(id, p);
         // Step 6.
@@ -374,14 +392,43 @@ export class Backups implements JobKind<BackupJobInfo> {
     }
   }
 
-  /** The newest backup of this volume whose snapshot still exists here, made before that backup. */
-  private async chooseParent(repo: Repository, self: string) {
+  /**
+   * Whether backup `parent` is still an exact base for a backup of `target`:
+   * the snapshot record it was made of (listing it in `backups`, so the same
+   * record, not a later one under the same name) is active and older than
+   * `target` (the change map runs from it to `target`).
+   */
+  private parentValid(parent: string, parentSnapshot: string | null, target: string): boolean {
+    const snaps = this.v.manifest.snapshots;
+    const i = snaps.findIndex((s) => s.name === parentSnapshot && s.state === 'active' && (s.backups ?? []).includes(parent));
+    const j = snaps.findIndex((s) => s.name === target);
+    return i >= 0 && j >= 0 && i < j;
+  }
+
+  /** Adds backup `id` to snapshot record `snapshotId` if it still exists (once). */
+  private async recordBackupOf(snapshotId: number | undefined, id: string): Promise<void> {
+    const v = this.v;
+    if (snapshotId === undefined) return; // read before this was recorded: never a parent
+    await v.serial(async () => {
+      const s = v.manifest.snapshots.find((x) => x.id === snapshotId);
+      if (!s || (s.backups ?? []).includes(id)) return;
+      v.save({ ...v.manifest, snapshots: v.manifest.snapshots.map((x) => (x === s ? { ...x, backups: [...(x.backups ?? []), id] } : x)) });
+    });
+  }
+
+  /**
+   * The newest backup of this volume that this volume's manifest records as
+   * made of a snapshot record that still exists, is active and is older than
+   * `target` (names, times and paths alone can be shared by other content:
+   * a snapshot deleted and made again, a clock stepped back, another
+   * volume at the same path).
+   */
+  private async chooseParent(repo: Repository, self: string, target: string) {
     const name = volumeName(this.v.image);
     const m = this.v.manifest;
     const candidates = (await repo.listManifests()).filter((b) => {
       if (b.id === self || b.volume !== name || b.size !== m.size || b.chunkSize !== m.chunkSize || !b.snapshot) return false;
-      const s = m.snapshots.find((x) => x.name === b.snapshot);
-      return s !== undefined && s.state === 'active' && s.createdAt <= b.time;
+      return this.parentValid(b.id, b.snapshot, target);
     });
     candidates.sort((a, b) => (a.time < b.time ? -1 : a.time > b.time ? 1 : a.id < b.id ? -1 : 1));
     return candidates.at(-1) ?? null;

@@ -54,6 +54,13 @@ export interface SnapshotRecord {
   autoRollback?: AutoRollbackPolicy;
   /** Made by a backup job as its base (src/backup-job.ts): deleted by a later backup to the same repository. */
   backupBase?: { job: number; repo: string };
+  /**
+   * Repository backups made of this snapshot record (their ids), added when
+   * each completes (src/backup-job.ts). A backup is an incremental's parent
+   * only if listed here: a name, a clock or a path can be shared by another
+   * snapshot (deleted and made again, another volume at the same path).
+   */
+  backups?: string[];
 }
 
 /** Who or what started a rollback. */
