@@ -30,7 +30,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { openRepository } from '../src/backup/index';
 import { readManifest } from '../src/volume-meta';
-import { cli, expectOk } from './fixtures/cli-expect';
+import { cli, expectError, expectOk } from './fixtures/cli-expect';
 import { readExport } from './fixtures/export-io';
 import { NBD, RawClient } from './fixtures/raw-client';
 import { startRgw } from './fixtures/rgw';
@@ -256,6 +256,12 @@ async function chain(t: Test, repo: string, extra: string[]): Promise<void> {
   const v = await cli(['backup', 'verify', repo, '--read-data', '--json', ...extra]);
   t.equal(v.code, 0, `verify --read-data: exit 0${v.code ? ` (${lastErr(v.stderr)})` : ''}`);
   t.match(JSON.parse(v.stdout || '{}'), { ok: true, backups: 11 }, 'the repository verifies');
+  const keyAt = extra.indexOf('--key-file');
+  if (keyAt >= 0) {
+    const out = path.join(dir, 'no-key.img');
+    const withoutKey = [...extra.slice(0, keyAt), ...extra.slice(keyAt + 2)];
+    expectError(t, await cli(['backup', 'restore', repo, backups.at(-1)!.id, out, ...withoutKey]), 26, 'BACKUP_KEY_REQUIRED', 'the repository is encrypted: a restore without the key');
+  }
 }
 
 t.test('restores are exact over a chain: local directory, no encryption', async (t) => {
