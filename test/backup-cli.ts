@@ -10,7 +10,7 @@ import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { readManifest, writeManifest } from '../src/volume-meta';
-import { cli, expectError, expectOk } from './fixtures/cli-expect';
+import { cli, cliJson, expectError, expectOk } from './fixtures/cli-expect';
 import { readExport, writeExport } from './fixtures/export-io';
 import { startRgw } from './fixtures/rgw';
 import { makeTempDir, removeDir, startServer, type RunningServer } from './fixtures/server';
@@ -46,11 +46,6 @@ function dirs(): { dir: string; img: string; repo: string } {
   return { dir, img: path.join(dir, 'disk.img'), repo: path.join(dir, 'repo') };
 }
 
-async function json<T>(t: Test, args: string[], what: string): Promise<T> {
-  const r = await cli([...args, '--json']);
-  t.equal(r.code, 0, `${what}: exit 0${r.code ? ` (${r.stderr.trim().split('\n').at(-1)})` : ''}`);
-  return JSON.parse(r.stdout || 'null') as T;
-}
 
 /** Chunk size of the volumes here (the default), for the chunks a scribble touches. */
 const CHUNK = 16 * KiB;
@@ -93,7 +88,7 @@ t.test('online and offline, full then incremental: each restore is exact; the ba
   const expected: Buffer[] = [];
 
   // 1. online, full: the job makes backup-1.
-  const j1 = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--wait'], 'online create 1');
+  const j1 = await cliJson<Job>(t, ['backup', 'create', img, '--repo', repo, '--wait'], 'online create 1');
   expected.push(Buffer.from(model));
   t.match(j1, { type: 'backup', state: 'done', snapshot: 'backup-1', autoSnapshot: true, parent: null }, 'job 1: done, full, its own snapshot');
   const snap1 = await readExport(srv.socket, 'disk@backup-1', 0, SIZE);
@@ -107,7 +102,7 @@ t.test('online and offline, full then incremental: each restore is exact; the ba
   t.equal(mineInfo?.chunkSize, CHUNK, 'the volume has the default chunk size');
   expected.push(Buffer.from(model));
   await scribble(srv, model, 20); // after the snapshot: not in backup 2
-  const j2 = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'mine', '--wait'], 'online create 2');
+  const j2 = await cliJson<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'mine', '--wait'], 'online create 2');
   t.match(j2, { state: 'done', snapshot: 'mine', autoSnapshot: false, parent: j1.backup }, 'job 2: incremental from backup 1');
   // The change map, not a full read: exactly the chunks written between the two snapshots.
   const stats2 = j2.result?.stats as { chunksChanged?: number; bytesRead?: number } | undefined;
@@ -119,7 +114,7 @@ t.test('online and offline, full then incremental: each restore is exact; the ba
   t.equal(await srv.stop(), 0, 'server stops');
 
   // 3. offline, its own snapshot: incremental from backup 2 (mine still exists); mine is kept.
-  const j3 = await json<Job>(t, ['backup', 'create', img, '--repo', repo], 'offline create 3');
+  const j3 = await cliJson<Job>(t, ['backup', 'create', img, '--repo', repo], 'offline create 3');
   t.match(j3, { state: 'done', snapshot: 'backup-3', autoSnapshot: true, parent: j2.backup }, 'job 3 (offline): done, incremental from backup 2');
   t.same(j3.result?.deleted, [], 'nothing to rotate: the only other snapshot is the user\'s');
   t.same(await snapshotNames(img), ['mine', 'backup-3'], 'mine and backup-3');
@@ -129,12 +124,12 @@ t.test('online and offline, full then incremental: each restore is exact; the ba
   await scribble(srv, model, 50);
   t.equal(await srv.stop(), 0, 'server stops');
   expected.push(Buffer.from(model));
-  const j4 = await json<Job>(t, ['backup', 'create', img, '--repo', repo], 'offline create 4');
+  const j4 = await cliJson<Job>(t, ['backup', 'create', img, '--repo', repo], 'offline create 4');
   t.match(j4, { state: 'done', snapshot: 'backup-4', parent: j3.backup }, 'job 4: incremental from backup 3');
   t.same(j4.result?.deleted, ['backup-3'], 'job 4 deleted the base job 3 made');
   t.same(await snapshotNames(img), ['mine', 'backup-4'], 'the user snapshot is never deleted');
 
-  const list = await json<Listed[]>(t, ['backup', 'list', repo], 'list');
+  const list = await cliJson<Listed[]>(t, ['backup', 'list', repo], 'list');
   t.same(
     list.map((b) => [b.id, b.parent, b.snapshot]),
     [
@@ -147,11 +142,11 @@ t.test('online and offline, full then incremental: each restore is exact; the ba
   );
   t.equal(list[0]!.volume, fs.realpathSync(img), 'the volume is named by its real path');
   for (const [i, id] of [j1.backup, j2.backup, j3.backup, j4.backup].entries()) await restoredEquals(t, repo, id, expected[i]!, `backup ${i + 1}`);
-  const v = await json<{ ok: boolean; backups: number }>(t, ['backup', 'verify', repo, '--read-data'], 'verify --read-data');
+  const v = await cliJson<{ ok: boolean; backups: number }>(t, ['backup', 'verify', repo, '--read-data'], 'verify --read-data');
   t.match(v, { ok: true, backups: 4 }, 'the repository verifies');
 
   // The jobs are listed as finished records.
-  const all = await json<Job[]>(t, ['jobs', img, '--all'], 'jobs --all');
+  const all = await cliJson<Job[]>(t, ['jobs', img, '--all'], 'jobs --all');
   t.same(
     all.map((j) => [j.id, j.type, j.state]),
     [
@@ -162,7 +157,7 @@ t.test('online and offline, full then incremental: each restore is exact; the ba
     ],
     'jobs --all: the four backup jobs, done',
   );
-  t.same(await json<Job[]>(t, ['jobs', img], 'jobs'), [], 'jobs: none unfinished');
+  t.same(await cliJson<Job[]>(t, ['jobs', img], 'jobs'), [], 'jobs: none unfinished');
 
   // Restore into an NBD target.
   const target = path.join(dir, 'target.img');
@@ -176,10 +171,10 @@ t.test('online and offline, full then incremental: each restore is exact; the ba
   t.ok((await readExport(tsrv.socket, 'target', 0, SIZE)).data?.equals(expected[1]!), 'the NBD target holds backup 2 exactly');
 
   // prune keeps the newest; the rest still restores.
-  const p = await json<{ kept: string[]; forgotten: string[] }>(t, ['backup', 'prune', repo, '--keep-last', '1'], 'prune --keep-last 1');
+  const p = await cliJson<{ kept: string[]; forgotten: string[] }>(t, ['backup', 'prune', repo, '--keep-last', '1'], 'prune --keep-last 1');
   t.same(p.kept, [j4.backup], 'prune kept the newest');
   await restoredEquals(t, repo, j4.backup, expected[3]!, 'backup 4 after the prune');
-  t.match(await json<{ ok: boolean }>(t, ['backup', 'verify', repo, '--read-data'], 'verify after prune'), { ok: true }, 'verifies after the prune');
+  t.match(await cliJson<{ ok: boolean }>(t, ['backup', 'verify', repo, '--read-data'], 'verify after prune'), { ok: true }, 'verifies after the prune');
 });
 
 t.test('encrypted repository: create and restore with --key-file; a missing key is refused', async (t) => {
@@ -191,7 +186,7 @@ t.test('encrypted repository: create and restore with --key-file; a missing key 
   expectOk(t, await cli(['backup', 'init', repo, '--key-file', key]), 'init encrypted');
   expectError(t, await cli(['backup', 'create', img, '--repo', repo]), 26, 'BACKUP_KEY_REQUIRED', 'create without the key');
   t.same(await snapshotNames(img), [], 'the refused create made no snapshot');
-  const j = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--key-file', key], 'create with the key');
+  const j = await cliJson<Job>(t, ['backup', 'create', img, '--repo', repo, '--key-file', key], 'create with the key');
   t.equal(j.state, 'done', 'done');
   const out = path.join(dir, 'out.img');
   expectError(t, await cli(['backup', 'restore', repo, j.backup, out]), 26, 'BACKUP_KEY_REQUIRED', 'restore without the key');
@@ -225,9 +220,9 @@ t.test('bad input: clear codes, no job recorded, no snapshot made, no backup wri
   expectError(t, await cli(['backup', 'create', img, '--repo', notRepo]), 20, 'REPO_NOT_FOUND', 'not a repository (online)');
   expectError(t, await cli(['backup', 'restore', repo, '20990101T000000Z-00000000', path.join(dir, 'x.img')]), 8, 'BACKUP_NOT_FOUND', 'restore of an unknown backup');
   t.notOk(fs.existsSync(path.join(dir, 'x.img')), 'no target file left');
-  t.same(await json<Job[]>(t, ['jobs', img, '--all'], 'jobs --all'), [], 'no job was recorded by any refused create');
+  t.same(await cliJson<Job[]>(t, ['jobs', img, '--all'], 'jobs --all'), [], 'no job was recorded by any refused create');
   t.same(await snapshotNames(img), ['s1'], 'no snapshot was made');
-  t.same(await json<Listed[]>(t, ['backup', 'list', repo], 'list'), [], 'no backup was written');
+  t.same(await cliJson<Listed[]>(t, ['backup', 'list', repo], 'list'), [], 'no backup was written');
   expectError(t, await cli(['jobs', 'cancel', img, '99']), 8, 'JOB_NOT_FOUND', 'cancel of an unknown job');
   expectError(t, await cli(['jobs', 'cancel', '99']), 2, 'BAD_ARGUMENT', 'cancel without the image');
 });
@@ -243,15 +238,15 @@ t.test('S3 (radosgw): online full + incremental with credentials as flags; a kil
   let srv = await startServer({ dir, size: '8M' });
   const model = Buffer.alloc(SIZE);
   await scribble(srv, model, 100);
-  const j1 = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--wait', ...flags], 'create 1 (S3)');
+  const j1 = await cliJson<Job>(t, ['backup', 'create', img, '--repo', repo, '--wait', ...flags], 'create 1 (S3)');
   t.match(j1, { state: 'done', parent: null }, 'full');
   const e1 = Buffer.from(model);
   await scribble(srv, model, 30);
   t.equal(await srv.stop(), 0, 'stop');
   // Throttled, killed mid-way, restarted with the credentials in its environment only.
   srv = await startServer({ dir, images: ['disk.img'], env: { NBD_TEST_BACKUP_READ_DELAY_MS: '3000' } });
-  const started = await json<Job>(t, ['backup', 'create', img, '--repo', repo, ...flags], 'create 2 (S3), throttled');
-  await until(async () => ((await json<Job[]>(t, ['jobs', img], 'jobs')).some((j) => j.id === started.id && j.state === 'running') ? true : undefined));
+  const started = await cliJson<Job>(t, ['backup', 'create', img, '--repo', repo, ...flags], 'create 2 (S3), throttled');
+  await until(async () => ((await cliJson<Job[]>(t, ['jobs', img], 'jobs')).some((j) => j.id === started.id && j.state === 'running') ? true : undefined));
   await srv.stop('SIGKILL');
   t.equal(readManifest(img)?.jobs?.find((j) => j.id === started.id)?.state, 'running', 'running after the kill');
   srv = await startServer({
@@ -260,7 +255,7 @@ t.test('S3 (radosgw): online full + incremental with credentials as flags; a kil
     env: { AWS_ACCESS_KEY_ID: rgw.accessKeyId, AWS_SECRET_ACCESS_KEY: rgw.secretAccessKey, AWS_REGION: rgw.region },
   });
   t.teardown(() => srv.stop());
-  const done = await until(async () => (await json<Job[]>(t, ['jobs', img, '--all'], 'jobs --all')).find((j) => j.id === started.id && j.state !== 'running'));
+  const done = await until(async () => (await cliJson<Job[]>(t, ['jobs', img, '--all'], 'jobs --all')).find((j) => j.id === started.id && j.state !== 'running'));
   t.match(done, { state: 'done', parent: j1.backup, backup: started.backup }, 'resumed with the environment\'s credentials and done, incremental from 1');
   for (const [id, e] of [
     [j1.backup, e1],
@@ -270,7 +265,7 @@ t.test('S3 (radosgw): online full + incremental with credentials as flags; a kil
     expectOk(t, await cli(['backup', 'restore', repo, id, out, ...flags]), `restore ${id}`);
     t.ok(fs.readFileSync(out).equals(e), `restore of ${id} is exact`);
   }
-  t.match(await json<{ ok: boolean }>(t, ['backup', 'verify', repo, '--read-data', ...flags], 'verify (S3)'), { ok: true }, 'the S3 repository verifies');
+  t.match(await cliJson<{ ok: boolean }>(t, ['backup', 'verify', repo, '--read-data', ...flags], 'verify (S3)'), { ok: true }, 'the S3 repository verifies');
 
   // The credentials in the command's environment only (no flags), the server
   // started without them: the job runs in the server and must get them from

@@ -6,7 +6,7 @@ import * as crypto from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { readManifest } from '../src/volume-meta';
-import { cli, expectOk } from './fixtures/cli-expect';
+import { cli, cliJson, expectOk } from './fixtures/cli-expect';
 import { writeExport } from './fixtures/export-io';
 import { CLI, makeTempDir, removeDir, startServer, type RunningServer } from './fixtures/server';
 
@@ -31,11 +31,6 @@ function dirs(): { dir: string; img: string; repo: string } {
   return { dir, img: path.join(dir, 'disk.img'), repo: path.join(dir, 'repo') };
 }
 
-async function json<T>(t: Test, args: string[], what: string): Promise<T> {
-  const r = await cli([...args, '--json']);
-  t.equal(r.code, 0, `${what}: exit 0${r.code ? ` (${r.stderr.trim().split('\n').at(-1)})` : ''}`);
-  return JSON.parse(r.stdout || 'null') as T;
-}
 
 async function until<T>(fn: () => Promise<T | undefined>, ms = 180_000): Promise<T> {
   const end = Date.now() + ms;
@@ -81,13 +76,13 @@ t.test('a resumed backup whose parent snapshot was deleted and made again under 
   const model = Buffer.alloc(SIZE);
   await scribble(srv, model, 60);
   expectOk(t, await cli(['snapshot', 'create', img, 'p']), 'snapshot p');
-  const b1 = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'p', '--wait'], 'backup 1 of p');
+  const b1 = await cliJson<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'p', '--wait'], 'backup 1 of p');
   t.match(b1, { state: 'done', parent: null }, 'full');
   await scribble(srv, model, 60); // live (and s, p' and s' below) now differ from backup 1
   expectOk(t, await cli(['snapshot', 'create', img, 's']), 'snapshot s');
   t.equal(await srv.stop(), 0, 'stop');
   srv = await startServer({ dir, images: ['disk.img'], env: { NBD_TEST_BACKUP_READ_DELAY_MS: '3000' } });
-  const started = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 's'], 'backup 2 of s, throttled');
+  const started = await cliJson<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 's'], 'backup 2 of s, throttled');
   await until(async () => (readManifest(img)?.jobs?.find((j) => j.id === started.id)?.params as { parent?: string } | undefined)?.parent !== undefined || undefined);
   t.equal((readManifest(img)?.jobs?.find((j) => j.id === started.id)?.params as { parent?: string }).parent, b1.backup, 'parent chosen: backup 1 (of p)');
   await srv.stop('SIGKILL');
@@ -98,7 +93,7 @@ t.test('a resumed backup whose parent snapshot was deleted and made again under 
   expectOk(t, await cli(['snapshot', 'create', img, 's']), 'create s again');
   srv = await startServer({ dir, images: ['disk.img'] });
   t.teardown(() => srv.stop());
-  const done = await until(async () => (await json<Job[]>(t, ['jobs', img, '--all'], 'jobs --all')).find((j) => j.id === started.id && j.state !== 'running'));
+  const done = await until(async () => (await cliJson<Job[]>(t, ['jobs', img, '--all'], 'jobs --all')).find((j) => j.id === started.id && j.state !== 'running'));
   t.equal(done.state, 'done', 'resumed and done');
   const bad = await restoreDiff(t, repo, done.backup, model, 'backup 2');
   t.same(bad.slice(0, 20), [], `backup 2 restores s exactly (${bad.length} chunks differ)`);
@@ -115,12 +110,12 @@ t.test('backing up an older snapshot after a newer one, and the same snapshot tw
   const eOld = Buffer.from(model);
   await scribble(srv, model, 40);
   expectOk(t, await cli(['snapshot', 'create', img, 'new']), 'snapshot new');
-  const bNew = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'new', '--wait'], 'backup of new');
+  const bNew = await cliJson<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'new', '--wait'], 'backup of new');
   t.equal(bNew.state, 'done', 'backup of new: done');
-  const bOld = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'old', '--wait'], 'backup of old (after new)');
+  const bOld = await cliJson<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'old', '--wait'], 'backup of old (after new)');
   t.equal(bOld?.state, 'done', 'backup of old after new: done');
   if (bOld?.state === 'done') t.same(await restoreDiff(t, repo, bOld.backup, eOld, 'old'), [], 'old restores exactly');
-  const again = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'new', '--wait'], 'backup of new again');
+  const again = await cliJson<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'new', '--wait'], 'backup of new again');
   t.equal(again?.state, 'done', 'backup of new again: done');
   if (again?.state === 'done') t.same(await restoreDiff(t, repo, again.backup, model, 'new again'), [], 'new again restores exactly');
 });
@@ -169,13 +164,13 @@ t.test('rollback between two backups (to a snapshot older than the parent\'s), t
   expectOk(t, await cli(['snapshot', 'create', img, 'u']), 'snapshot u');
   const eU = Buffer.from(model);
   await scribble(srv, model, 40);
-  const b1 = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--wait'], 'backup 1');
+  const b1 = await cliJson<Job>(t, ['backup', 'create', img, '--repo', repo, '--wait'], 'backup 1');
   t.equal(b1?.state, 'done', 'backup 1 done');
   await scribble(srv, model, 40);
   t.equal((await cli(['rollback', img, 'u', '--wait'])).code, 0, 'rollback to u');
   eU.copy(model);
   await scribble(srv, model, 20);
-  const b2 = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--wait'], 'backup 2');
+  const b2 = await cliJson<Job>(t, ['backup', 'create', img, '--repo', repo, '--wait'], 'backup 2');
   t.match(b2, { state: 'done', parent: b1.backup }, 'backup 2: incremental from 1');
   t.same(await restoreDiff(t, repo, b2.backup, model, 'backup 2'), [], 'backup 2 restores exactly');
   // And a rollback to the parent's own base, then a backup of the live volume again.
@@ -183,7 +178,7 @@ t.test('rollback between two backups (to a snapshot older than the parent\'s), t
   const base2 = names.find((n) => n.startsWith('backup-'))!;
   t.equal((await cli(['rollback', img, base2, '--wait'])).code, 0, `rollback to ${base2}`);
   const eBase2 = Buffer.from(model);
-  const b3 = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--wait'], 'backup 3');
+  const b3 = await cliJson<Job>(t, ['backup', 'create', img, '--repo', repo, '--wait'], 'backup 3');
   t.equal(b3?.state, 'done', 'backup 3 done');
   t.same(await restoreDiff(t, repo, b3.backup, eBase2, 'backup 3'), [], 'backup 3 restores exactly');
 });
@@ -198,7 +193,7 @@ t.test('a volume with a short last chunk: incremental backup and diff | apply ar
   expectOk(t, await cli(['snapshot', 'create', replica, 'a']), 'replica: snapshot a');
   expectOk(t, await cli(['backup', 'init', repo]), 'init');
   expectOk(t, await cli(['snapshot', 'create', img, 'a']), 'snapshot a');
-  const b1 = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'a', '--wait'], 'backup of a');
+  const b1 = await cliJson<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'a', '--wait'], 'backup of a');
   t.equal(b1?.state, 'done', 'backup 1 done');
   const srv = await startServer({ dir, images: ['disk.img'] });
   const tail = crypto.randomBytes(3000);
@@ -206,7 +201,7 @@ t.test('a volume with a short last chunk: incremental backup and diff | apply ar
   tail.copy(model, SZ - 3000);
   t.equal(await srv.stop(), 0, 'stop');
   expectOk(t, await cli(['snapshot', 'create', img, 'b']), 'snapshot b');
-  const b2 = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'b', '--wait'], 'backup of b');
+  const b2 = await cliJson<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'b', '--wait'], 'backup of b');
   t.match(b2, { state: 'done', parent: b1.backup }, 'backup 2 incremental');
   t.same(await restoreDiff(t, repo, b2.backup, model, 'b'), [], 'b restores exactly');
   const d = path.join(dir, 'a-b.rbd');
@@ -230,7 +225,7 @@ t.test('another volume at the same path (a second host, a replaced image) with a
   fs.writeFileSync(img, crypto.randomBytes(SZ));
   expectOk(t, await cli(['backup', 'init', repo]), 'init');
   expectOk(t, await cli(['snapshot', 'create', img, 'daily']), 'this volume: snapshot daily');
-  const b1 = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'daily', '--wait'], 'backup of daily');
+  const b1 = await cliJson<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'daily', '--wait'], 'backup of daily');
   t.equal(b1?.state, 'done', 'backup 1 done');
   // The other volume takes this path (as on a second host sharing the repository).
   fs.rmSync(img);
@@ -238,7 +233,7 @@ t.test('another volume at the same path (a second host, a replaced image) with a
   fs.renameSync(otherImg, img);
   fs.renameSync(`${otherImg}.nbd`, `${img}.nbd`);
   expectOk(t, await cli(['snapshot', 'create', img, 'next']), 'snapshot next');
-  const b2 = await json<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'next', '--wait'], 'backup of next');
+  const b2 = await cliJson<Job>(t, ['backup', 'create', img, '--repo', repo, '--snapshot', 'next', '--wait'], 'backup of next');
   t.equal(b2?.state, 'done', 'backup 2 done');
   t.same(await restoreDiff(t, repo, b2.backup, eOther, 'next'), [], 'backup 2 restores the other volume exactly');
 });
