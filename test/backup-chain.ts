@@ -37,6 +37,7 @@ import { readExport } from './fixtures/export-io';
 import { NBD, RawClient } from './fixtures/raw-client';
 import { startRgw } from './fixtures/rgw';
 import { makeTempDir, removeDir, startServer, type RunningServer } from './fixtures/server';
+import { ChangeModel } from './fixtures/change-model';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -97,32 +98,10 @@ function chunksOf(off: number, len: number): number[] {
   return out;
 }
 
-/** The chunks written in each interval; `at` marks snapshots (index into events). */
-class Model {
-  events: Set<number>[] = [];
-  at = new Map<string, number>();
-  mark(name: string): void {
-    this.at.set(name, this.events.length);
-  }
-  add(chunks: Iterable<number>): void {
-    this.events.push(new Set(chunks));
-  }
-  written(from: string, to: string | null): Set<number> {
-    const s = new Set<number>();
-    const end = to === null ? this.events.length : this.at.get(to)!;
-    for (let i = this.at.get(from)!; i < end; i++) for (const c of this.events[i]!) s.add(c);
-    return s;
-  }
-  /** A rollback to `to` changes every chunk changed since `to`. */
-  rollback(to: string): void {
-    this.events.push(this.written(to, null));
-  }
-}
-
 type Op = { kind: 'write' | 'trim' | 'zero'; off: number; len: number; flags?: number; data?: Buffer };
 
 /** Applies ops through one connection, then FLUSH; adds their chunks to the model. */
-async function apply(srv: RunningServer, model: Model, ops: Op[]): Promise<void> {
+async function apply(srv: RunningServer, model: ChangeModel, ops: Op[]): Promise<void> {
   const c = await RawClient.connect(srv.socket);
   const touched = new Set<number>();
   try {
@@ -192,7 +171,7 @@ async function chain(t: Test, repo: string, extra: string[]): Promise<void> {
   const img = path.join(dir, 'disk.img');
   let srv = await startServer({ dir, size: '16M' });
   t.teardown(() => srv.stop());
-  const model = new Model();
+  const model = new ChangeModel();
   await apply(srv, model, [{ kind: 'write', off: 0, len: SIZE, data: crypto.randomBytes(SIZE) }]);
   const backups: { id: string; content: Buffer }[] = [];
   let prevMark: string | null = null;
@@ -200,7 +179,7 @@ async function chain(t: Test, repo: string, extra: string[]): Promise<void> {
     await apply(srv, model, randomOps(SIZE, 20));
     if (k === 1) {
       await snapshotCmd(t, ['snapshot', 'create', img, 'old'], 'snapshot create old');
-      model.mark('old');
+      model.snapshot('old');
       await apply(srv, model, randomOps(SIZE, 10));
     }
     if (k % 2 === 1 && k < 10) {
@@ -231,7 +210,7 @@ async function chain(t: Test, repo: string, extra: string[]): Promise<void> {
     const live = await readAll(srv, 'disk', SIZE);
     if (offline) t.equal(await srv.stop(), 0, 'server stopped for the offline backup');
     const mark = `b${k}`;
-    model.mark(mark);
+    model.snapshot(mark);
     const j = await json<Job>(['backup', 'create', img, '--repo', repo, '--wait', ...extra]);
     if (offline) srv = await startServer({ dir, images: ['disk.img'] });
     const content = await readAll(srv, `disk@${j.snapshot}`, SIZE);
@@ -354,7 +333,7 @@ t.test('kills: kill -9 of the serving server mid-backup, 20 rounds; each resumes
       const len = 1 + crypto.randomInt(48 * KiB);
       ops.push({ kind: 'write', off: crypto.randomInt(SIZE - len + 1), len, data: crypto.randomBytes(len) });
     }
-    const model = new Model();
+    const model = new ChangeModel();
     await apply(srv, model, ops);
     const C = model.events[0]!.size; // fresh random data: exactly these chunks are new
     const k0 = await chunkCount(repo);

@@ -31,6 +31,7 @@ import { CLI, makeTempDir, removeDir, startServer, type RunningServer } from './
 import { baseSeed, jobsJson, Rng } from './fixtures/snapshot-model';
 import { ballast, smallFs } from './fixtures/small-fs';
 import { requireTools, SYSTEM_PYTHON } from './fixtures/tools';
+import { ChangeModel } from './fixtures/change-model';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -92,31 +93,8 @@ async function readAll(srv: RunningServer, name: string): Promise<Buffer> {
   return r.data!;
 }
 
-/**
- * The model: a log of events, each the set of chunks it changed (a batch of
- * host requests, or a rollback: every chunk changed since its target), and
- * for each snapshot the log position at its creation. The chunks written in
- * an interval are the union of the events in it.
- */
-class Model {
-  events: Set<number>[] = [];
-  at = new Map<string, number>();
-  snapshot(name: string): void {
-    this.at.set(name, this.events.length);
-  }
-  written(from: string, to: string | null): Set<number> {
-    const s = new Set<number>();
-    const end = to === null ? this.events.length : this.at.get(to)!;
-    for (let i = this.at.get(from)!; i < end; i++) for (const c of this.events[i]!) s.add(c);
-    return s;
-  }
-  rollback(to: string): void {
-    this.events.push(this.written(to, null));
-  }
-}
-
 /** Random writes, TRIMs and WRITE_ZEROES through one connection, with no FLUSH (first writes stay queued). */
-async function randomOps(srv: RunningServer, rng: Rng, model: Model, n: number): Promise<void> {
+async function randomOps(srv: RunningServer, rng: Rng, model: ChangeModel, n: number): Promise<void> {
   const touched = new Set<number>();
   const c = await RawClient.connect(srv.socket);
   try {
@@ -143,7 +121,7 @@ async function randomOps(srv: RunningServer, rng: Rng, model: Model, n: number):
  * Checks every pair of `snaps` (older first) and every snapshot against live:
  * the map covers the differing chunks and is at most 1.1x the model's.
  */
-async function checkAll(t: Test, how: string, image: string, snaps: string[], content: Map<string, Buffer>, model: Model): Promise<void> {
+async function checkAll(t: Test, how: string, image: string, snaps: string[], content: Map<string, Buffer>, model: ChangeModel): Promise<void> {
   const pairs: [string, string | null][] = [];
   for (let i = 0; i < snaps.length; i++) {
     for (let j = i + 1; j < snaps.length; j++) pairs.push([snaps[i]!, snaps[j]!]);
@@ -170,7 +148,7 @@ t.test('reference model: writes, TRIMs, zeroes, deletes, rollbacks, queued first
   const env = { NBD_TEST_FIRST_WRITE_BATCH: '1000000' }; // first writes stay queued until something waits for them
   let srv: RunningServer | undefined = await startServer({ dir, images: [image], size: '8M', env });
   t.teardown(() => srv?.stop('SIGKILL'));
-  const model = new Model();
+  const model = new ChangeModel();
   const ops = () => randomOps(srv!, rng, model, rng.int(8, 20));
   const snap = async (name: string) => {
     await ok(t, ['snapshot', 'create', image, name]);
@@ -412,7 +390,7 @@ t.test('NBD meta context qemu:dirty-bitmap:NAME: nbdinfo --map and qemu-img map 
   const image = path.join(dir, 'disk.img');
   const srv = await startServer({ dir, images: [image], size: '8M', env: { NBD_TEST_FIRST_WRITE_BATCH: '1000000' } });
   t.teardown(() => srv.stop('SIGKILL'));
-  const model = new Model();
+  const model = new ChangeModel();
   await ok(t, ['snapshot', 'create', image, 'a']);
   await randomOps(srv, rng, model, 12);
   await ok(t, ['snapshot', 'create', image, 'b']);
